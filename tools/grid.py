@@ -74,23 +74,27 @@ def load_sweep(path: str) -> Sweep:
         values = p["values"] if "values" in p else [p["value"]]
         if not isinstance(values, list) or not values:
             raise ValueError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
+        for v in values:
+            if not isinstance(v, (bool, int, float, str)):
+                raise ValueError(f"{path}: parameter {name!r}: value {v!r} is not a scalar (wandb would pass "
+                                 f"--{name}={v}, which the scripts cannot parse)")
+            if v is False:
+                raise ValueError(f"{path}: parameter {name!r}: False is dropped by {WANDB_ARGS_MACRO}; "
+                                 f"leave the default or use a --no-... value in the script")
         grid[name] = values
     name = spec.get("name") or os.path.splitext(os.path.basename(path))[0]
     return Sweep(path=path, name=name, program=spec["program"], grid=grid)
 
 
 def to_argv(params: dict) -> list[str]:
-    """CLI arguments as wandb's ${args_no_boolean_flags} writes them: `--k=v`, `--flag` for True,
-    nothing for False (so a sweep must never rely on False to turn a default-on flag off)."""
+    """CLI arguments exactly as wandb's ${args_no_boolean_flags} writes them (`wandb agent` builds
+    them with wandb.sdk.launch.sweeps.utils.create_sweep_command_args): `--k=v`, `--flag` for True,
+    nothing for False. So a sweep must never rely on False to turn a default-on flag off."""
     argv = []
     for key, value in params.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, list):
-            argv.append(f"--{key}")
-            argv.extend(str(v) for v in value)
+        if isinstance(value, bool):
+            if value:
+                argv.append(f"--{key}")
         else:
             argv.append(f"--{key}={value}")
     return argv
@@ -132,16 +136,19 @@ def command(sweep: Sweep, run: Run, runs_dir: str, python: str, extra: list[str]
 
 
 def check_args(sweep: Sweep, runs: list[Run], runs_dir: str, extra: list[str]) -> None:
-    """Parses every run's command line with the program's own tyro `Args` (imports the script as a
-    module, so its `__main__` block does not run). Raises ValueError naming the first bad run."""
+    """Parses every run's command line with the program's own tyro `Args` and, where the script has
+    one, its `check_args` (the script is imported as a module, so its `__main__` block does not run).
+    Raises ValueError naming the first bad run."""
     import tyro
 
     program = sweep.program if os.path.isabs(sweep.program) else os.path.join(ROOT, sweep.program)
     if not os.path.exists(program):
         raise ValueError(f"{sweep.path}: program {sweep.program!r} does not exist")
-    module_name = "_grid_check_" + _slug(os.path.basename(program)).replace(".", "_").replace("-", "_")
+    module_name = "_grid_check_" + re.sub(r"\W", "_", os.path.abspath(program))
     module = sys.modules.get(module_name)
     if module is None:
+        if os.path.dirname(program) not in sys.path:  # the script imports `envs` from beside it
+            sys.path.insert(0, os.path.dirname(program))
         spec = importlib.util.spec_from_file_location(module_name, program)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
@@ -149,9 +156,14 @@ def check_args(sweep: Sweep, runs: list[Run], runs_dir: str, extra: list[str]) -
     for run in runs:
         argv = command(sweep, run, runs_dir, "python", extra)[2:]
         try:
-            tyro.cli(module.Args, args=argv)
+            parsed = tyro.cli(module.Args, args=argv)
         except SystemExit as e:
             raise ValueError(f"run {run.name}: tyro rejected {' '.join(argv)} (exit {e.code})") from None
+        if hasattr(module, "check_args"):  # the script's own early validation (env ids, depth % 4...)
+            try:
+                module.check_args(parsed)
+            except SystemExit as e:
+                raise ValueError(f"run {run.name}: {e.code}") from None
 
 
 def _parse_pairs(items: list[str], what: str) -> dict:
@@ -231,7 +243,10 @@ def main(argv=None) -> int:
             raise ValueError("no grid point matches --only")
         if args.dry_run:
             check_args(sweep, runs, args.runs_dir, extra)
-    except (ValueError, OSError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
+        print(f"error: {args.sweep}: invalid yaml: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
