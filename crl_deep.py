@@ -1,0 +1,943 @@
+"""Deep contrastive RL (CRL) for goal reaching, trainable at any depth from 4 to 1024.
+
+Reproduces "1000 Layer Networks for Self-Supervised RL" (Wang et al., NeurIPS 2025) on the `envs`
+package, in one file:
+
+    python crl_deep.py --env humanoid_u_maze --depth 1024
+
+The critic is a pair of encoders phi(s, a), psi(g) trained with InfoNCE to tell which goal of a
+batch was reached in the future of which state-action; the actor maximises the energy
+f(s, a, g) = -||phi(s, a) - psi(g)||. All three networks share one residual tower (Dense -> LayerNorm
+-> swish, 4 per block), built with `nn.scan` over stacked block parameters so compile time does not
+grow with depth. One jitted `lax.scan` runs a whole training epoch (collect, insert, sample, update);
+the host loop only evaluates, logs and checkpoints. See docs/crl_deep.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+@dataclass(frozen=True)
+class Args:
+    env: str = "humanoid_u_maze"
+    """environment id (one of envs.ENV_IDS)"""
+    eval_env: Optional[str] = None
+    """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    depth: int = 4
+    """Dense layers inside the residual blocks of actor, phi and psi (a positive multiple of 4)"""
+    actor_depth: Optional[int] = None
+    """override --depth for the actor"""
+    critic_depth: Optional[int] = None
+    """override --depth for both critic encoders phi(s,a) and psi(g)"""
+    width: int = 256
+    """hidden width of every Dense layer of the towers"""
+    repr_dim: int = 64
+    """size of the critic representations phi(s,a) and psi(g)"""
+    batch_size: int = 256
+    """transitions per SGD step (also the number of InfoNCE negatives + 1)"""
+    num_envs: int = 512
+    """parallel training environments"""
+    num_eval_envs: int = 128
+    """parallel evaluation environments (one episode each per epoch)"""
+    episode_length: int = 1000
+    """steps per episode, training and evaluation"""
+    total_env_steps: int = 50_000_000
+    """environment steps of the whole run, prefill included"""
+    num_epochs: int = 100
+    """epochs; after each one the host evaluates, logs and checkpoints"""
+    unroll_length: int = 62
+    """steps collected per env before each block of SGD steps"""
+    sgd_steps_per_train_step: int = 800
+    """SGD steps after each collected unroll (update-to-data ratio ~ 1:40 with the defaults)"""
+    replay_size: int = 10_000
+    """replay capacity in steps PER ENV (a ring buffer of each env's trajectory)"""
+    min_replay_size: int = 1_000
+    """steps per env collected by the initial policy before training starts"""
+    discount: float = 0.99
+    """gamma of the geometric future-goal sampling P(k) ~ gamma^k (its only use in CRL)"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of phi and psi"""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of the entropy temperature log(alpha)"""
+    logsumexp_coef: float = 0.1
+    """weight of the penalty mean_i(logsumexp_j logits[i, j])^2 added to the critic loss"""
+    energy: Literal["l2", "l2_squared", "dot", "cosine", "mrn"] = "l2"
+    """critic energy: -||phi-psi||, -||phi-psi||^2, phi.psi, cosine, or the MRN quasimetric (-d)"""
+    loss: Literal["fwd_infonce", "bwd_infonce", "sym_infonce", "binary_nce"] = "fwd_infonce"
+    """contrastive critic loss"""
+    layer_norm: bool = True
+    """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
+    activation: Literal["swish", "relu"] = "swish"
+    """hidden activation (relu only as the paper's ablation)"""
+    hyperspherical_norm: bool = False
+    """after each update project hidden Dense kernels to unit norm along the input axis (SimbaV2)"""
+    remat: bool = False
+    """gradient checkpointing per residual block: less memory, one extra forward pass"""
+    scan_unroll: int = 1
+    """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
+    cached_reset: bool = False
+    """reproduce brax's AutoResetWrapper: one start and goal per env for the whole run"""
+    seed: int = 0
+    """random seed (the run is deterministic on CPU for a given seed)"""
+    track: bool = False
+    """log metrics to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "crl_deep"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+    run_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """default: {env}__crl_deep__d{depth}__s{seed}__{unix time}"""
+    resume: Optional[str] = None
+    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+    save_buffer: bool = False
+    """also write the replay buffer to <run>/buffer.npz at each checkpoint (OGBench keys)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# Every Dense: variance scaling 1/3, fan_in, uniform (the reference's "lecun_uniform"), bias 0.
+kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def activation_fn(name: str):
+    return {"swish": nn.swish, "relu": nn.relu}[name]
+
+
+class ResidualBlock(nn.Module):
+    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
+
+    Called as a scan body: (carry, unused) -> (carry, None). When the 'intermediates' collection is
+    mutable it records the mean L2 norm of the residual branch (before the add); otherwise the norm
+    is not even traced, so it costs nothing.
+    """
+
+    width: int
+    layer_norm: bool
+    activation: str
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = x
+        for _ in range(4):
+            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = activation_fn(self.activation)(h)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
+        return x + h, None
+
+
+class Tower(nn.Module):
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
+
+    depth: int
+    width: int
+    layer_norm: bool = True
+    activation: str = "swish"
+    remat: bool = False
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
+        x = activation_fn(self.activation)(x)
+        block = nn.remat(ResidualBlock, prevent_cse=False) if self.remat else ResidualBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=self.depth // 4,
+            unroll=self.scan_unroll,
+        )
+        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
+        return x
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy pi(a | s, g): returns (mean, log_std), log_std squashed into [-5, 2]."""
+
+    tower: Tower
+    action_size: int
+
+    @nn.compact
+    def __call__(self, obs):
+        h = self.tower(obs)
+        mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h)
+        raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1)
+        return mean, log_std
+
+
+class Encoder(nn.Module):
+    """A critic encoder (phi(s, a) or psi(g)): the tower, then a linear Dense(repr_dim) head."""
+
+    tower: Tower
+    repr_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.repr_dim, kernel_init=kernel_init, name="head")(self.tower(x))
+
+
+class Networks(NamedTuple):
+    actor: Actor
+    sa_encoder: Encoder
+    g_encoder: Encoder
+
+
+class Dims(NamedTuple):
+    """Sizes taken from the env: obs = concat[state (state_dim), goal = state[goal_indices]]."""
+
+    state_dim: int
+    goal_indices: tuple
+    action_size: int
+
+
+def build_networks(args: Args, obs_size: int, goal_size: int, action_size: int) -> Networks:
+    """The three flax modules (sizes of inputs are only used by `init_train_state`)."""
+    del obs_size, goal_size  # flax infers input sizes; kept in the signature for tools
+    actor_depth = args.actor_depth or args.depth
+    critic_depth = args.critic_depth or args.depth
+
+    def tower(depth):
+        return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+    return Networks(
+        actor=Actor(tower(actor_depth), action_size),
+        sa_encoder=Encoder(tower(critic_depth), args.repr_dim),
+        g_encoder=Encoder(tower(critic_depth), args.repr_dim),
+    )
+
+
+def deterministic_action(actor: Actor, actor_params, obs):
+    """Evaluation action tanh(mean) for obs = concat[state, goal]."""
+    mean, _ = actor.apply(actor_params, obs)
+    return jnp.tanh(mean)
+
+
+def sample_action(mean, log_std, key):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+    std = jnp.exp(log_std)
+    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    action = jnp.tanh(pre_tanh)
+    gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+    log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
+    return action, log_prob
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def project_kernels(params):
+    """Hyperspherical normalisation: each hidden Dense kernel column gets unit L2 norm over inputs.
+
+    Heads (mean, log_std, head) are left free so the output scale can still be learned.
+    """
+
+    def project(path, x):
+        names = [getattr(p, "key", "") for p in path]
+        if names[-1] != "kernel" or any(n in ("mean", "log_std", "head") for n in names):
+            return x
+        return x / (jnp.linalg.norm(x, axis=-2, keepdims=True) + 1e-8)
+
+    return jax.tree_util.tree_map_with_path(project, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Energies and losses
+# --------------------------------------------------------------------------------------------
+
+SQRT_EPS = 1e-6  # inside the square roots: finite gradients at zero distance (spec pitfall 9)
+
+
+def _pair_energy(x, y, kind: str):
+    """Energy between x [..., D] and y [..., D] broadcast against each other."""
+    if kind == "l2":
+        return -jnp.sqrt(jnp.sum((x - y) ** 2, axis=-1) + SQRT_EPS)
+    if kind == "l2_squared":
+        return -jnp.sum((x - y) ** 2, axis=-1)
+    if kind == "dot":
+        return jnp.sum(x * y, axis=-1)
+    if kind == "cosine":  # each row normalised on its own
+        xn = x / jnp.sqrt(jnp.sum(x**2, axis=-1, keepdims=True) + SQRT_EPS)
+        yn = y / jnp.sqrt(jnp.sum(y**2, axis=-1, keepdims=True) + SQRT_EPS)
+        return jnp.sum(xn * yn, axis=-1)
+    if kind == "mrn":  # MRN quasimetric: symmetric L2 half + asymmetric max-ReLU half, energy = -d
+        half = x.shape[-1] // 2
+        sym = jnp.sqrt(jnp.sum((x[..., :half] - y[..., :half]) ** 2, axis=-1) + SQRT_EPS)
+        asym = jnp.max(jax.nn.relu(x[..., half:] - y[..., half:]), axis=-1)
+        return -(sym + asym)
+    raise ValueError(f"unknown energy {kind!r}")
+
+
+def energy(sa_repr, g_repr, kind: str):
+    """Pairwise logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j))."""
+    return _pair_energy(sa_repr[:, None, :], g_repr[None, :, :], kind)
+
+
+def energy_rowwise(sa_repr, g_repr, kind: str):
+    """Row-wise energies [B]: f(phi(s_i, a_i), psi(g_i)) (the diagonal of `energy`)."""
+    return _pair_energy(sa_repr, g_repr, kind)
+
+
+def contrastive_loss(logits, kind: str, logsumexp_coef: float):
+    """Critic loss on logits [B, B] whose diagonal holds the positive pairs.
+
+    fwd_infonce: softmax over goals (rows); bwd_infonce: over state-actions (columns);
+    sym_infonce: fwd + bwd; binary_nce: sigmoid cross-entropy against the identity, averaged over
+    all B^2 entries. Every variant adds logsumexp_coef * mean_i(logsumexp_j logits[i, j])^2.
+    """
+    diag = jnp.diagonal(logits)
+    lse_rows = jax.nn.logsumexp(logits, axis=1)
+    if kind == "fwd_infonce":
+        loss = -jnp.mean(diag - lse_rows)
+    elif kind == "bwd_infonce":
+        loss = -jnp.mean(diag - jax.nn.logsumexp(logits, axis=0))
+    elif kind == "sym_infonce":
+        loss = -jnp.mean(diag - lse_rows) - jnp.mean(diag - jax.nn.logsumexp(logits, axis=0))
+    elif kind == "binary_nce":
+        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.eye(logits.shape[0])))
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return loss + logsumexp_coef * jnp.mean(lse_rows**2)
+
+
+# --------------------------------------------------------------------------------------------
+# Train state and SGD step
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizers(args: Args):
+    return optax.adam(args.actor_lr), optax.adam(args.critic_lr), optax.adam(args.alpha_lr)
+
+
+def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
+    """Params of the three networks, their Adam states and log(alpha) = 0."""
+    k_actor, k_sa, k_g = jax.random.split(key, 3)
+    goal_size = len(dims.goal_indices)
+    params = {
+        "actor": nets.actor.init(k_actor, jnp.zeros((1, dims.state_dim + goal_size))),
+        "sa_encoder": nets.sa_encoder.init(k_sa, jnp.zeros((1, dims.state_dim + dims.action_size))),
+        "g_encoder": nets.g_encoder.init(k_g, jnp.zeros((1, goal_size))),
+    }
+    if args.hyperspherical_norm:
+        params = project_kernels(params)
+    actor_opt, critic_opt, alpha_opt = make_optimizers(args)
+    critic_params = {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}
+    log_alpha = jnp.zeros((), jnp.float32)
+    return {
+        "params": params,
+        "actor_opt_state": actor_opt.init(params["actor"]),
+        "critic_opt_state": critic_opt.init(critic_params),
+        "log_alpha": log_alpha,
+        "alpha_opt_state": alpha_opt.init(log_alpha),
+    }
+
+
+def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args):
+    """One actor + alpha update and one critic update on the same batch.
+
+    batch: state [B, state_dim], action [B, A], goal [B, goal_size] (a future state's goal slice).
+    The critic is differentiated first so psi(g) is computed once and reused by the actor loss;
+    this is the spec's "actor then critic" exactly: neither update changes the other's inputs.
+    """
+    params = train_state["params"]
+    actor_opt, critic_opt, alpha_opt = make_optimizers(args)
+    state, action, goal = batch["state"], batch["action"], batch["goal"]
+    action_size = action.shape[-1]
+
+    def critic_loss_fn(critic_params):
+        sa_repr = nets.sa_encoder.apply(critic_params["sa_encoder"], jnp.concatenate([state, action], -1))
+        g_repr = nets.g_encoder.apply(critic_params["g_encoder"], goal)
+        logits = energy(sa_repr, g_repr, args.energy)
+        return contrastive_loss(logits, args.loss, args.logsumexp_coef), (logits, g_repr)
+
+    critic_params = {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}
+    (critic_loss, (logits, g_repr)), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+        critic_params
+    )
+    g_repr = jax.lax.stop_gradient(g_repr)
+    alpha = jnp.exp(train_state["log_alpha"])
+
+    def actor_loss_fn(actor_params):
+        mean, log_std = nets.actor.apply(actor_params, jnp.concatenate([state, goal], -1))
+        new_action, log_prob = sample_action(mean, log_std, key)
+        sa_repr = nets.sa_encoder.apply(params["sa_encoder"], jnp.concatenate([state, new_action], -1))
+        q = energy_rowwise(sa_repr, g_repr, args.energy)
+        return jnp.mean(alpha * log_prob - q), log_prob
+
+    (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(params["actor"])
+    target_entropy = -0.5 * action_size
+    entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
+
+    def alpha_loss_fn(log_alpha):
+        return jnp.exp(log_alpha) * jnp.mean(entropy_gap)
+
+    alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(train_state["log_alpha"])
+
+    updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt_state"])
+    new_actor = optax.apply_updates(params["actor"], updates)
+    updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt_state"])
+    new_critic = optax.apply_updates(critic_params, updates)
+    updates, alpha_opt_state = alpha_opt.update(alpha_grad, train_state["alpha_opt_state"])
+    log_alpha = optax.apply_updates(train_state["log_alpha"], updates)
+    new_params = {"actor": new_actor, **new_critic}
+    if args.hyperspherical_norm:
+        new_params = project_kernels(new_params)
+
+    batch_size = logits.shape[0]
+    diag = jnp.diagonal(logits)
+    metrics = {
+        "critic_loss": critic_loss,
+        "actor_loss": actor_loss,
+        "alpha_loss": alpha_loss,
+        "alpha": alpha,
+        "entropy": -jnp.mean(log_prob),
+        "logits_pos": jnp.mean(diag),
+        "logits_neg": (jnp.sum(logits) - jnp.sum(diag)) / (batch_size * (batch_size - 1)),
+        "logsumexp": jnp.mean(jax.nn.logsumexp(logits, axis=1)),
+        "categorical_accuracy": jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(batch_size)),
+    }
+    new_state = {
+        "params": new_params,
+        "actor_opt_state": actor_opt_state,
+        "critic_opt_state": critic_opt_state,
+        "log_alpha": log_alpha,
+        "alpha_opt_state": alpha_opt_state,
+    }
+    return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Replay buffer: a ring of each env's trajectory, time-major [capacity, num_envs, ...]
+# --------------------------------------------------------------------------------------------
+
+
+def buffer_init(capacity: int, num_envs: int, state_dim: int, action_size: int) -> dict:
+    """Empty ring buffer. `size` steps per env are valid; the oldest sits at insert_pos - size."""
+    return {
+        "state": jnp.zeros((capacity, num_envs, state_dim), jnp.float32),
+        "action": jnp.zeros((capacity, num_envs, action_size), jnp.float32),
+        "traj_id": jnp.zeros((capacity, num_envs), jnp.int32),
+        "insert_pos": jnp.zeros((), jnp.int32),
+        "size": jnp.zeros((), jnp.int32),
+    }
+
+
+def buffer_insert(buffer: dict, state, action, traj_id) -> dict:
+    """Writes an unroll ([T, num_envs, ...]) at the ring's head; overwrites the oldest steps."""
+    capacity = buffer["state"].shape[0]
+    steps = state.shape[0]
+    idx = (buffer["insert_pos"] + jnp.arange(steps)) % capacity
+    return {
+        "state": buffer["state"].at[idx].set(state),
+        "action": buffer["action"].at[idx].set(action),
+        "traj_id": buffer["traj_id"].at[idx].set(traj_id),
+        "insert_pos": (buffer["insert_pos"] + steps) % capacity,
+        "size": jnp.minimum(buffer["size"] + steps, capacity),
+    }
+
+
+def _physical(buffer, logical_pos):
+    capacity = buffer["state"].shape[0]
+    return (buffer["insert_pos"] - buffer["size"] + logical_pos) % capacity
+
+
+def _future_steps_in_episode(buffer, env_idx, pos):
+    """How many stored steps after logical position `pos` belong to the same episode.
+
+    traj_id never decreases along an env's stored sequence, so a binary search over the logical
+    positions (log2(capacity) gathers of [B] elements) finds the episode's last stored step.
+    """
+    capacity = buffer["state"].shape[0]
+    size = buffer["size"]
+    own = buffer["traj_id"][_physical(buffer, pos), env_idx]
+
+    def body(_, bounds):
+        lo, hi = bounds  # traj_id at lo == own; hi is the first position known to differ (or size)
+        mid = (lo + hi) // 2
+        same = buffer["traj_id"][_physical(buffer, mid), env_idx] == own
+        return jnp.where(same, mid, lo), jnp.where(same, hi, mid)
+
+    iterations = max(1, math.ceil(math.log2(capacity + 1)))
+    lo, _ = jax.lax.fori_loop(0, iterations, body, (pos, jnp.full_like(pos, size)))
+    return lo - pos
+
+
+def sample_goal_offsets(key, horizon, discount: float):
+    """k in 1..horizon with P(k) ~ discount^k (truncated geometric), by inverting its CDF.
+
+    Rows with horizon 0 get 0.
+    """
+    u = jax.random.uniform(key, horizon.shape)
+    log_d = math.log(discount)
+    mass = 1.0 - jnp.exp(horizon.astype(jnp.float32) * log_d)  # 1 - discount^horizon
+    k = jnp.ceil(jnp.log1p(-u * mass) / log_d)
+    return jnp.clip(k, 1, horizon).astype(jnp.int32)
+
+
+def buffer_sample(buffer: dict, key, batch_size: int, discount: float, goal_indices, tries: int = 4) -> dict:
+    """A batch of (state, action, goal) with the goal from the same episode's geometric future.
+
+    Sample i draws its env from the i-th contiguous group of envs (each env equally often; with
+    the batch split across devices, each device samples only its own envs). The anchor step is
+    uniform over stored steps that have a stored future in their episode (rejection over `tries`
+    candidates; if all fail, the goal is the anchor's own state). Memory O(batch).
+    """
+    num_envs = buffer["state"].shape[1]
+    k_env, k_pos, k_offset = jax.random.split(key, 3)
+    i = jnp.arange(batch_size)
+    group_start = (i * num_envs) // batch_size
+    group_size = jnp.maximum(((i + 1) * num_envs) // batch_size - group_start, 1)
+    env_idx = group_start + jnp.floor(jax.random.uniform(k_env, (batch_size,)) * group_size).astype(jnp.int32)
+    env_idx = jnp.broadcast_to(env_idx, (tries, batch_size))
+    pos = jax.random.randint(k_pos, (tries, batch_size), 0, buffer["size"])
+    horizon = jax.vmap(lambda p: _future_steps_in_episode(buffer, env_idx[0], p))(pos)
+    first_ok = jnp.argmax(horizon > 0, axis=0)  # 0 when none is valid
+    pos = jnp.take_along_axis(pos, first_ok[None], 0)[0]
+    horizon = jnp.take_along_axis(horizon, first_ok[None], 0)[0]
+    offset = sample_goal_offsets(k_offset, horizon, discount)
+    env_idx = env_idx[0]
+    anchor = _physical(buffer, pos)
+    future = _physical(buffer, pos + offset)
+    goal_state = buffer["state"][future, env_idx]
+    return {
+        "state": buffer["state"][anchor, env_idx],
+        "action": buffer["action"][anchor, env_idx],
+        "goal": goal_state[:, jnp.asarray(goal_indices)],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Collection and the training epoch
+# --------------------------------------------------------------------------------------------
+
+
+def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_length: int, state_dim: int):
+    """Steps the batched training env with the stochastic policy.
+
+    Returns the new env state and (state [T, E, state_dim], action [T, E, A], traj_id [T, E]) of the
+    steps taken (each state is the one the action was taken in).
+    """
+
+    def step(env_state, key):
+        mean, log_std = actor.apply(actor_params, env_state.obs)
+        action, _ = sample_action(mean, log_std, key)
+        record = (env_state.obs[:, :state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
+        return env.step(env_state, action), record
+
+    env_state, (states, actions, traj_ids) = jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
+    return env_state, states, actions, traj_ids
+
+
+def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unrolls: int) -> dict:
+    """Fills the buffer with `num_unrolls` unrolls of the initial policy (no updates)."""
+
+    def one(carry, _):
+        key, k_collect = jax.random.split(carry["key"])
+        env_state, states, actions, traj_ids = collect_unroll(
+            env, nets.actor, carry["train_state"]["params"]["actor"], carry["env_state"], k_collect,
+            args.unroll_length, dims.state_dim)
+        buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
+        return {**carry, "key": key, "env_state": env_state, "buffer": buffer}, None
+
+    carry, _ = jax.lax.scan(one, carry, None, length=num_unrolls)
+    return carry
+
+
+def train_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_train_steps: int,
+                batch_sharding=None):
+    """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps).
+
+    carry = {"train_state", "buffer", "env_state", "key"}; returns (carry, epoch-mean metrics).
+    """
+
+    def sgd(carry_inner, key):
+        train_state, buffer = carry_inner
+        k_sample, k_sgd = jax.random.split(key)
+        batch = buffer_sample(buffer, k_sample, args.batch_size, args.discount, dims.goal_indices)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        train_state, metrics = sgd_step(train_state, batch, k_sgd, nets, args)
+        return (train_state, buffer), metrics
+
+    def train_step(carry, _):
+        key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
+        env_state, states, actions, traj_ids = collect_unroll(
+            env, nets.actor, carry["train_state"]["params"]["actor"], carry["env_state"], k_collect,
+            args.unroll_length, dims.state_dim)
+        buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
+        (train_state, buffer), metrics = jax.lax.scan(
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+        new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
+        return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
+    return carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks, files, checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr, before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def prefill_unrolls(args: Args) -> int:
+    return -(-args.min_replay_size // args.unroll_length)
+
+
+def train_steps_per_epoch(args: Args) -> int:
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+    return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
+
+
+def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
+    """Every bad-input check that needs no env and no compilation; calls `fail` on the first.
+
+    env_ids defaults to envs.ENV_IDS, num_devices to jax.device_count() (tools/grid.py calls
+    check_args(args) to vet a sweep before launching it).
+    """
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    num_devices = num_devices or jax.device_count()
+    if args.env not in env_ids:
+        fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
+    if args.eval_env is not None and args.eval_env not in env_ids:
+        fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"--{name.replace('_', '-')} must be a positive multiple of 4 (got {value})")
+    for name in ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length",
+                 "num_epochs", "unroll_length", "sgd_steps_per_train_step", "replay_size",
+                 "min_replay_size", "scan_unroll"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.batch_size < 2:
+        fail(f"--batch-size must be at least 2 for contrastive negatives (got {args.batch_size})")
+    if args.energy == "mrn" and args.repr_dim % 2:
+        fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
+    if not 0.0 < args.discount < 1.0:
+        fail(f"--discount must be in (0, 1) (got {args.discount})")
+    if args.min_replay_size > args.replay_size:
+        fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.unroll_length > args.replay_size:
+        fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.min_replay_size < 2:
+        fail("--min-replay-size must be at least 2 (a goal must lie in a stored future step)")
+    if args.batch_size > args.num_envs * args.min_replay_size:
+        fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+             f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+    if args.num_envs % num_devices:
+        fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
+    if args.batch_size % num_devices:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
+    if train_steps_per_epoch(args) < 1:
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
+             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.pkl: params as nested dicts of numpy arrays; the rest of the state as leaves."""
+    train_state = to_numpy(carry["train_state"])
+    rest = {k: v for k, v in train_state.items() if k != "params"}
+    checkpoint = {
+        "args": dataclasses.asdict(args),
+        "params": train_state["params"],
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "_opt_state_leaves": jax.tree_util.tree_leaves(rest),
+        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry["env_state"])),
+        "_key": np.asarray(jax.device_get(carry["key"])),
+    }
+    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads checkpoint.pkl (path: the file or its run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pkl")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def save_buffer(run_path: str, buffer: dict, epoch: int):
+    """buffer.npz in OGBench format, env after env, oldest step first.
+
+    observations [N, state_dim], actions [N, A], terminals [N] (1 on the last stored step of each
+    trajectory); `_traj_id` [N] and `_num_envs` let --resume rebuild the ring exactly, `_epoch` says
+    which checkpoint it belongs to.
+    """
+    buffer = jax.device_get(buffer)
+    capacity, num_envs = buffer["traj_id"].shape
+    size, insert_pos = int(buffer["size"]), int(buffer["insert_pos"])
+    order = (insert_pos - size + np.arange(size)) % capacity
+    states = np.swapaxes(buffer["state"][order], 0, 1)  # [E, size, S]
+    actions = np.swapaxes(buffer["action"][order], 0, 1)
+    traj = np.swapaxes(buffer["traj_id"][order], 0, 1)
+    terminals = np.ones_like(traj, dtype=np.float32)
+    terminals[:, :-1] = (traj[:, 1:] != traj[:, :-1]).astype(np.float32)
+    arrays = {
+        "observations": states.reshape(num_envs * size, -1),
+        "actions": actions.reshape(num_envs * size, -1),
+        "terminals": terminals.reshape(-1),
+        "_traj_id": traj.reshape(-1),
+        "_num_envs": np.asarray(num_envs),
+        "_epoch": np.asarray(epoch),
+    }
+    tmp = os.path.join(run_path, "buffer.npz.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, os.path.join(run_path, "buffer.npz"))
+
+
+def load_buffer(path: str, capacity: int) -> dict:
+    """Rebuilds the ring from buffer.npz (logical order placed at physical slots 0..size-1)."""
+    data = np.load(path)
+    num_envs = int(data["_num_envs"])
+    size = data["observations"].shape[0] // num_envs
+    buffer = jax.device_get(buffer_init(capacity, num_envs, data["observations"].shape[1], data["actions"].shape[1]))
+    buffer = {k: np.array(v) for k, v in buffer.items()}
+    buffer["state"][:size] = np.swapaxes(data["observations"].reshape(num_envs, size, -1), 0, 1)
+    buffer["action"][:size] = np.swapaxes(data["actions"].reshape(num_envs, size, -1), 0, 1)
+    buffer["traj_id"][:size] = np.swapaxes(data["_traj_id"].reshape(num_envs, size), 0, 1)
+    buffer["insert_pos"] = np.asarray(size % capacity, np.int32)
+    buffer["size"] = np.asarray(size, np.int32)
+    return buffer
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
+    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_env = NamedSharding(mesh, PartitionSpec("data"))
+    buffer_by_env = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    def env_leaf(x):
+        return by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated
+
+    return {
+        "train_state": jax.tree_util.tree_map(lambda _: replicated, carry["train_state"]),
+        "buffer": {k: buffer_by_env if k in ("state", "action", "traj_id") else replicated
+                   for k in carry["buffer"]},
+        "env_state": jax.tree_util.tree_map(env_leaf, carry["env_state"]),
+        "key": replicated,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
+# --------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import tyro
+
+    args = tyro.cli(Args)
+    resume_path = args.resume
+    if resume_path is not None:
+        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
+            fail(f"--resume {resume_path}: no checkpoint.pkl there")
+        checkpoint = load_checkpoint(resume_path)
+        args = Args(**{**checkpoint["args"], "resume": resume_path})
+    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()  # multi-host: the usual env variables describe the cluster
+
+    import envs
+
+    check_args(args, envs.ENV_IDS, jax.device_count())
+    eval_env_id = args.eval_env or envs.eval_variant(args.env)
+    if resume_path is None:
+        run_name = args.run_name or f"{args.env}__crl_deep__d{args.depth}__s{args.seed}__{int(time.time())}"
+        run_path = os.path.join(args.run_dir, run_name)
+        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
+            fail(f"{run_path} already holds a run; use --resume {run_path}")
+        os.makedirs(run_path, exist_ok=True)
+        config = {"script": "crl_deep", "args": dataclasses.asdict(args), "versions": versions(),
+                  "git_commit": git_commit()}
+        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
+    else:
+        run_path = resume_path
+        run_name = os.path.basename(os.path.normpath(run_path))
+
+    # ---- environments, networks, state ----
+    raw_env = envs.make(args.env)
+    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+    eval_env = envs.make(eval_env_id)
+    dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
+    nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    num_train_steps = train_steps_per_epoch(args)
+    env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+
+    @jax.jit
+    def initial_carry(k_init, k_reset, key):
+        return {
+            "train_state": init_train_state(k_init, nets, args, dims),
+            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
+            "key": key,
+        }
+
+    carry = initial_carry(k_init, k_reset, key)
+    shardings = carry_shardings(carry, mesh, args.num_envs)
+    start_epoch, env_steps, wall_offset = 0, 0, 0.0
+    buffer_loaded = False
+    if resume_path is not None:
+        rest = {k: v for k, v in carry["train_state"].items() if k != "params"}
+        rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
+        carry["train_state"] = {"params": checkpoint["params"], **rest}
+        carry["env_state"] = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
+        carry["key"] = checkpoint["_key"]
+        buffer_file = os.path.join(run_path, "buffer.npz")
+        if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == checkpoint["epoch"]:
+            carry["buffer"] = load_buffer(buffer_file, args.replay_size)
+            buffer_loaded = True
+        start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
+    carry = jax.device_put(carry, shardings)
+
+    compile_start = time.time()
+    epoch_fn = jax.jit(
+        lambda c: train_epoch(c, env, nets, args, dims, num_train_steps, batch_sharding),
+        in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    ).lower(carry).compile()
+    compile_seconds = time.time() - compile_start
+    prefill_fn = jax.jit(lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args)),
+                         in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
+
+    @jax.jit
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(nets.actor, actor_params, obs)  # noqa: E731
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    start_time = time.time() - wall_offset
+    if not buffer_loaded:  # a fresh run, or a resume whose buffer was not saved: refill it
+        carry = prefill_fn(carry)
+        env_steps += prefill_steps
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
+                   resume="allow", config=dataclasses.asdict(args))
+    from tqdm import tqdm
+
+    metrics_file = os.path.join(run_path, "metrics.jsonl")
+    eval_history: list[dict] = []
+    if resume_path is not None and os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        with open(metrics_file + ".tmp", "w") as f:  # drop lines of an epoch the checkpoint lacks
+            f.writelines(json.dumps(m) + "\n" for m in lines)
+        os.replace(metrics_file + ".tmp", metrics_file)
+
+    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
+                    desc=run_name, dynamic_ncols=True)
+    for epoch in progress:
+        epoch_start = time.time()
+        carry, train_metrics = epoch_fn(carry)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        epoch_seconds = time.time() - epoch_start
+        env_steps += env_steps_per_epoch
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            progress.close()
+            print(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped. The last good checkpoint "
+                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
+            raise SystemExit(1)
+        eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
+        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
+        eval_history.append(eval_metrics)
+        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
+                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
+                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.track:
+            wandb.log(record, step=env_steps)
+        if args.save_buffer:  # first, so a checkpoint never names a buffer that is not there yet
+            save_buffer(run_path, carry["buffer"], epoch)
+        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
+        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
+
+    last5 = eval_history[-5:]
+    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
+               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+    with open(metrics_file, "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+    if args.track:
+        wandb.summary.update(summary)
+        wandb.finish()
+    print(json.dumps(summary))
