@@ -1,20 +1,24 @@
-"""SAC with hindsight experience replay (HER) on the goal-conditioned benchmark, deep residual nets.
+"""SAC with hindsight experience replay (HER) on the goal-conditioned benchmark, with deep residual nets.
 
-The paper's SAC / SAC+HER baselines (Fig. 12) with the same depth-scalable residual tower as crl_deep.py
-(Fig. 13). Sparse reward: 1 when the achieved goal of the next state is within the env's success radius
-of the goal. `--her-ratio 0` is plain SAC.
+The paper's SAC / SAC+HER baselines (Fig. 12), with the depth-scalable residual tower of crl_deep.py
+(Fig. 13). Sparse reward: 1 when the achieved goal of the state a step ends in lies within the env's
+success radius of the goal. HER relabels a share of the sampled goals with the achieved goal of a later
+step of the same episode (never across a reset); `--her-ratio 0` is plain SAC. One jitted `lax.scan`
+runs a whole epoch (collect, insert, sample, update); the host loop only evaluates, logs, checkpoints.
 
-    python sac_her.py --env reacher --depth 4 --total-env-steps 1000000
+    python sac_her.py --env ant_u4_maze --depth 4
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import flax.linen as nn
@@ -22,104 +26,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from brax.envs.base import Wrapper
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import envs
 
-
-@dataclasses.dataclass
+@dataclass(frozen=True)
 class Args:
-    env: str = "reacher"
-    """training environment id (one of envs.ENV_IDS)"""
+    env: str = "humanoid_u_maze"
+    """environment id (one of envs.ENV_IDS)"""
     eval_env: Optional[str] = None
-    """evaluation environment id; default: the `_eval` variant of --env where one exists, else --env"""
+    """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
     depth: int = 4
-    """Dense layers inside the residual blocks of actor and critics (a positive multiple of 4)"""
+    """Dense layers inside the residual blocks of the actor and each critic (a positive multiple of 4)"""
     width: int = 256
-    """hidden width of every Dense layer"""
-    num_envs: int = 256
-    """parallel training environments"""
-    num_eval_envs: int = 128
-    """parallel evaluation episodes per epoch"""
-    total_env_steps: int = 10_000_000
-    """environment steps to collect in training (prefill excluded)"""
-    num_epochs: int = 50
-    """evaluate, log and checkpoint this many times over the run"""
-    episode_length: int = 1000
-    """steps per episode (training and evaluation)"""
-    unroll_length: int = 62
-    """steps each env collects between two rounds of SGD updates"""
-    updates_per_unroll: int = 64
-    """SGD steps (critic + actor + temperature) after each unroll"""
+    """hidden width of every Dense layer of the towers"""
     batch_size: int = 256
     """transitions per SGD step"""
-    buffer_size: int = 10_000
-    """replay capacity in steps per env (a ring buffer)"""
+    num_envs: int = 512
+    """parallel training environments"""
+    num_eval_envs: int = 128
+    """parallel evaluation environments (one episode each per epoch)"""
+    episode_length: int = 1000
+    """steps per episode, training and evaluation"""
+    total_env_steps: int = 50_000_000
+    """environment steps of the whole run, prefill included"""
+    num_epochs: int = 100
+    """epochs; after each one the host evaluates, logs and checkpoints"""
+    unroll_length: int = 62
+    """steps collected per env before each block of SGD steps"""
+    sgd_steps_per_train_step: int = 800
+    """SGD steps (critic, actor, temperature, targets) after each collected unroll"""
+    replay_size: int = 10_000
+    """replay capacity in steps PER ENV (a ring buffer of each env's trajectory)"""
     min_replay_size: int = 1_000
     """steps per env collected with uniform random actions before training starts"""
     discount: float = 0.9
-    """discount factor of the TD target (the benchmark's SAC default)"""
+    """discount of the TD target (the benchmark's SAC default)"""
     learning_rate: float = 1e-4
     """Adam learning rate of actor, critics and temperature"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     her_strategy: Literal["future", "final"] = "future"
-    """hindsight goal: a uniformly drawn later state of the episode, or its last state in the buffer"""
+    """hindsight goal: a uniform later step of the episode, or its last stored step"""
     her_ratio: float = 0.8
-    """fraction of sampled transitions whose goal is relabelled (0 = plain SAC)"""
+    """share of sampled transitions whose goal is relabelled (0 = plain SAC)"""
     cached_reset: bool = False
-    """reproduce brax's AutoResetWrapper (one start and goal per env for the whole run)"""
+    """reproduce brax's AutoResetWrapper: one start and goal per env for the whole run"""
     seed: int = 0
     """random seed"""
     track: bool = False
-    """log to Weights & Biases (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "deep-gcrl"
+    """log metrics to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "crl_deep"
     """wandb project"""
     wandb_entity: Optional[str] = None
     """wandb entity (team or user)"""
     run_dir: str = "runs"
-    """parent folder of the run folder"""
+    """folder that holds one sub-folder per run"""
     run_name: Optional[str] = None
-    """run folder name; default {env}__sac_her__d{depth}__s{seed}__{unix time}"""
+    """default: {env}__sac_her__d{depth}__s{seed}__{unix time}"""
     resume: Optional[str] = None
-    """checkpoint.pkl (or its run folder) to continue from; the replay buffer is refilled"""
+    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
 
 
 SCRIPT = "sac_her"
-
-
-def check_args(args: Args) -> None:
-    """Rejects bad input before anything is compiled (one line on stderr, exit code 2)."""
-    problems = []
-    if args.env not in envs.ENV_IDS:
-        problems.append(f"unknown --env {args.env!r}; valid ids: {', '.join(envs.ENV_IDS)}")
-    if args.eval_env is not None and args.eval_env not in envs.ENV_IDS:
-        problems.append(f"unknown --eval-env {args.eval_env!r}; valid ids: {', '.join(envs.ENV_IDS)}")
-    if args.depth <= 0 or args.depth % 4:
-        problems.append(f"--depth must be a positive multiple of 4, got {args.depth}")
-    for name in ("width", "num_envs", "num_eval_envs", "total_env_steps", "num_epochs", "episode_length",
-                 "unroll_length", "updates_per_unroll", "batch_size", "buffer_size", "min_replay_size"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.min_replay_size >= args.buffer_size:
-        problems.append(f"--min-replay-size ({args.min_replay_size}) must be below --buffer-size ({args.buffer_size})")
-    if not 0.0 <= args.her_ratio <= 1.0:
-        problems.append(f"--her-ratio must be in [0, 1], got {args.her_ratio}")
-    if not 0.0 < args.discount < 1.0:
-        problems.append(f"--discount must be in (0, 1), got {args.discount}")
-    if not 0.0 < args.tau <= 1.0:
-        problems.append(f"--tau must be in (0, 1], got {args.tau}")
-    if args.learning_rate <= 0:
-        problems.append(f"--learning-rate must be positive, got {args.learning_rate}")
-    if args.total_env_steps < args.num_epochs * args.num_envs * args.unroll_length:
-        problems.append(f"--total-env-steps ({args.total_env_steps}) is below one unroll per epoch "
-                        f"(num_epochs * num_envs * unroll_length = {args.num_epochs * args.num_envs * args.unroll_length})")
-    if args.resume is not None and not os.path.exists(args.resume):
-        problems.append(f"--resume path {args.resume!r} does not exist")
-    if problems:
-        raise SystemExit("error: " + problems[0])
-
 
 # ----------------------------------------------------------------------------------------------------
 # Networks: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip)
@@ -269,7 +238,12 @@ def sample_her_batch(buffer, key, batch_size, her_ratio, her_strategy, state_dim
     size = buffer["size"]
     oldest = (buffer["insert_pos"] - size) % capacity
     k_env, k_pos, k_her, k_future = jax.random.split(key, 4)
-    env_idx = jax.random.randint(k_env, (batch_size,), 0, num_envs)
+    # Sample i draws its env from the i-th contiguous group of envs: every env equally often, and with
+    # the batch and the buffer split over devices along envs, each device reads only its own envs.
+    i = jnp.arange(batch_size)
+    group_start = (i * num_envs) // batch_size
+    group_size = jnp.maximum(((i + 1) * num_envs) // batch_size - group_start, 1)
+    env_idx = group_start + jnp.floor(jax.random.uniform(k_env, (batch_size,)) * group_size).astype(jnp.int32)
     pos = jax.random.randint(k_pos, (batch_size,), 0, size)
     slot = (oldest + pos) % capacity
     next_slot = (oldest + jnp.minimum(pos + 1, size - 1)) % capacity
@@ -304,8 +278,10 @@ def sample_her_batch(buffer, key, batch_size, her_ratio, her_strategy, state_dim
     }
 
 
+
+
 # ----------------------------------------------------------------------------------------------------
-# Losses and one SGD step (critic, then actor, then temperature, then the target critics)
+# Losses and one SGD step (critics, then actor, then temperature, then the target critics)
 # ----------------------------------------------------------------------------------------------------
 def td_target(reward, bootstrap, next_value, discount):
     """r + discount * V(s'), with V(s') dropped where the episode terminated (bootstrap = 0)."""
@@ -321,8 +297,9 @@ def masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def sac_critic_loss(critic_params, target_critic_params, actor_params, log_alpha, batch, key, actor, critic, discount):
-    """Squared TD error of both critics against min of the target critics minus alpha * log pi (soft value)."""
+def critic_loss_fn(critic_params, target_critic_params, actor_params, log_alpha, batch, key, nets, discount):
+    """Squared TD error of both critics against the soft value min_i Q'_i(s', a') - alpha log pi(a'|s')."""
+    actor, critic = nets
     next_action, next_log_prob = sample_action(*actor.apply(actor_params, batch["next_obs"]), key)
     next_q = jnp.min(critic.apply(target_critic_params, batch["next_obs"], next_action), axis=0)
     next_value = next_q - jnp.exp(log_alpha) * next_log_prob
@@ -333,294 +310,425 @@ def sac_critic_loss(critic_params, target_critic_params, actor_params, log_alpha
                   "reward_mean": masked_mean(batch["reward"], batch["valid"])}
 
 
-def sac_actor_loss(actor_params, critic_params, log_alpha, batch, key, actor, critic):
-    """alpha * log pi(a|s,g) - min_i Q_i(s, g, a) with a ~ pi reparameterised."""
+def actor_loss_fn(actor_params, critic_params, log_alpha, batch, key, nets):
+    """alpha * log pi(a|s,g) - min_i Q_i(s, g, a), a ~ pi reparameterised (every sampled state counts)."""
+    actor, critic = nets
     action, log_prob = sample_action(*actor.apply(actor_params, batch["obs"]), key)
     q = jnp.min(critic.apply(critic_params, batch["obs"], action), axis=0)
-    loss = jnp.mean(jnp.exp(log_alpha) * log_prob - q)
-    return loss, log_prob
+    return jnp.mean(jnp.exp(log_alpha) * log_prob - q), log_prob
 
 
-def sac_update(train_state, batch, key, actor, critic, optimizer, discount, tau, target_entropy):
-    """One SGD step on a batch; returns the new train state and scalar metrics."""
+def sgd_step(train_state, batch, key, nets, optimizer, args, target_entropy):
+    """One SAC update on a HER batch; returns the new train state and scalar metrics."""
     k_critic, k_actor = jax.random.split(key)
     ts = dict(train_state)
-    (_, metrics), grads = jax.value_and_grad(sac_critic_loss, has_aux=True)(
-        ts["critic"], ts["target_critic"], ts["actor"], ts["log_alpha"], batch, k_critic, actor, critic, discount)
-    updates, ts["critic_opt"] = optimizer.update(grads, ts["critic_opt"], ts["critic"])
-    ts["critic"] = optax.apply_updates(ts["critic"], updates)
+    params, target_params = dict(ts["params"]), dict(ts["target_params"])
+    (_, metrics), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+        params["critic"], target_params["critic"], params["actor"], ts["log_alpha"], batch, k_critic, nets,
+        args.discount)
+    updates, ts["critic_opt_state"] = optimizer.update(grads, ts["critic_opt_state"], params["critic"])
+    params["critic"] = optax.apply_updates(params["critic"], updates)
 
-    (actor_loss, log_prob), grads = jax.value_and_grad(sac_actor_loss, has_aux=True)(
-        ts["actor"], ts["critic"], ts["log_alpha"], batch, k_actor, actor, critic)
-    updates, ts["actor_opt"] = optimizer.update(grads, ts["actor_opt"], ts["actor"])
-    ts["actor"] = optax.apply_updates(ts["actor"], updates)
+    (actor_loss, log_prob), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+        params["actor"], params["critic"], ts["log_alpha"], batch, k_actor, nets)
+    updates, ts["actor_opt_state"] = optimizer.update(grads, ts["actor_opt_state"], params["actor"])
+    params["actor"] = optax.apply_updates(params["actor"], updates)
 
     entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
     alpha_loss, grad = jax.value_and_grad(lambda la: jnp.exp(la) * jnp.mean(entropy_gap))(ts["log_alpha"])
-    updates, ts["alpha_opt"] = optimizer.update(grad, ts["alpha_opt"], ts["log_alpha"])
+    updates, ts["alpha_opt_state"] = optimizer.update(grad, ts["alpha_opt_state"], ts["log_alpha"])
     ts["log_alpha"] = optax.apply_updates(ts["log_alpha"], updates)
 
-    ts["target_critic"] = soft_update(ts["target_critic"], ts["critic"], tau)
+    target_params["critic"] = soft_update(target_params["critic"], params["critic"], args.tau)
+    ts["params"], ts["target_params"] = params, target_params
     metrics.update(actor_loss=actor_loss, alpha_loss=alpha_loss, alpha=jnp.exp(ts["log_alpha"]),
                    entropy=-jnp.mean(log_prob), her_fraction=jnp.mean(batch["relabelled"]))
     return ts, metrics
 
 
-def make_networks(action_dim, width, depth):
-    """The actor and the twin critic used by this script (tools may import this)."""
-    return Actor(action_dim, width, depth), TwinQ(width, depth)
+def build_networks(args: Args, action_size: int):
+    """(actor, twin critic) at --depth / --width (tools may import this)."""
+    return Actor(action_size, args.width, args.depth), TwinQ(args.width, args.depth)
 
 
-def init_train_state(key, actor, critic, optimizer, obs_size, action_size):
+def deterministic_action(actor, actor_params, obs):
+    """Evaluation action: the squashed mean."""
+    return jnp.tanh(actor.apply(actor_params, obs)[0])
+
+
+def init_train_state(key, nets, optimizer, obs_size: int, action_size: int) -> dict:
+    actor, critic = nets
     k_actor, k_critic = jax.random.split(key)
     obs, action = jnp.zeros((1, obs_size)), jnp.zeros((1, action_size))
-    actor_params = actor.init(k_actor, obs)
-    critic_params = critic.init(k_critic, obs, action)
+    params = {"actor": actor.init(k_actor, obs), "critic": critic.init(k_critic, obs, action)}
     log_alpha = jnp.zeros((), jnp.float32)
-    return {"actor": actor_params, "critic": critic_params, "target_critic": jax.tree_util.tree_map(jnp.copy, critic_params), "log_alpha": log_alpha,
-            "actor_opt": optimizer.init(actor_params), "critic_opt": optimizer.init(critic_params),
-            "alpha_opt": optimizer.init(log_alpha)}
+    return {
+        "params": params,
+        "target_params": {"critic": jax.tree_util.tree_map(jnp.copy, params["critic"])},
+        "actor_opt_state": optimizer.init(params["actor"]),
+        "critic_opt_state": optimizer.init(params["critic"]),
+        "log_alpha": log_alpha,
+        "alpha_opt_state": optimizer.init(log_alpha),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
-# Environment plumbing, files
+# Collection and the training epoch
 # ----------------------------------------------------------------------------------------------------
 class RecordNextObs(Wrapper):
-    """Keeps the observation reached by each step in info['next_obs'] before the auto-reset replaces it.
+    """Keeps the observation each step reaches in info['next_obs'], before the auto-reset replaces it.
 
-    The relabelled reward needs the achieved goal of the state a step ends in, also on the last step of
-    an episode. Only `step` writes the key (the training wrapper copies the env's reset info over ended
-    envs, which would overwrite it); `add_next_obs` seeds it after the batched reset."""
+    The relabelled reward needs the achieved goal of the state a step ends in, the last step of an
+    episode included. Only `step` writes the key (the training wrapper copies the env's own reset info
+    over ended envs, which would overwrite it); `with_next_obs` seeds it after the batched reset."""
 
     def step(self, state, action):
         state = self.env.step(state, action)
         return state.replace(info={**state.info, "next_obs": state.obs})
 
 
-def add_next_obs(state):
-    return state.replace(info={**state.info, "next_obs": state.obs})
+def with_next_obs(env_state):
+    return env_state.replace(info={**env_state.info, "next_obs": env_state.obs})
 
 
-def versions():
-    import brax
-    import flax
-    import jaxlib
-    import mujoco
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "brax": brax.__version__, "mujoco": mujoco.__version__,
-            "python": sys.version.split()[0]}
+def collect_unroll(env, policy, env_state, key, unroll_length: int, goal_indices):
+    """Steps the batched env `unroll_length` times with `policy(obs, key) -> action`.
+
+    Returns the new env state and time-major records ([T, num_envs, ...]) for buffer_insert."""
+
+    def step(env_state, key):
+        action = policy(env_state.obs, key)
+        next_state = env.step(env_state, action)
+        ended = next_state.done > 0
+        record = {"obs": env_state.obs, "action": action,
+                  "next_achieved": next_state.info["next_obs"][:, jnp.asarray(goal_indices)],
+                  "traj_id": env_state.info["traj_id"], "ended": ended,
+                  "terminated": ended & (next_state.info["truncation"] == 0)}
+        return next_state, record
+
+    return jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def explore_policy(nets, actor_params):
+    """The training behaviour: a sample from the squashed Gaussian."""
+    return lambda obs, key: sample_action(*nets[0].apply(actor_params, obs), key)[0]
 
 
-def write_atomic(path, data: bytes):
-    with open(path + ".tmp", "wb") as f:
+def random_policy(action_size: int):
+    return lambda obs, key: jax.random.uniform(key, (obs.shape[0], action_size), minval=-1.0, maxval=1.0)
+
+
+def prefill(carry: dict, env, dims: dict, args: Args, num_unrolls: int) -> dict:
+    """Fills the buffer with `num_unrolls` unrolls of uniform random actions (no updates)."""
+
+    def one(carry, _):
+        key, k_collect = jax.random.split(carry["key"])
+        env_state, records = collect_unroll(env, random_policy(dims["action_size"]), carry["env_state"], k_collect,
+                                            args.unroll_length, dims["goal_indices"])
+        return {**carry, "key": key, "env_state": env_state, "buffer": buffer_insert(carry["buffer"], records)}, None
+
+    carry, _ = jax.lax.scan(one, carry, None, length=num_unrolls)
+    return carry
+
+
+def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_train_steps: int,
+                batch_sharding=None):
+    """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps)."""
+    target_entropy = -0.5 * dims["action_size"]
+
+    def sgd(train_state_and_buffer, key):
+        train_state, buffer = train_state_and_buffer
+        k_sample, k_sgd = jax.random.split(key)
+        batch = sample_her_batch(buffer, k_sample, args.batch_size, args.her_ratio, args.her_strategy,
+                                 dims["state_dim"], dims["goal_reach_thresh"])
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        train_state, metrics = sgd_step(train_state, batch, k_sgd, nets, optimizer, args, target_entropy)
+        return (train_state, buffer), metrics
+
+    def train_step(carry, _):
+        key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
+        policy = explore_policy(nets, carry["train_state"]["params"]["actor"])
+        env_state, records = collect_unroll(env, policy, carry["env_state"], k_collect, args.unroll_length,
+                                            dims["goal_indices"])
+        buffer = buffer_insert(carry["buffer"], records)
+        (train_state, buffer), metrics = jax.lax.scan(
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+        new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
+        return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
+    return carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks, files, checkpoints
+# ----------------------------------------------------------------------------------------------------
+def fail(message: str):
+    """Bad input: one line on stderr, exit code 2, before anything is compiled."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def prefill_unrolls(args: Args) -> int:
+    return -(-args.min_replay_size // args.unroll_length)
+
+
+def train_steps_per_epoch(args: Args) -> int:
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+    return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
+
+
+def check_args(args: Args, env_ids, num_devices: int):
+    """Every bad-input check that needs no env and no compilation; calls `fail` on the first."""
+    if args.env not in env_ids:
+        fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
+    if args.eval_env is not None and args.eval_env not in env_ids:
+        fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
+    if args.depth <= 0 or args.depth % 4:
+        fail(f"--depth must be a positive multiple of 4 (got {args.depth})")
+    for name in ("width", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                 "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not 0.0 < args.discount < 1.0:
+        fail(f"--discount must be in (0, 1) (got {args.discount})")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1] (got {args.tau})")
+    if not 0.0 <= args.her_ratio <= 1.0:
+        fail(f"--her-ratio must be in [0, 1] (got {args.her_ratio})")
+    if args.learning_rate <= 0:
+        fail(f"--learning-rate must be positive (got {args.learning_rate})")
+    if args.min_replay_size > args.replay_size:
+        fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.unroll_length > args.replay_size:
+        fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.num_envs % num_devices:
+        fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
+    if args.batch_size % num_devices:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
+    if train_steps_per_epoch(args) < 1:
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
+             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def to_numpy(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def load_checkpoint(path):
-    """Reads checkpoint.pkl (or the one inside a run folder) into a dict of numpy arrays / scalars."""
+def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.pkl: params as nested dicts of numpy arrays; targets, optimisers, env state as leaves."""
+    train_state = to_numpy(carry["train_state"])
+    rest = {k: v for k, v in train_state.items() if k != "params"}
+    checkpoint = {
+        "script": SCRIPT,
+        "args": dataclasses.asdict(args),
+        "params": train_state["params"],
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "_opt_state_leaves": jax.tree_util.tree_leaves(rest),
+        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry["env_state"])),
+        "_key": np.asarray(jax.device_get(carry["key"])),
+    }
+    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads checkpoint.pkl (path: the file or its run folder)."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pkl")
     with open(path, "rb") as f:
         return pickle.load(f)
 
 
-def save_checkpoint(path, args, train_state, key, epoch, env_steps, wall_time):
-    """params = the acting/evaluated networks; the rest (targets, optimisers, key) lets --resume continue."""
-    ts = to_numpy(train_state)
-    state = {
-        "script": SCRIPT, "args": dataclasses.asdict(args), "epoch": epoch, "env_steps": env_steps,
-        "wall_time": wall_time, "params": {"actor": ts["actor"], "critic": ts["critic"]},
-        "target_params": {"critic": ts["target_critic"]}, "log_alpha": ts["log_alpha"],
-        "opt_state_leaves": {k: jax.tree_util.tree_leaves(ts[k]) for k in ("actor_opt", "critic_opt", "alpha_opt")},
-        "key": np.asarray(key),
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
+    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_env = NamedSharding(mesh, PartitionSpec("data"))
+    buffer_by_env = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    def env_leaf(x):
+        return by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated
+
+    return {
+        "train_state": jax.tree_util.tree_map(lambda _: replicated, carry["train_state"]),
+        "buffer": {k: buffer_by_env if v.ndim >= 2 else replicated for k, v in carry["buffer"].items()},
+        "env_state": jax.tree_util.tree_map(env_leaf, carry["env_state"]),
+        "key": replicated,
     }
-    write_atomic(path, pickle.dumps(state))
 
 
-def restore_train_state(checkpoint, template):
-    """Rebuilds the train state dict from a checkpoint, using a freshly initialised one for the tree shapes."""
-    ts = dict(template)
-    ts["actor"] = checkpoint["params"]["actor"]
-    ts["critic"] = checkpoint["params"]["critic"]
-    ts["target_critic"] = checkpoint["target_params"]["critic"]
-    ts["log_alpha"] = checkpoint["log_alpha"]
-    for k, leaves in checkpoint["opt_state_leaves"].items():
-        ts[k] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template[k]), leaves)
-    return jax.tree_util.tree_map(jnp.asarray, ts)
-
-
+# ----------------------------------------------------------------------------------------------------
+# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
+# ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    import tyro
+
     args = tyro.cli(Args)
-    check_args(args)
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = load_checkpoint(args.resume)
+    resume_path = args.resume
+    if resume_path is not None:
+        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
+            fail(f"--resume {resume_path}: no checkpoint.pkl there")
+        checkpoint = load_checkpoint(resume_path)
         if checkpoint.get("script") != SCRIPT:
-            raise SystemExit(f"error: --resume {args.resume!r} is not a {SCRIPT} checkpoint")
-        run_path = os.path.dirname(os.path.abspath(os.path.join(args.resume, "checkpoint.pkl")
-                                                   if os.path.isdir(args.resume) else args.resume))
-        args = Args(**{**checkpoint["args"], "resume": args.resume})
-    else:
+            fail(f"--resume {resume_path}: not a {SCRIPT} run")
+        args = Args(**{**checkpoint["args"], "resume": resume_path})
+
+    import envs
+
+    check_args(args, envs.ENV_IDS, jax.device_count())
+    eval_env_id = args.eval_env or envs.eval_variant(args.env)
+    if resume_path is None:
         run_name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
         run_path = os.path.join(args.run_dir, run_name)
         if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            raise SystemExit(f"error: run folder {run_path!r} already holds a checkpoint; use --resume or another --run-name")
+            fail(f"{run_path} already holds a run; use --resume {run_path}")
         os.makedirs(run_path, exist_ok=True)
-        write_atomic(os.path.join(run_path, "config.json"), json.dumps(
-            {"script": SCRIPT, "args": dataclasses.asdict(args), "versions": versions(), "git_commit": git_commit()},
-            indent=2).encode())
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), "versions": versions(),
+                  "git_commit": git_commit()}
+        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
+    else:
+        run_path = resume_path
+        run_name = os.path.basename(os.path.normpath(run_path))
 
-    env = envs.make(args.env)
-    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
-    train_env = envs.wrap_for_training(RecordNextObs(env), episode_length=args.episode_length,
-                                       cached_reset=args.cached_reset)
-    state_dim, goal_indices = env.state_dim, jnp.asarray(env.goal_indices)
-    obs_size, action_size = env.observation_size, env.action_size
-    steps_per_unroll = args.num_envs * args.unroll_length
-    unrolls_per_epoch = args.total_env_steps // (args.num_epochs * steps_per_unroll)
-    env_steps_per_epoch = unrolls_per_epoch * steps_per_unroll
-
-    actor, critic = make_networks(action_size, args.width, args.depth)
+    # ---- environments, networks, state ----
+    raw_env = envs.make(args.env)
+    env = envs.wrap_for_training(RecordNextObs(raw_env), episode_length=args.episode_length,
+                                 cached_reset=args.cached_reset)
+    eval_env = envs.make(eval_env_id)
+    dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
+            "action_size": raw_env.action_size, "goal_reach_thresh": float(raw_env.goal_reach_thresh)}
+    nets = build_networks(args, raw_env.action_size)
     optimizer = optax.adam(args.learning_rate)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    num_train_steps = train_steps_per_epoch(args)
+    env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+
     key = jax.random.PRNGKey(args.seed)
-    key, k_init, k_env = jax.random.split(key, 3)
-    train_state = init_train_state(k_init, actor, critic, optimizer, obs_size, action_size)
+    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+
+    @jax.jit
+    def initial_carry(k_init, k_reset, key):
+        return {
+            "train_state": init_train_state(k_init, nets, optimizer, raw_env.observation_size, raw_env.action_size),
+            "buffer": buffer_init(args.replay_size, args.num_envs, raw_env.observation_size, raw_env.action_size,
+                                  len(dims["goal_indices"])),
+            "env_state": with_next_obs(env.reset(jax.random.split(k_reset, args.num_envs))),
+            "key": key,
+        }
+
+    carry = initial_carry(k_init, k_reset, key)
+    shardings = carry_shardings(carry, mesh, args.num_envs)
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
-    if checkpoint is not None:
-        train_state = restore_train_state(checkpoint, train_state)
-        key = jnp.asarray(checkpoint["key"], jnp.uint32)
-        key, k_env = jax.random.split(key)
+    if resume_path is not None:  # the replay buffer is not saved: it is refilled by the prefill below
+        rest = {k: v for k, v in carry["train_state"].items() if k != "params"}
+        rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
+        carry["train_state"] = {"params": checkpoint["params"], **rest}
+        carry["env_state"] = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
+        carry["key"] = checkpoint["_key"]
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
+    carry = jax.device_put(carry, shardings)
 
-    def collect(env_state, actor_params, key, random_actions):
-        """Steps every env `unroll_length` times; returns the new env state and time-major records."""
-
-        def one_step(carry, _):
-            env_state, key = carry
-            key, k_act = jax.random.split(key)
-            if random_actions:
-                action = jax.random.uniform(k_act, (args.num_envs, action_size), minval=-1.0, maxval=1.0)
-            else:
-                action, _ = sample_action(*actor.apply(actor_params, env_state.obs), k_act)
-            next_state = train_env.step(env_state, action)
-            ended = next_state.done > 0
-            record = {"obs": env_state.obs, "action": action,
-                      "next_achieved": next_state.info["next_obs"][:, goal_indices],
-                      "traj_id": env_state.info["traj_id"], "ended": ended,
-                      "terminated": ended & (next_state.info["truncation"] == 0)}
-            return (next_state, key), record
-
-        (env_state, _), records = jax.lax.scan(one_step, (env_state, key), None, length=args.unroll_length)
-        return env_state, records
+    compile_start = time.time()
+    epoch_fn = jax.jit(
+        lambda c: train_epoch(c, env, nets, optimizer, dims, args, num_train_steps, batch_sharding),
+        in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    ).lower(carry).compile()
+    compile_seconds = time.time() - compile_start
+    prefill_fn = jax.jit(lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),
+                         in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
 
     @jax.jit
-    def prefill(env_state, buffer, key):
-        def one_unroll(carry, _):
-            env_state, buffer, key = carry
-            key, k_collect = jax.random.split(key)
-            env_state, records = collect(env_state, None, k_collect, random_actions=True)
-            return (env_state, buffer_insert(buffer, records), key), None
-
-        num_unrolls = -(-args.min_replay_size // args.unroll_length)
-        (env_state, buffer, _), _ = jax.lax.scan(one_unroll, (env_state, buffer, key), None, length=num_unrolls)
-        return env_state, buffer
-
-    target_entropy = -0.5 * action_size
-
-    def train_epoch(train_state, env_state, buffer, key):
-        """unrolls_per_epoch x [collect one unroll, insert, updates_per_unroll SGD steps], all on device."""
-
-        def one_unroll(carry, _):
-            train_state, env_state, buffer, key = carry
-            key, k_collect, k_update = jax.random.split(key, 3)
-            env_state, records = collect(env_state, train_state["actor"], k_collect, random_actions=False)
-            buffer = buffer_insert(buffer, records)
-
-            def one_update(carry, _):
-                train_state, key = carry
-                key, k_sample, k_sgd = jax.random.split(key, 3)
-                batch = sample_her_batch(buffer, k_sample, args.batch_size, args.her_ratio, args.her_strategy,
-                                         state_dim, env.goal_reach_thresh)
-                train_state, metrics = sac_update(train_state, batch, k_sgd, actor, critic, optimizer,
-                                                  args.discount, args.tau, target_entropy)
-                return (train_state, key), metrics
-
-            (train_state, _), metrics = jax.lax.scan(one_update, (train_state, k_update), None,
-                                                     length=args.updates_per_unroll)
-            return (train_state, env_state, buffer, key), jax.tree_util.tree_map(jnp.mean, metrics)
-
-        (train_state, env_state, buffer, _), metrics = jax.lax.scan(
-            one_unroll, (train_state, env_state, buffer, key), None, length=unrolls_per_epoch)
-        return train_state, env_state, buffer, jax.tree_util.tree_map(jnp.mean, metrics)
-
-    train_epoch = jax.jit(train_epoch, donate_argnums=(0, 2))  # the env state may alias leaves
-
-    @jax.jit
-    def evaluate(actor_params, key):
-        act = lambda obs: jnp.tanh(actor.apply(actor_params, obs)[0])  # deterministic: the squashed mean
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(nets[0], actor_params, obs)  # noqa: E731
         return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
 
-    wandb_run = None
+    start_time = time.time() - wall_offset
+    carry = prefill_fn(carry)
+    if resume_path is None:
+        env_steps += prefill_steps
+
     if args.track:
         import wandb
-        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                               name=os.path.basename(run_path), dir=run_path, resume="allow")
 
-    metrics_path = os.path.join(run_path, "metrics.jsonl")
-    eval_history = []
-    if checkpoint is not None and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        eval_history = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows
-                        if not r.get("summary") and r["epoch"] < start_epoch]
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows
-                                           if not r.get("summary") and r["epoch"] < start_epoch).encode())
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
+                   resume="allow", config=dataclasses.asdict(args))
+    from tqdm import tqdm
 
-    start = time.time() - wall_offset
-    env_state = add_next_obs(train_env.reset(jax.random.split(k_env, args.num_envs)))
-    buffer = buffer_init(args.buffer_size, args.num_envs, obs_size, action_size, len(env.goal_indices))
-    key, k_prefill = jax.random.split(key)
-    env_state, buffer = prefill(env_state, buffer, k_prefill)
+    metrics_file = os.path.join(run_path, "metrics.jsonl")
+    eval_history: list[dict] = []
+    if resume_path is not None and os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        write_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in lines).encode())
 
-    for epoch in range(start_epoch, args.num_epochs):
+    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
+                    desc=run_name, dynamic_ncols=True)
+    for epoch in progress:
         epoch_start = time.time()
-        key, k_train, k_eval = jax.random.split(key, 3)
-        train_state, env_state, buffer, train_metrics = train_epoch(train_state, env_state, buffer, k_train)
-        jax.block_until_ready(train_state)
-        epoch_time = time.time() - epoch_start
+        carry, train_metrics = epoch_fn(carry)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch
-        eval_metrics = {f"eval/{k}": float(v) for k, v in evaluate(train_state["actor"], k_eval).items()}
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            progress.close()
+            print(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped. The last good checkpoint "
+                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
+            raise SystemExit(1)
+        eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
+        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
         eval_history.append(eval_metrics)
-        row = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start,
-               "sps": env_steps_per_epoch / epoch_time,
-               **{f"training/{k}": float(v) for k, v in train_metrics.items()}, **eval_metrics}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(row, step=env_steps)
-        print(f"epoch {epoch} steps {env_steps} sps {row['sps']:.0f} "
-              f"eval/episode_success {eval_metrics['eval/episode_success']:.2f}", flush=True)
-        save_checkpoint(os.path.join(run_path, "checkpoint.pkl"), args, train_state, key, epoch, env_steps,
-                        time.time() - start)
+        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
+                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
+                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.track:
+            wandb.log(record, step=env_steps)
+        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
+        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
 
     last5 = eval_history[-5:]
-    summary = {"summary": True, **{f"{k}_last5": float(np.mean([e[k] for e in last5])) for k in last5[0]}}
-    with open(metrics_path, "a") as f:
+    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
+               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+    with open(metrics_file, "a") as f:
         f.write(json.dumps(summary) + "\n")
     write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    if wandb_run is not None:
-        wandb_run.summary.update(summary)
-        wandb_run.finish()
+    if args.track:
+        wandb.summary.update(summary)
+        wandb.finish()
+    print(json.dumps(summary))
