@@ -33,7 +33,7 @@ def setup_gl() -> str:
 
 
 def render_frames(mj_model, qpos_seq, goal_seq=None, goal_radius=0.1, width=480, height=360,
-                  camera="auto", root_body=1):
+                  camera="auto", root_body=1, scene_box=None):
     """Renders one RGB frame (uint8 [H, W, 3]) per row of `qpos_seq` ([T, nq]).
 
     goal_seq ([T, 2 or 3]) adds a translucent green sphere of `goal_radius` (the env's success
@@ -41,6 +41,8 @@ def render_frames(mj_model, qpos_seq, goal_seq=None, goal_radius=0.1, width=480,
     2-D goals sit on the floor. camera: "follow" looks at the midpoint of the robot (body
     `root_body`) and the goal, far enough to keep both in view; "overview" looks down on the whole
     scene (mazes); "auto" picks overview for large scenes (mazes), follow otherwise.
+    scene_box = (centre xyz, size) frames the overview (e.g. a maze's walls); default: the model's
+    bounding statistics, which include the whole floor.
     """
     setup_gl()
     import mujoco
@@ -57,8 +59,9 @@ def render_frames(mj_model, qpos_seq, goal_seq=None, goal_radius=0.1, width=480,
     cam = mujoco.MjvCamera()
     mujoco.mjv_defaultFreeCamera(model, cam)
     if camera == "overview":
-        cam.lookat[:] = model.stat.center
-        cam.distance = 0.9 * model.stat.extent
+        centre, size = scene_box if scene_box is not None else (model.stat.center, model.stat.extent)
+        cam.lookat[:] = centre
+        cam.distance = 1.25 * size  # fovy 45 deg: a square of side `size` fills the view
         cam.elevation, cam.azimuth = -75.0, 90.0
     else:
         cam.elevation, cam.azimuth = -45.0, 90.0
