@@ -51,21 +51,23 @@ class Args:
     """depth of the actor (default: --depth)"""
     width: int = 512
     """width of every hidden layer (OGBench default 512)"""
-    latent_dim: int = 512
+    repr_dim: int = 512
     """size of the representations phi(s, a) and psi(g)"""
     batch_size: int = 1024
     """transitions per gradient step; the other rows' goals are the negatives"""
-    learning_rate: float = 3e-4
-    """Adam learning rate for actor and critic"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of phi and psi"""
     discount: Optional[float] = None
     """value goals are s_{t+k} with P(k) ~ discount^k (default 0.99; 0.995 for giant and humanoid mazes)"""
     alpha: Optional[float] = None
     """behaviour-cloning weight of the actor loss (default per env: 0.1 antmaze/our envs, 0.03 pointmaze, 0.003 explore)"""
     energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine"] = "scaled_dot"
-    """critic logit f(s,a,g): -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(latent_dim) (OGBench), cosine"""
-    loss: Literal["binary_nce", "infonce", "infonce_backward", "infonce_symmetric"] = "binary_nce"
+    """critic logit f(s,a,g): -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim) (OGBench), cosine"""
+    loss: Literal["binary_nce", "fwd_infonce", "bwd_infonce", "sym_infonce"] = "binary_nce"
     """critic loss: sigmoid cross-entropy against the identity (OGBench) or InfoNCE over rows/columns/both"""
-    logsumexp_penalty: float = 0.1
+    logsumexp_coef: float = 0.1
     """weight of mean(logsumexp^2) added to the InfoNCE losses (unused by binary_nce)"""
     cold_init: bool = False
     """initialise the final layer of phi and psi 100x smaller (the paper's cold-init ablation)"""
@@ -125,7 +127,7 @@ def check_args(args: Args) -> None:
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 4):
             problems.append(f"--{name.replace('_', '-')} must be a positive multiple of 4, got {value}")
-    for name in ("train_steps", "eval_every", "eval_episodes", "width", "latent_dim", "batch_size"):
+    for name in ("train_steps", "eval_every", "eval_episodes", "width", "repr_dim", "batch_size"):
         if getattr(args, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size < 2:
@@ -260,8 +262,8 @@ def make_networks(args: Args, action_dim: int):
     """(sa_encoder phi(concat[s, a]), g_encoder psi(g), actor mean(concat[s, g]))."""
     critic_depth = args.critic_depth or args.depth
     head_scale = COLD_INIT_SCALE / 3 if args.cold_init else 1 / 3
-    sa_encoder = ResidualTower(args.width, critic_depth, args.latent_dim, head_scale)
-    g_encoder = ResidualTower(args.width, critic_depth, args.latent_dim, head_scale)
+    sa_encoder = ResidualTower(args.width, critic_depth, args.repr_dim, head_scale)
+    g_encoder = ResidualTower(args.width, critic_depth, args.repr_dim, head_scale)
     actor = ResidualTower(args.width, args.actor_depth or args.depth, action_dim)
     return sa_encoder, g_encoder, actor
 
@@ -300,7 +302,7 @@ def energy_pairs(phi, psi, energy: str):
     raise ValueError(f"unknown energy {energy!r}")
 
 
-def contrastive_loss(logits, loss: str, logsumexp_penalty: float):
+def contrastive_loss(logits, loss: str, logsumexp_coef: float):
     """Critic loss on the [B, B] logit matrix whose diagonal holds the positive pairs."""
     diag = jnp.diagonal(logits)
     if loss == "binary_nce":
@@ -308,13 +310,13 @@ def contrastive_loss(logits, loss: str, logsumexp_penalty: float):
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
     lse_rows = jax.nn.logsumexp(logits, axis=1)  # over goals, per (s, a): forward
     lse_cols = jax.nn.logsumexp(logits, axis=0)  # over (s, a), per goal: backward
-    forward = -jnp.mean(diag - lse_rows) + logsumexp_penalty * jnp.mean(lse_rows**2)
-    backward = -jnp.mean(diag - lse_cols) + logsumexp_penalty * jnp.mean(lse_cols**2)
-    if loss == "infonce":
+    forward = -jnp.mean(diag - lse_rows) + logsumexp_coef * jnp.mean(lse_rows**2)
+    backward = -jnp.mean(diag - lse_cols) + logsumexp_coef * jnp.mean(lse_cols**2)
+    if loss == "fwd_infonce":
         return forward
-    if loss == "infonce_backward":
+    if loss == "bwd_infonce":
         return backward
-    if loss == "infonce_symmetric":
+    if loss == "sym_infonce":
         return 0.5 * (forward + backward)
     raise ValueError(f"unknown loss {loss!r}")
 
@@ -342,7 +344,7 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
         phi = sa_encoder.apply(critic_params["sa_encoder"], sa)
         psi = g_encoder.apply(critic_params["g_encoder"], batch["value_goals"])
         logits = energy_matrix(phi, psi, args.energy)
-        loss = contrastive_loss(logits, args.loss, args.logsumexp_penalty)
+        loss = contrastive_loss(logits, args.loss, args.logsumexp_coef)
         eye = jnp.eye(logits.shape[0])
         metrics = {"critic_loss": loss,
                    "categorical_accuracy": jnp.mean(jnp.argmax(logits, 1) == jnp.arange(logits.shape[0])),
@@ -364,13 +366,14 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
     return critic_loss_fn, actor_loss_fn
 
 
-def init_train_state(args: Args, key, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim, optimizer):
+def init_train_state(key, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim, actor_optimizer,
+                     critic_optimizer):
     k_sa, k_g, k_actor = jax.random.split(key, 3)
     critic = {"sa_encoder": sa_encoder.init(k_sa, jnp.zeros((1, obs_dim + action_dim))),
               "g_encoder": g_encoder.init(k_g, jnp.zeros((1, goal_dim)))}
     actor_params = actor.init(k_actor, jnp.zeros((1, obs_dim + goal_dim)))
-    return {"critic": critic, "actor": actor_params, "critic_opt": optimizer.init(critic),
-            "actor_opt": optimizer.init(actor_params)}
+    return {"critic": critic, "actor": actor_params, "critic_opt": critic_optimizer.init(critic),
+            "actor_opt": actor_optimizer.init(actor_params)}
 
 
 def param_count(tree) -> int:
@@ -541,11 +544,12 @@ if __name__ == "__main__":
     val_data = make_device_dataset(val_dataset, goal_indices) if val_dataset is not None else None
     goal_dim = len(goal_indices)
     sa_encoder, g_encoder, actor = make_networks(args, action_dim)
-    optimizer = optax.adam(args.learning_rate)
+    actor_optimizer, critic_optimizer = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
     critic_loss_fn, actor_loss_fn = make_losses(args, sa_encoder, g_encoder, actor, alpha)
     key = jax.random.PRNGKey(args.seed)
     key, k_init = jax.random.split(key)
-    train_state = init_train_state(args, k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim, optimizer)
+    train_state = init_train_state(k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim,
+                                   actor_optimizer, critic_optimizer)
     start_epoch, train_steps_done, wall_offset = 0, 0, 0.0
     if checkpoint is not None:
         train_state = restore_train_state(checkpoint, train_state)
@@ -562,8 +566,8 @@ if __name__ == "__main__":
             train_state["critic"], batch)
         (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
             train_state["actor"], train_state["critic"], batch)
-        critic_updates, critic_opt = optimizer.update(critic_grads, train_state["critic_opt"])
-        actor_updates, actor_opt = optimizer.update(actor_grads, train_state["actor_opt"])
+        critic_updates, critic_opt = critic_optimizer.update(critic_grads, train_state["critic_opt"])
+        actor_updates, actor_opt = actor_optimizer.update(actor_grads, train_state["actor_opt"])
         train_state = {"critic": optax.apply_updates(train_state["critic"], critic_updates),
                        "actor": optax.apply_updates(train_state["actor"], actor_updates),
                        "critic_opt": critic_opt, "actor_opt": actor_opt}
