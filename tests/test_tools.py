@@ -1,0 +1,190 @@
+"""Figures and videos of tools/ from small run folders: curves, table, Q map, video."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tools import curves
+from tools.render import setup_gl
+
+setup_gl()
+
+
+# ---------------------------------------------------------------- learning curves and the table
+
+
+def _fake_run(root, name, env, depth, seed, ys, summary=None):
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": {"env": env, "depth": depth, "seed": seed}}))
+    lines = [json.dumps({"epoch": e, "env_steps": 1000 * (e + 1), "eval/episode_success": y}) for e, y in enumerate(ys)]
+    if summary is not None:
+        lines.append(json.dumps({"summary": True, "eval/episode_success_last5": summary}))
+        (path / "summary.json").write_text(json.dumps({"summary": True, "eval/episode_success_last5": summary}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    _fake_run(root, "a_d4_s0", "ant_u4_maze", 4, 0, [0, 10, 20, 30, 40, 50])  # unfinished: last5 = 30
+    _fake_run(root, "a_d4_s1", "ant_u4_maze", 4, 1, [0, 2, 4, 6, 8, 10], summary=7.0)  # the summary wins
+    _fake_run(root, "a_d16_s0", "ant_u4_maze", 16, 0, [100, 200, 300], summary=200.0)
+    _fake_run(root, "h_d4_s0", "humanoid", 4, 0, [5, 5, 5], summary=5.0)
+    return root
+
+
+def test_score_table_by_hand(fake_runs):
+    runs = curves.find_runs([str(fake_runs)])
+    rows = curves.score_table(runs, ["depth"], "eval/episode_success")
+    by_key = {(r["env"], r["depth"]): r for r in rows}
+    assert list(by_key) == [("ant_u4_maze", 4), ("ant_u4_maze", 16), ("humanoid", 4)]  # numeric sort
+    r = by_key[("ant_u4_maze", 4)]
+    assert r["score_mean"] == pytest.approx((30 + 7) / 2)
+    assert r["score_std"] == pytest.approx(11.5)
+    assert (r["seeds"], r["finished"], r["env_steps"]) == (2, 1, 6000)
+    assert by_key[("ant_u4_maze", 16)]["score_std"] == 0.0
+
+
+def test_mean_curve_by_hand(fake_runs):
+    runs = [r for r in curves.find_runs([str(fake_runs)]) if r.args["depth"] == 4 and r.args["env"] == "ant_u4_maze"]
+    x, mean, std, n = curves.mean_curve(runs, "eval/episode_success")
+    np.testing.assert_allclose(x, [1000, 2000, 3000, 4000, 5000, 6000])
+    np.testing.assert_allclose(mean, [0, 6, 12, 18, 24, 30])
+    np.testing.assert_allclose(std, [0, 4, 8, 12, 16, 20])
+    np.testing.assert_allclose(n, 2)
+
+
+def _image(path):
+    import imageio.v2 as imageio
+
+    return np.asarray(imageio.imread(path))
+
+
+def test_curves_cli_writes_png_markdown_and_csv(fake_runs, tmp_path):
+    out = str(tmp_path / "fig" / "curves.png")
+    assert curves.main([str(fake_runs), "--group", "depth", "--out", out]) == 0
+    img = _image(out)
+    assert img.shape[0] > 300 and img.shape[1] > 600 and img[..., :3].std() > 10  # two panels, not blank
+    md = open(str(tmp_path / "fig" / "curves_table.md")).read()
+    assert "| ant_u4_maze | 4 | 18.50 +- 11.50 | 2 | 1 | 6,000 |" in md
+    csv_lines = open(str(tmp_path / "fig" / "curves_table.csv")).read().splitlines()
+    assert csv_lines[0] == "env,depth,score_mean,score_std,seeds,finished,env_steps" and len(csv_lines) == 4
+
+
+def test_curves_cli_fails_with_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert curves.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no run folders") and "\n" not in err
+
+
+# ---------------------------------------------------------------- checkpoint-based figures
+
+
+@pytest.fixture(scope="module")
+def maze_run(tmp_path_factory):
+    """A crl_deep run folder (config.json + checkpoint.pkl written by crl_deep's own functions) on
+    ant_u_maze with small freshly initialised networks: what a run leaves after its first epoch."""
+    import jax
+
+    import crl_deep
+    import envs
+
+    args = crl_deep.Args(env="ant_u_maze", depth=4, width=16, repr_dim=8, seed=0)
+    env = envs.make(args.env)
+    dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
+    nets = crl_deep.build_networks(args, env.observation_size, len(dims.goal_indices), dims.action_size)
+    train_state = crl_deep.init_train_state(jax.random.PRNGKey(0), nets, args, dims)
+    path = tmp_path_factory.mktemp("runs") / "tiny"
+    path.mkdir()
+    carry = {"train_state": train_state, "env_state": {}, "key": jax.random.PRNGKey(1)}
+    crl_deep.save_checkpoint(str(path), carry, args, 0, 1234, 0.0)
+    (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": dataclasses.asdict(args)}))
+    return str(path)
+
+
+def test_agent_critic_is_the_negative_l2_distance(maze_run):
+    import jax.numpy as jnp
+
+    from tools.agent import load_agent
+
+    agent = load_agent(maze_run)
+    assert (agent.args.width, agent.env_steps) == (16, 1234)
+    rng = np.random.default_rng(0)
+    s, a, g = rng.normal(size=(5, 29)), rng.uniform(-1, 1, size=(5, 8)), rng.normal(size=(5, 2))
+    phi = np.asarray(agent.phi(jnp.asarray(s, jnp.float32), jnp.asarray(a, jnp.float32)))
+    psi = np.asarray(agent.psi(jnp.asarray(g, jnp.float32)))
+    assert phi.shape == psi.shape == (5, 8)
+    f = np.asarray(agent.critic(jnp.asarray(s, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)))
+    np.testing.assert_allclose(f, -np.linalg.norm(phi - psi, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_load_agent_rejects_other_scripts(tmp_path):
+    from tools.agent import load_agent
+
+    (tmp_path / "checkpoint.pkl").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"script": "sac_her", "args": {}}))
+    with pytest.raises(ValueError, match="crl_deep checkpoints only"):
+        load_agent(str(tmp_path))
+
+
+def test_default_goal_is_the_far_end_of_the_corridor():
+    from tools.qmap import default_goal, maze_path_distances
+
+    # U eval layout: start (1,1); goals (3,1),(3,2),(3,3); the corridor reaches (3,1) last (6 moves).
+    np.testing.assert_allclose(default_goal("ant_u_maze"), [12.0, 4.0])
+    dist = maze_path_distances(("11111", "1r001", "11101", "1ggg1", "11111"), (1, 1))
+    assert dist[(3, 1)] == 6 and dist[(3, 3)] == 4 and (2, 1) not in dist
+
+
+def test_qmap_values_walls_and_png(maze_run, tmp_path):
+    import envs
+    from tools import qmap
+    from tools.agent import load_agent
+
+    env = envs.make("ant_u_maze")
+    xs, ys, v, maze = qmap.q_grid(load_agent(maze_run), env, np.array([12.0, 4.0]), points_per_cell=2)
+    assert v.shape == (len(ys), len(xs)) == (10, 10)  # 5 x 5 cells, 2 points per cell side
+    # exactly the points inside wall cells are NaN: 7 free cells of the U layout x 4 points each
+    assert np.isfinite(v).sum() == 7 * 4
+    assert np.isnan(v[0, 0]) and np.isfinite(v[2, 2])  # corner wall; start cell (1, 1)
+    assert np.nanstd(v) > 0  # the value depends on the torso position
+    out = str(tmp_path / "qmap.png")
+    stats = qmap.plot_qmaps([maze_run], out)
+    assert stats[0]["points"] == 7 * 64  # default 8 x 8 points per cell
+    img = _image(out)
+    assert img.shape[1] > 300 and img[..., :3].std() > 10
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")
+def test_video_shows_the_goal_marker_and_has_one_frame_per_rendered_step(maze_run, tmp_path):
+    import imageio.v2 as imageio
+
+    from tools import video
+
+    out = str(tmp_path / "rollout.mp4")
+    info = video.make_video(maze_run, out, steps=10, every=2, num_envs=2, width=160, height=120)
+    assert info["frames"] == 6 and info["env"] == "ant_u_maze_eval"
+    frames = [np.asarray(f) for f in imageio.get_reader(out)]
+    assert len(frames) == 6 and frames[0].shape == (120, 160, 3)
+    f = frames[0].astype(int)
+    green = (f[..., 1] > f[..., 0] + 40) & (f[..., 1] > f[..., 2] + 40)
+    assert green.sum() > 5, "goal marker not visible"
+    assert f.std() > 20
+
+
+def test_write_video_gif_and_bad_extension(tmp_path):
+    import imageio.v2 as imageio
+
+    from tools.render import write_video
+
+    frames = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(4)]
+    write_video(frames, str(tmp_path / "a.gif"), fps=5)
+    back = imageio.mimread(str(tmp_path / "a.gif"))
+    assert len(back) == 4 and int(np.asarray(back[3])[..., :3].mean()) == 120
+    with pytest.raises(ValueError, match=".mp4 or .gif"):
+        write_video(frames, str(tmp_path / "a.avi"), fps=5)
