@@ -732,10 +732,12 @@ def save_buffer(run_path: str, buffer: dict, epoch: int):
         "_num_envs": np.asarray(num_envs),
         "_epoch": np.asarray(epoch),
     }
-    tmp = os.path.join(run_path, "buffer.npz.tmp")
+    tmp, path = os.path.join(run_path, "buffer.npz.tmp"), os.path.join(run_path, "buffer.npz")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, os.path.join(run_path, "buffer.npz"))
+    if os.path.exists(path):  # kept until the next checkpoint names the new buffer (kill-safe)
+        os.replace(path, os.path.join(run_path, "buffer_previous.npz"))
+    os.replace(tmp, path)
 
 
 def load_buffer(path: str, capacity: int) -> dict:
@@ -856,11 +858,16 @@ if __name__ == "__main__":
         carry["env_state"] = jax.tree_util.tree_unflatten(
             jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
         carry["key"] = checkpoint["_key"]
-        buffer_file = os.path.join(run_path, "buffer.npz")
-        if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == checkpoint["epoch"]:
-            carry["buffer"] = load_buffer(buffer_file, args.replay_size)
-            buffer_loaded = True
+        for name in ("buffer.npz", "buffer_previous.npz"):  # the one saved with the checkpoint
+            buffer_file = os.path.join(run_path, name)
+            if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == checkpoint["epoch"]:
+                carry["buffer"] = load_buffer(buffer_file, args.replay_size)
+                buffer_loaded = True
+                break
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
+        # Fresh device buffers: on CPU device_put may alias the numpy arrays, which the donated
+        # epoch function would then overwrite in place.
+        carry = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c), out_shardings=shardings)(carry)
     carry = jax.device_put(carry, shardings)
 
     compile_start = time.time()
