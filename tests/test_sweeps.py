@@ -16,7 +16,7 @@ SWEEPS = sorted(glob.glob(os.path.join(ROOT, "sweeps", "*.yaml")))
 def test_there_are_sweeps_for_the_paper_figures():
     names = {os.path.basename(p) for p in SWEEPS}
     assert {"depth.yaml", "width_vs_depth__width.yaml", "width_vs_depth__depth.yaml",
-            "batch_vs_depth.yaml", "actor_vs_critic_depth.yaml"} <= names
+            "batch_vs_depth.yaml", "actor_vs_critic_depth.yaml", "depth_small.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
