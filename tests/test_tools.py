@@ -167,7 +167,8 @@ def test_video_shows_the_goal_marker_and_has_one_frame_per_rendered_step(maze_ru
     from tools import video
 
     out = str(tmp_path / "rollout.mp4")
-    info = video.make_video(maze_run, out, steps=10, every=2, num_envs=2, width=160, height=120)
+    info = video.make_video(maze_run, out, steps=10, every=2, num_envs=2, width=160, height=120)  # same rollout
+    # shape as the representation test, so the second compile is a cache hit
     assert info["frames"] == 6 and info["env"] == "ant_u_maze_eval"
     frames = [np.asarray(f) for f in imageio.get_reader(out)]
     assert len(frames) == 6 and frames[0].shape == (120, 160, 3)
@@ -188,3 +189,83 @@ def test_write_video_gif_and_bad_extension(tmp_path):
     assert len(back) == 4 and int(np.asarray(back[3])[..., :3].mean()) == 120
     with pytest.raises(ValueError, match=".mp4 or .gif"):
         write_video(frames, str(tmp_path / "a.avi"), fps=5)
+
+
+def test_pca_and_spread_by_hand():
+    from tools.representation import mean_pairwise_distance, pca_2d
+
+    x = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [4.0, 0.0, 0.0]])  # a line: one axis holds it all
+    proj, extra, ratio = pca_2d(x, np.array([[2.0, 1.0, 0.0]]))
+    np.testing.assert_allclose(np.abs(proj[:, 0]), [2.0, 0.0, 2.0], atol=1e-9)
+    np.testing.assert_allclose(proj[:, 1], 0.0, atol=1e-9)
+    assert ratio == pytest.approx(1.0) and abs(extra[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert mean_pairwise_distance(x) == pytest.approx((2 + 4 + 2) / 3)
+    assert np.isnan(mean_pairwise_distance(x[:1]))
+
+
+def test_residual_norm_is_the_mean_l2_norm_of_the_branch(maze_run):
+    """Recompute block 1's branch of phi by hand: tower output minus the input layer's output."""
+    import jax
+    import jax.numpy as jnp
+
+    from tools.agent import load_agent
+    from tools.residual_norms import residual_norms
+
+    agent = load_agent(maze_run)
+    rng = np.random.default_rng(1)
+    obs = jnp.asarray(rng.normal(size=(6, 31)), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, size=(6, 8)), jnp.float32)
+    norms = residual_norms(agent, obs, actions, state_dim=29)
+    assert {k: v.shape for k, v in norms.items()} == {"actor": (1,), "sa_encoder": (1,), "g_encoder": (1,)}
+    p = agent.params["sa_encoder"]["params"]["tower"]
+    x = jnp.concatenate([obs[:, :29], actions], -1)
+    h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = jax.nn.swish(h * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"])
+    out = agent.nets.sa_encoder.tower.apply({"params": p}, x)
+    expected = np.linalg.norm(np.asarray(out - h), axis=-1).mean()
+    assert norms["sa_encoder"][0] == pytest.approx(expected, rel=1e-3)
+
+
+def test_representation_and_residual_norm_figures(maze_run, tmp_path):
+    from tools import representation, residual_norms
+
+    stats = representation.plot_representations([maze_run], str(tmp_path / "r.png"), steps=10, num_envs=2)
+    assert stats[0]["steps"] == 10 and stats[0]["env"] == "ant_u_maze_eval"
+    results = residual_norms.plot_residual_norms([maze_run], str(tmp_path / "n.png"), steps=10, num_envs=2)
+    assert results[0]["batch"] == 20 and all(v[0] > 0 for k, v in results[0].items() if k in ("actor", "g_encoder"))
+    for name in ("r.png", "n.png"):
+        img = _image(str(tmp_path / name))
+        assert img.shape[1] > 300 and img[..., :3].std() > 10
+
+
+def test_collector_learner_plot_from_run_folders(tmp_path):
+    from tools import collector_learner
+
+    for seed in (0, 1):
+        path = tmp_path / f"cl_s{seed}"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"script": "collector_learner", "args": {
+            "env": "ant_big_maze", "collector_depth": 32, "learner_depths": [4, 32], "seed": seed}}))
+        rows = [{"epoch": e, "env_steps": 100 * (e + 1), "eval/collector_d32/episode_success": 10.0 * e,
+                 "eval/learner_d4/episode_success": 1.0 * e, "eval/learner_d32/episode_success": 8.0 * e}
+                for e in range(4)]
+        (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert collector_learner.agent_names(32, [4, 32]) == ["collector_d32", "learner_d4", "learner_d32"]
+    out = str(tmp_path / "cl.png")
+    assert collector_learner.main(["--plot", str(tmp_path), "--out", out]) == 0
+    assert _image(out)[..., :3].std() > 10
+    assert collector_learner.main(["--plot", str(tmp_path / "cl_s0" / "nothing"), "--out", out]) == 2
+
+
+def test_curves_leave_out_interrupted_attempts_and_runs_of_other_kinds(fake_runs, tmp_path, capsys):
+    _fake_run(fake_runs, "a_d4_s0.interrupted-1700000000", "ant_u4_maze", 4, 0, [999])
+    other = fake_runs / "cl"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"script": "collector_learner", "args": {"env": "ant"}}))
+    (other / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "env_steps": 1, "eval/episode_success": 1}) + "\n")
+    assert len(curves.find_runs([str(fake_runs)])) == 5  # 4 runs + cl; the interrupted folder is skipped
+    assert curves.main([str(fake_runs), "--out", str(tmp_path / "c.png")]) == 0
+    assert "1 run(s) without ['depth', 'env']" in capsys.readouterr().err
+    md = (tmp_path / "c_table.md").read_text()
+    assert "| ant_u4_maze | 4 | 18.50 +- 11.50 | 2 | 1 | 6,000 |" in md

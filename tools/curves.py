@@ -150,6 +150,13 @@ def main(argv=None) -> int:
         runs = find_runs(args.paths)
         if not runs:
             raise ValueError(f"no run folders (with metrics.jsonl) under {args.paths}")
+        keys = [k.replace("-", "_") for k in args.group + [args.facet]]
+        usable = [r for r in runs if all(k == "script" or k in r.args for k in keys)]
+        if len(usable) < len(runs):
+            print(f"note: {len(runs) - len(usable)} run(s) without {keys} in their args left out", file=sys.stderr)
+        if not usable:
+            raise ValueError(f"no run has all of {keys} in its config.json args")
+        runs = usable
         if not any(r.series(args.metric)[0] for r in runs):
             raise ValueError(f"no run logged {args.metric!r}")
         plot_curves(runs, args.group, args.metric, args.out, args.facet, args.title)

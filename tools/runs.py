@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 SCORE_WINDOW = 5  # the paper's single number: mean of the last 5 evaluations
@@ -79,6 +80,8 @@ def find_runs(paths: list[str]) -> list[RunData]:
         if not os.path.isdir(p):
             raise ValueError(f"{p}: not a directory")
         hits = sorted(glob.glob(os.path.join(p, "**", "metrics.jsonl"), recursive=True))
+        # folders of interrupted attempts that tools/grid.py moved aside are not runs
+        hits = [h for h in hits if not re.search(r"\.interrupted-\d+$", os.path.dirname(h))]
         found.extend(load_run(os.path.dirname(h)) for h in hits)
     return found
 
