@@ -75,7 +75,7 @@ class Args:
     """seed of initialisation, sampling and evaluation"""
     track: bool = False
     """log to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "deep-crl"
+    wandb_project: str = "crl_deep"
     """wandb project"""
     wandb_entity: Optional[str] = None
     """wandb entity (team or user)"""
@@ -88,7 +88,6 @@ class Args:
 
 
 SCRIPT = "offline_crl"
-NUM_OGBENCH_TASKS = 5
 COLD_INIT_SCALE = 1e-4  # variance factor of the cold-init head: weights 100x smaller
 L2_EPS = 1e-6  # inside the sqrt of the L2 energy: finite gradient where phi == psi
 
@@ -390,11 +389,11 @@ def make_ogbench_env(name: str, episode_length: Optional[int]):
 
 
 def evaluate_ogbench(eval_envs, act, seed: int) -> dict:
-    """Success rate per task (OGBench's 5 tasks, task ids 1..5), one episode per env in `eval_envs`
+    """Success rate per task (OGBench's evaluation tasks, ids 1..5), one episode per env in `eval_envs`
     run in lockstep; an episode succeeds if info['success'] is 1 at any step. Seeds are fixed, so
     every evaluation of a run sees the same start noise."""
     metrics, all_success, all_length = {}, [], []
-    for task in range(1, NUM_OGBENCH_TASKS + 1):
+    for task in range(1, len(eval_envs[0].unwrapped.task_infos) + 1):
         obs, goals = [], []
         for i, env in enumerate(eval_envs):
             ob, info = env.reset(seed=seed * 100_000 + task * 1000 + i, options={"task_id": task})
