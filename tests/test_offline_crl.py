@@ -272,8 +272,13 @@ def test_tiny_run_on_a_buffer_saved_from_our_own_env(tmp_path):
         action = jax.random.uniform(key, (num_envs, env.action_size), minval=-1, maxval=1)
         return train_env.step(state, action), (state.obs[:, :env.state_dim], action, state.info["traj_id"])
 
-    state = train_env.reset(jax.random.split(jax.random.PRNGKey(0), num_envs))
-    _, (obs, actions, traj) = jax.jit(lambda s: jax.lax.scan(step, s, jax.random.split(jax.random.PRNGKey(1), steps)))(state)
+    @jax.jit
+    def rollout(key):  # reset inside the jit: an un-jitted brax reset costs seconds op by op
+        k_reset, k_steps = jax.random.split(key)
+        state = train_env.reset(jax.random.split(k_reset, num_envs))
+        return jax.lax.scan(step, state, jax.random.split(k_steps, steps))[1]
+
+    obs, actions, traj = rollout(jax.random.PRNGKey(0))
     # crl_deep --save-buffer layout: env after env, terminal where the trajectory id changes or the buffer ends
     obs, actions, traj = (np.swapaxes(np.asarray(x), 0, 1) for x in (obs, actions, traj))
     terminals = np.ones(traj.shape, np.float32)
