@@ -1,0 +1,654 @@
+"""Goal-conditioned behaviour cloning (GCBC offline, GCSL online) with the paper's deep residual tower.
+
+The policy maximises the likelihood of the action taken in s_t given the goal reached later in the same
+trajectory, goal = s_{t+k}[goal_indices], k >= 1 (uniform over the rest of the trajectory, or geometric).
+
+    python gcbc.py --mode offline --dataset data.npz --env reacher   # GCBC on an OGBench-format dataset
+    python gcbc.py --mode online --env ant_u4_maze                   # GCSL: collect, relabel, clone, repeat
+
+Offline, the dataset's `observations` are the state part of the `--env` observation (state_dim wide; the
+goal is a slice of a state), `terminals` is 1 on the last row of each trajectory. Evaluation always runs the
+deterministic policy (the Gaussian mean) with `envs.evaluate` on `--eval-env` (default: --env's eval variant).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclass(frozen=True)
+class Args:
+    mode: Literal["offline", "online"] = "offline"
+    """offline: GCBC on --dataset; online: GCSL (collect with the policy, relabel in hindsight, clone)"""
+    dataset: Optional[str] = None
+    """offline: OGBench-format .npz with observations (states), actions, terminals"""
+    env: str = "ant_u4_maze"
+    """environment id (one of envs.ENV_IDS): evaluated on (offline), trained and evaluated on (online)"""
+    eval_env: Optional[str] = None
+    """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    goal_sampling: Literal["uniform_future", "geometric_future"] = "uniform_future"
+    """goal of s_t: s_{t+k}, k uniform in 1..(steps left in the trajectory), or P(k) ~ discount^k truncated"""
+    discount: float = 0.99
+    """gamma of geometric_future goal sampling (unused by uniform_future)"""
+    depth: int = 4
+    """Dense layers inside the residual blocks of the policy (a positive multiple of 4)"""
+    width: int = 256
+    """hidden width of every Dense layer of the tower"""
+    batch_size: int = 256
+    """(state, action, goal) samples per SGD step"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    train_steps: int = 1_000_000
+    """offline: SGD steps in total (split evenly over --num-epochs)"""
+    num_epochs: int = 100
+    """epochs; after each one the host evaluates, logs and checkpoints"""
+    num_envs: int = 512
+    """online: parallel training environments"""
+    num_eval_envs: int = 128
+    """parallel evaluation environments (one episode each per epoch)"""
+    episode_length: int = 1000
+    """steps per episode, training and evaluation"""
+    total_env_steps: int = 50_000_000
+    """online: environment steps of the whole run, prefill included"""
+    unroll_length: int = 62
+    """online: steps collected per env before each block of SGD steps"""
+    sgd_steps_per_train_step: int = 800
+    """online: SGD steps after each collected unroll"""
+    replay_size: int = 10_000
+    """online: replay capacity in steps PER ENV (a ring buffer of each env's trajectory)"""
+    min_replay_size: int = 1_000
+    """online: steps per env collected by the initial policy before training starts"""
+    cached_reset: bool = False
+    """online: reproduce brax's AutoResetWrapper (one start and goal per env for the whole run)"""
+    seed: int = 0
+    """random seed"""
+    track: bool = False
+    """log metrics to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "crl_deep"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+    run_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """default: {env}__gcbc_{mode}__d{depth}__s{seed}__{unix time}"""
+    resume: Optional[str] = None
+    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+
+
+SCRIPT = "gcbc"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Network: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip)
+# ----------------------------------------------------------------------------------------------------
+LECUN_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+class ResidualBlock(nn.Module):
+    """4 x [Dense -> LayerNorm -> swish], then the block input is added back."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = x
+        for _ in range(4):
+            h = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(h)))
+        return x + h, None
+
+
+class ResidualTower(nn.Module):
+    """Dense -> LayerNorm -> swish, then depth/4 residual blocks scanned over stacked params
+    (compile time flat in depth)."""
+
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(x)))
+        blocks = nn.scan(ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=self.depth // 4)
+        x, _ = blocks(self.width, name="blocks")(x, None)
+        return x
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a | state, goal) = N(mean, diag(std^2)), mean = tanh(.) in the action box, log_std in [-5, 2]."""
+
+    action_dim: int
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, obs):
+        h = ResidualTower(self.width, self.depth)(obs)
+        mean = jnp.tanh(nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h))
+        raw = nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1.0)
+        return mean, log_std
+
+
+def build_networks(args: Args, action_size: int) -> GaussianPolicy:
+    """The policy at --depth / --width (tools may import this)."""
+    return GaussianPolicy(action_size, args.width, args.depth)
+
+
+def gaussian_log_prob(mean, log_std, action):
+    return jnp.sum(-0.5 * ((action - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def bc_loss_fn(params, policy, batch):
+    """Negative log-likelihood of the data action given (state, goal), averaged over valid rows."""
+    mean, log_std = policy.apply(params, jnp.concatenate([batch["state"], batch["goal"]], axis=-1))
+    nll = -gaussian_log_prob(mean, log_std, batch["action"])
+    weight = batch["valid"] / jnp.maximum(jnp.sum(batch["valid"]), 1.0)
+    return jnp.sum(weight * nll), {"bc_loss": jnp.sum(weight * nll),
+                                   "action_mse": jnp.sum(weight * jnp.mean((mean - batch["action"]) ** 2, axis=-1)),
+                                   "log_std": jnp.mean(log_std)}
+
+
+def sgd_step(train_state, batch, policy, optimizer):
+    (_, metrics), grads = jax.value_and_grad(bc_loss_fn, has_aux=True)(train_state["params"]["actor"], policy, batch)
+    updates, opt_state = optimizer.update(grads, train_state["opt_state"], train_state["params"]["actor"])
+    return {"params": {"actor": optax.apply_updates(train_state["params"]["actor"], updates)},
+            "opt_state": opt_state}, metrics
+
+
+def deterministic_action(policy, params, obs):
+    """Evaluation action: the Gaussian mean (already in [-1, 1])."""
+    return policy.apply(params, obs)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hindsight goals: an offset k >= 1 into the rest of the same trajectory
+# ----------------------------------------------------------------------------------------------------
+def sample_goal_offsets(key, horizon, goal_sampling: str, discount: float):
+    """k in 1..horizon (horizon = later steps stored in the trajectory): uniform, or P(k) ~ discount^k
+    truncated at the horizon (inverse CDF). Rows with horizon 0 get 0 (the caller masks them out)."""
+    u = jax.random.uniform(key, horizon.shape)
+    h = horizon.astype(jnp.float32)
+    if goal_sampling == "uniform_future":
+        k = 1.0 + jnp.floor(u * h)
+    elif goal_sampling == "geometric_future":
+        log_d = math.log(discount)
+        k = jnp.ceil(jnp.log1p(-u * (1.0 - jnp.exp(h * log_d))) / log_d)
+    else:
+        raise ValueError(f"unknown goal_sampling {goal_sampling!r}")
+    return jnp.clip(k, jnp.minimum(horizon, 1), horizon).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline data: OGBench npz -> rows with their trajectory end
+# ----------------------------------------------------------------------------------------------------
+def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
+    """Reads and checks an OGBench-format npz; raises ValueError with one clear line on a bad file.
+
+    Rows after the last terminal (an unfinished trajectory) are dropped. Returns observations, actions
+    and, per row, the index of the last row of its trajectory (`traj_end`)."""
+    try:
+        with np.load(path) as f:
+            raw = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    missing = [k for k in ("observations", "actions", "terminals") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
+    obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
+    if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1 or not len(obs) == len(actions) == len(terminals):
+        raise ValueError(f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
+                         f"{obs.shape}, {actions.shape}, {terminals.shape}")
+    if obs.shape[1] != state_dim or actions.shape[1] != action_size:
+        raise ValueError(f"{path}: observations/actions are {obs.shape[1]}/{actions.shape[1]} wide; the env needs "
+                         f"states of {state_dim} and actions of {action_size}")
+    if not (np.all(np.isfinite(obs)) and np.all(np.isfinite(actions))):
+        raise ValueError(f"{path}: observations or actions contain NaN/inf")
+    if not np.all((terminals == 0) | (terminals == 1)):
+        raise ValueError(f"{path}: terminals must be 0 or 1")
+    ends = np.flatnonzero(terminals)
+    if len(ends) == 0 or np.max(np.diff(np.concatenate([[-1], ends]))) < 2:
+        raise ValueError(f"{path}: no trajectory of 2 or more rows ending in a terminal row")
+    n = ends[-1] + 1
+    traj_end = ends[np.searchsorted(ends, np.arange(n))]
+    return {"observations": obs[:n].astype(np.float32), "actions": np.clip(actions[:n], -1, 1).astype(np.float32),
+            "traj_end": traj_end.astype(np.int32)}
+
+
+def sample_offline_batch(data, key, batch_size: int, goal_indices, goal_sampling: str, discount: float):
+    """Rows t uniform over rows with a later row in their trajectory; goal = state[t+k][goal_indices]."""
+    k_row, k_goal = jax.random.split(key)
+    t = data["anchor_rows"][jax.random.randint(k_row, (batch_size,), 0, data["anchor_rows"].shape[0])]
+    k = sample_goal_offsets(k_goal, data["traj_end"][t] - t, goal_sampling, discount)
+    return {"state": data["observations"][t], "action": data["actions"][t],
+            "goal": data["observations"][t + k][:, jnp.asarray(goal_indices)], "valid": jnp.ones(batch_size)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online data (GCSL): a ring of per-env trajectories (time-major), episode ids from the wrapper
+# ----------------------------------------------------------------------------------------------------
+def buffer_init(capacity: int, num_envs: int, state_dim: int, action_size: int) -> dict:
+    """Empty ring buffer. `size` steps per env are valid; the oldest sits at insert_pos - size."""
+    return {
+        "state": jnp.zeros((capacity, num_envs, state_dim), jnp.float32),
+        "action": jnp.zeros((capacity, num_envs, action_size), jnp.float32),
+        "traj_id": jnp.zeros((capacity, num_envs), jnp.int32),
+        "insert_pos": jnp.zeros((), jnp.int32),
+        "size": jnp.zeros((), jnp.int32),
+    }
+
+
+def buffer_insert(buffer: dict, records: dict) -> dict:
+    """Writes an unroll ([T, num_envs, ...]) at the ring's head; overwrites the oldest steps."""
+    capacity = buffer["state"].shape[0]
+    steps = records["state"].shape[0]
+    idx = (buffer["insert_pos"] + jnp.arange(steps)) % capacity
+    new = {k: buffer[k].at[idx].set(records[k]) for k in ("state", "action", "traj_id")}
+    new["insert_pos"] = (buffer["insert_pos"] + steps) % capacity
+    new["size"] = jnp.minimum(buffer["size"] + steps, capacity)
+    return new
+
+
+def last_position_of_episode(buffer, env_idx, pos):
+    """Chronological position of the last stored step of the episode holding `pos`: episode ids never
+    decrease in time within an env, so a binary search (O(log capacity) gathers per sample) finds it."""
+    capacity = buffer["traj_id"].shape[0]
+    oldest = buffer["insert_pos"] - buffer["size"]
+    own = buffer["traj_id"][(oldest + pos) % capacity, env_idx]
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi + 1) // 2
+        same = buffer["traj_id"][(oldest + mid) % capacity, env_idx] == own
+        return jnp.where(same, mid, lo), jnp.where(same, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, math.ceil(math.log2(capacity)) + 1, halve,
+                              (pos, jnp.full_like(pos, buffer["size"] - 1)))
+    return lo
+
+
+def sample_online_batch(buffer, key, batch_size: int, goal_indices, goal_sampling: str, discount: float):
+    """(state, action, hindsight goal from a later step of the same episode). Sample i draws its env from
+    the i-th contiguous group of envs (each device reads its own envs when sharded); anchors without a
+    stored later step in their episode get valid = 0."""
+    capacity, num_envs = buffer["traj_id"].shape
+    k_env, k_pos, k_goal = jax.random.split(key, 3)
+    i = jnp.arange(batch_size)
+    group_start = (i * num_envs) // batch_size
+    group_size = jnp.maximum(((i + 1) * num_envs) // batch_size - group_start, 1)
+    env_idx = group_start + jnp.floor(jax.random.uniform(k_env, (batch_size,)) * group_size).astype(jnp.int32)
+    pos = jax.random.randint(k_pos, (batch_size,), 0, buffer["size"])
+    horizon = last_position_of_episode(buffer, env_idx, pos) - pos
+    k = sample_goal_offsets(k_goal, horizon, goal_sampling, discount)
+    oldest = buffer["insert_pos"] - buffer["size"]
+    goal_state = buffer["state"][(oldest + pos + k) % capacity, env_idx]
+    return {"state": buffer["state"][(oldest + pos) % capacity, env_idx],
+            "action": buffer["action"][(oldest + pos) % capacity, env_idx],
+            "goal": goal_state[:, jnp.asarray(goal_indices)], "valid": (horizon > 0).astype(jnp.float32)}
+
+
+def collect_unroll(env, policy, params, env_state, key, unroll_length: int, state_dim: int, random_actions: bool):
+    """Steps the batched env with actions sampled from the policy (clipped to the box), or uniform."""
+
+    def step(env_state, key):
+        mean, log_std = policy.apply(params, env_state.obs)
+        if random_actions:
+            action = jax.random.uniform(key, mean.shape, minval=-1.0, maxval=1.0)
+        else:
+            action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
+        record = {"state": env_state.obs[:, :state_dim], "action": action,
+                  "traj_id": env_state.info["traj_id"].astype(jnp.int32)}
+        return env.step(env_state, action), record
+
+    return jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
+
+
+def online_epoch(carry, env, policy, optimizer, dims, args: Args, num_train_steps: int, batch_sharding=None):
+    """`num_train_steps` x (collect an unroll with the current policy, insert, SGD steps on relabelled data)."""
+
+    def sgd(train_state_and_buffer, key):
+        train_state, buffer = train_state_and_buffer
+        batch = sample_online_batch(buffer, key, args.batch_size, dims["goal_indices"], args.goal_sampling,
+                                    args.discount)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        train_state, metrics = sgd_step(train_state, batch, policy, optimizer)
+        return (train_state, buffer), metrics
+
+    def train_step(carry, _):
+        key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
+        env_state, records = collect_unroll(env, policy, carry["train_state"]["params"]["actor"], carry["env_state"],
+                                            k_collect, args.unroll_length, dims["state_dim"], random_actions=False)
+        buffer = buffer_insert(carry["buffer"], records)
+        (train_state, buffer), metrics = jax.lax.scan(
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+        new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
+        return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
+    return carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+def online_prefill(carry, env, policy, dims, args: Args, num_unrolls: int):
+    """Fills the buffer with `num_unrolls` unrolls of uniform random actions (no updates)."""
+
+    def one(carry, _):
+        key, k_collect = jax.random.split(carry["key"])
+        env_state, records = collect_unroll(env, policy, carry["train_state"]["params"]["actor"], carry["env_state"],
+                                            k_collect, args.unroll_length, dims["state_dim"], random_actions=True)
+        return {**carry, "key": key, "env_state": env_state, "buffer": buffer_insert(carry["buffer"], records)}, None
+
+    carry, _ = jax.lax.scan(one, carry, None, length=num_unrolls)
+    return carry
+
+
+def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: int):
+    """`sgd_steps` SGD steps on batches drawn from the dataset."""
+
+    def sgd(train_state, key):
+        batch = sample_offline_batch(data, key, args.batch_size, dims["goal_indices"], args.goal_sampling,
+                                     args.discount)
+        return sgd_step(train_state, batch, policy, optimizer)
+
+    key, k_sgd = jax.random.split(carry["key"])
+    train_state, metrics = jax.lax.scan(sgd, carry["train_state"], jax.random.split(k_sgd, sgd_steps))
+    return {**carry, "train_state": train_state, "key": key}, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks, files, checkpoints
+# ----------------------------------------------------------------------------------------------------
+def fail(message: str):
+    """Bad input: one line on stderr, exit code 2, before anything is compiled."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def prefill_unrolls(args: Args) -> int:
+    return -(-args.min_replay_size // args.unroll_length)
+
+
+def train_steps_per_epoch(args: Args) -> int:
+    """online: collect-and-train iterations per epoch; offline: SGD steps per epoch."""
+    if args.mode == "offline":
+        return args.train_steps // args.num_epochs
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+    return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
+
+
+def check_args(args: Args, env_ids, num_devices: int):
+    """Every bad-input check that needs no env and no compilation; calls `fail` on the first."""
+    if args.env not in env_ids:
+        fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
+    if args.eval_env is not None and args.eval_env not in env_ids:
+        fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
+    if args.mode == "offline" and not args.dataset:
+        fail("--mode offline needs --dataset PATH.npz")
+    if args.mode == "offline" and not os.path.isfile(args.dataset):
+        fail(f"--dataset {args.dataset!r} does not exist")
+    if args.mode == "online" and args.dataset:
+        fail("--dataset is only read by --mode offline")
+    if args.depth <= 0 or args.depth % 4:
+        fail(f"--depth must be a positive multiple of 4 (got {args.depth})")
+    for name in ("width", "batch_size", "train_steps", "num_epochs", "num_envs", "num_eval_envs", "episode_length",
+                 "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not 0.0 < args.discount < 1.0:
+        fail(f"--discount must be in (0, 1) (got {args.discount})")
+    if args.learning_rate <= 0:
+        fail(f"--learning-rate must be positive (got {args.learning_rate})")
+    if args.batch_size % num_devices:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
+    if args.mode == "online":
+        if args.min_replay_size > args.replay_size:
+            fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.replay_size:
+            fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.num_envs % num_devices:
+            fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
+    if train_steps_per_epoch(args) < 1:
+        fail(f"--train-steps {args.train_steps} is below --num-epochs {args.num_epochs}" if args.mode == "offline" else
+             f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
+             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.pkl: params as nested dicts of numpy arrays; optimiser and env state as leaves."""
+    train_state = to_numpy(carry["train_state"])
+    checkpoint = {
+        "script": SCRIPT,
+        "args": dataclasses.asdict(args),
+        "params": train_state["params"],
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "_opt_state_leaves": jax.tree_util.tree_leaves(train_state["opt_state"]),
+        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry.get("env_state"))),
+        "_key": np.asarray(jax.device_get(carry["key"])),
+    }
+    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads checkpoint.pkl (path: the file or its run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pkl")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def carry_shardings(carry: dict, mesh, num_envs: int):
+    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out = {k: jax.tree_util.tree_map(lambda _: replicated, v) for k, v in carry.items()}
+    if "env_state" in carry:
+        by_env = NamedSharding(mesh, PartitionSpec("data"))
+        out["env_state"] = jax.tree_util.tree_map(
+            lambda x: by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated, carry["env_state"])
+        out["buffer"] = {k: NamedSharding(mesh, PartitionSpec(None, "data")) if v.ndim >= 2 else replicated
+                         for k, v in carry["buffer"].items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
+# ----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    import tyro
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    args = tyro.cli(Args)
+    resume_path = args.resume
+    if resume_path is not None:
+        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
+            fail(f"--resume {resume_path}: no checkpoint.pkl there")
+        checkpoint = load_checkpoint(resume_path)
+        if checkpoint.get("script") != SCRIPT:
+            fail(f"--resume {resume_path}: not a {SCRIPT} run")
+        args = Args(**{**checkpoint["args"], "resume": resume_path})
+
+    import envs
+
+    check_args(args, envs.ENV_IDS, jax.device_count())
+    raw_env = envs.make(args.env)
+    dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
+            "action_size": raw_env.action_size}
+    if args.mode == "offline":
+        try:
+            dataset = load_dataset(args.dataset, raw_env.state_dim, raw_env.action_size)
+        except ValueError as e:
+            fail(str(e))
+    eval_env_id = args.eval_env or envs.eval_variant(args.env)
+    if resume_path is None:
+        run_name = args.run_name or f"{args.env}__{SCRIPT}_{args.mode}__d{args.depth}__s{args.seed}__{int(time.time())}"
+        run_path = os.path.join(args.run_dir, run_name)
+        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
+            fail(f"{run_path} already holds a run; use --resume {run_path}")
+        os.makedirs(run_path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), "versions": versions(),
+                  "git_commit": git_commit()}
+        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
+    else:
+        run_path = resume_path
+        run_name = os.path.basename(os.path.normpath(run_path))
+
+    # ---- data, networks, state ----
+    eval_env = envs.make(eval_env_id)
+    policy = build_networks(args, raw_env.action_size)
+    optimizer = optax.adam(args.learning_rate)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    num_train_steps = train_steps_per_epoch(args)
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+    params = {"actor": policy.init(k_init, jnp.zeros((1, raw_env.observation_size)))}
+    carry = {"train_state": {"params": params, "opt_state": optimizer.init(params["actor"])}, "key": key}
+    if args.mode == "online":
+        env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+        carry["env_state"] = jax.jit(env.reset)(jax.random.split(k_reset, args.num_envs))
+        carry["buffer"] = buffer_init(args.replay_size, args.num_envs, raw_env.state_dim, raw_env.action_size)
+        env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
+        prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+    else:
+        anchor_rows = np.flatnonzero(dataset["traj_end"] > np.arange(len(dataset["traj_end"])))
+        data = {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
+                "traj_end": jnp.asarray(dataset["traj_end"]), "anchor_rows": jnp.asarray(anchor_rows, jnp.int32)}
+        env_steps_per_epoch = prefill_steps = 0
+        print(f"dataset {args.dataset}: {len(dataset['traj_end'])} rows, "
+              f"{len(np.unique(dataset['traj_end']))} trajectories", file=sys.stderr)
+    start_epoch, env_steps, wall_offset = 0, 0, 0.0
+    if resume_path is not None:  # the online replay buffer is not saved: it is refilled by the prefill below
+        carry["train_state"] = {"params": checkpoint["params"], "opt_state": jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(carry["train_state"]["opt_state"]), checkpoint["_opt_state_leaves"])}
+        if args.mode == "online":
+            carry["env_state"] = jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
+        carry["key"] = checkpoint["_key"]
+        start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
+    shardings = carry_shardings(carry, mesh, args.num_envs)
+    carry = jax.device_put(carry, shardings)
+
+    compile_start = time.time()
+    if args.mode == "online":
+        epoch_body = lambda c: online_epoch(c, env, policy, optimizer, dims, args, num_train_steps, batch_sharding)  # noqa: E731
+    else:
+        epoch_body = lambda c: offline_epoch(c, data, policy, optimizer, dims, args, num_train_steps)  # noqa: E731
+    epoch_fn = jax.jit(epoch_body, in_shardings=(shardings,),
+                       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                       donate_argnums=0).lower(carry).compile()
+    compile_seconds = time.time() - compile_start
+
+    @jax.jit
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(policy, actor_params, obs)  # noqa: E731
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    start_time = time.time() - wall_offset
+    if args.mode == "online":
+        carry = jax.jit(lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args)),
+                        in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+        if resume_path is None:
+            env_steps += prefill_steps
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
+                   resume="allow", config=dataclasses.asdict(args))
+    from tqdm import tqdm
+
+    metrics_file = os.path.join(run_path, "metrics.jsonl")
+    eval_history: list[dict] = []
+    if resume_path is not None and os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        write_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in lines).encode())
+
+    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
+                    desc=run_name, dynamic_ncols=True)
+    for epoch in progress:
+        epoch_start = time.time()
+        carry, train_metrics = epoch_fn(carry)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        epoch_seconds = time.time() - epoch_start
+        env_steps += env_steps_per_epoch
+        if not math.isfinite(train_metrics["bc_loss"]):
+            progress.close()
+            print(f"error: non-finite bc_loss in epoch {epoch}; stopped. The last good checkpoint "
+                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
+            raise SystemExit(1)
+        eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
+        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
+        eval_history.append(eval_metrics)
+        record = {"epoch": epoch, "env_steps": env_steps, "sgd_steps": (epoch + 1) * num_train_steps *
+                  (args.sgd_steps_per_train_step if args.mode == "online" else 1),
+                  "wall_time": time.time() - start_time,
+                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
+                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.track:
+            wandb.log(record, step=env_steps if args.mode == "online" else record["sgd_steps"])
+        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
+        progress.set_postfix(loss=f"{train_metrics['bc_loss']:.3f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
+
+    last5 = eval_history[-5:]
+    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
+               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+    with open(metrics_file, "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+    if args.track:
+        wandb.summary.update(summary)
+        wandb.finish()
+    print(json.dumps(summary))
