@@ -11,7 +11,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import offline_crl as oc
@@ -232,6 +231,14 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
         assert f["observations"].shape == (606, 2) and f["terminals"].sum() == 6
         assert np.all(np.abs(f["actions"]) <= 1)
     assert os.path.exists(str(tmp_path / "pm-val.npz"))
+    # OGBench's own loader reads the file; its transitions are exactly ours
+    from ogbench.utils import load_dataset as ogbench_load
+    theirs = ogbench_load(dataset)
+    ours = oc.load_dataset(dataset)
+    rows, _ = oc.index_trajectories(ours["terminals"])
+    np.testing.assert_array_equal(theirs["observations"], ours["observations"][rows])
+    np.testing.assert_array_equal(theirs["next_observations"], ours["observations"][rows + 1])
+    np.testing.assert_array_equal(theirs["actions"], ours["actions"][rows])
     run_script(os.path.join(ROOT, "offline_crl.py"),
                ["--dataset", dataset, "--env", OGBENCH_ENV, "--eval-episodes", "1", "--eval-episode-length", "20",
                 "--depth", "4", "--critic-depth", "8", "--run-dir", str(tmp_path), "--run-name", "run"] + TINY)
