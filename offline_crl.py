@@ -62,7 +62,7 @@ class Args:
     discount: Optional[float] = None
     """value goals are s_{t+k} with P(k) ~ discount^k (default 0.99; 0.995 for giant and humanoid mazes)"""
     alpha: Optional[float] = None
-    """behaviour-cloning weight of the actor loss (default per env: 0.1 antmaze/our envs, 0.03 pointmaze, 0.003 explore)"""
+    """behaviour-cloning weight of the actor loss (default: 0.1 antmaze and our envs, 0.03 pointmaze, 0.003 explore)"""
     energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine"] = "scaled_dot"
     """critic logit f(s,a,g): -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim) (OGBench), cosine"""
     loss: Literal["binary_nce", "fwd_infonce", "bwd_infonce", "sym_infonce"] = "binary_nce"
@@ -532,7 +532,8 @@ if __name__ == "__main__":
         run_name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
         run_path = os.path.join(args.run_dir, run_name)
         if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            raise SystemExit(f"error: run folder {run_path!r} already holds a checkpoint; use --resume or another --run-name")
+            raise SystemExit(f"error: run folder {run_path!r} already holds a checkpoint; "
+                             "use --resume or another --run-name")
         os.makedirs(run_path, exist_ok=True)
         write_atomic(os.path.join(run_path, "config.json"), json.dumps(
             {"script": SCRIPT, "args": dataclasses.asdict(args), "resolved": {"alpha": alpha, "discount": discount},
@@ -572,7 +573,8 @@ if __name__ == "__main__":
                        "critic_opt": critic_opt, "actor_opt": actor_opt}
         return train_state, {**critic_metrics, **actor_metrics}
 
-    def train_epoch(train_state, key):
+    def train_epoch(train_state, data, key):
+        """`data` is an argument, not a closure: closed-over arrays would be baked into the program."""
         def step(train_state, k):
             return update(train_state, sample_batch(data, k, args.batch_size, discount))
         train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
@@ -581,7 +583,7 @@ if __name__ == "__main__":
     train_epoch = jax.jit(train_epoch, donate_argnums=(0,))
 
     @jax.jit
-    def validation_metrics(train_state, key):
+    def validation_metrics(train_state, val_data, key):
         """Losses on a batch of the -val twin: overfitting shows as a gap to training/."""
         batch = sample_batch(val_data, key, args.batch_size, discount)
         _, critic_metrics = critic_loss_fn(train_state["critic"], batch)
@@ -621,7 +623,7 @@ if __name__ == "__main__":
     for epoch in tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=SCRIPT):
         epoch_start = time.time()
         key, k_train, k_val, k_eval = jax.random.split(key, 4)
-        train_state, train_metrics = train_epoch(train_state, k_train)
+        train_state, train_metrics = train_epoch(train_state, data, k_train)
         jax.block_until_ready(train_state)
         epoch_time = time.time() - epoch_start
         train_steps_done += args.eval_every
@@ -636,7 +638,8 @@ if __name__ == "__main__":
                "wall_time": time.time() - start, "sps": args.eval_every / epoch_time,
                **{f"training/{k}": float(v) for k, v in train_metrics.items()}, **eval_metrics}
         if val_data is not None:
-            row.update({f"validation/{k}": float(v) for k, v in validation_metrics(train_state, k_val).items()})
+            val_metrics = validation_metrics(train_state, val_data, k_val)
+            row.update({f"validation/{k}": float(v) for k, v in val_metrics.items()})
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if wandb_run is not None:
