@@ -46,7 +46,7 @@ class Ant(PipelineEnv):
         sys = load_system(self._mjcf(), self.substep, backend)
         super().__init__(sys=sys, backend=backend, n_frames=self.n_frames)
         self._reset_noise_scale = reset_noise_scale
-        self._target_link = self.sys.link_names.index("target")
+        self._target_rest = self.sys.link.transform.pos[self.sys.link_names.index("target")]
         self._robot_q = self.sys.q_size() - 2  # the target's two slide joints come last
         self._robot_qd = self.sys.qd_size() - 2
 
@@ -93,7 +93,7 @@ class Ant(PipelineEnv):
         return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], done=done)
 
     def _observe(self, pipeline_state) -> jax.Array:
-        target_xy = pipeline_state.x.pos[self._target_link, :2]
+        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q:]
         return jnp.concatenate([
             pipeline_state.q[:self._robot_q], pipeline_state.qd[:self._robot_qd], target_xy])
 

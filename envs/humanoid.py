@@ -51,7 +51,7 @@ class Humanoid(PipelineEnv):
         sys = load_system(self._mjcf(), self.substep, backend)
         super().__init__(sys=sys, backend=backend, n_frames=self.n_frames)
         self._reset_noise_scale = reset_noise_scale
-        self._target_link = self.sys.link_names.index("target")
+        self._target_rest = self.sys.link.transform.pos[self.sys.link_names.index("target")]
         self._robot_q = self.sys.q_size() - 2  # the target's two slide joints come last
         self._robot_qd = self.sys.qd_size() - 2
 
@@ -121,7 +121,7 @@ class Humanoid(PipelineEnv):
         com_vel = xd.vel + jnp.cross(xd.ang, com_pos - x.pos)
         com_motion = jnp.concatenate([com_vel * (inertia.mass / mass_sum)[:, None], xd.ang], axis=1)
         qfrc_actuator = actuator.to_tau(self.sys, ctrl, pipeline_state.q, pipeline_state.qd)
-        target_xy = x.pos[self._target_link, :2]
+        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q:]
         return jnp.concatenate([
             pipeline_state.q, pipeline_state.qd, com_inertia.ravel(), com_motion.ravel(),
             qfrc_actuator, target_xy, jnp.array([TARGET_Z])])
