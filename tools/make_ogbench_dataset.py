@@ -54,10 +54,12 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --noise must be >= 0, got {args.noise}")
 
 
-def make_env(name: str):
+def make_env(name: str, trajectory_length: int):
+    """The env without its goal termination and with a time limit past the trajectory length."""
     import ogbench
     try:
-        return ogbench.make_env_and_datasets(name, env_only=True, terminate_at_goal=False)
+        return ogbench.make_env_and_datasets(name, env_only=True, terminate_at_goal=False,
+                                             max_episode_steps=trajectory_length + 1)
     except Exception as e:  # gymnasium raises several types for unknown names
         raise SystemExit(f"error: cannot make OGBench env {name!r} ({e})")
 
@@ -119,7 +121,7 @@ def write_npz_atomic(path: str, arrays: dict) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    env = make_env(args.env)
+    env = make_env(args.env, args.trajectory_length)
     train = rollout(env, args, args.num_trajectories, args.seed)
     write_npz_atomic(args.out, train)
     print(f"wrote {args.out}: {len(train['terminals'])} rows, {args.num_trajectories} trajectories")
