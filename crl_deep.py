@@ -22,6 +22,7 @@ import pickle
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -826,6 +827,8 @@ if __name__ == "__main__":
     # ---- environments, networks, state ----
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+    # The prefill and the epoch function both step the env: a jitted step is traced once for both.
+    stepper = types.SimpleNamespace(step=jax.jit(env.step))
     eval_env = envs.make(eval_env_id)
     dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
     nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
@@ -872,12 +875,12 @@ if __name__ == "__main__":
 
     compile_start = time.time()
     epoch_fn = jax.jit(
-        lambda c: train_epoch(c, env, nets, args, dims, num_train_steps, batch_sharding),
+        lambda c: train_epoch(c, stepper, nets, args, dims, num_train_steps, batch_sharding),
         in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     ).lower(carry).compile()
     compile_seconds = time.time() - compile_start
-    prefill_fn = jax.jit(lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args)),
+    prefill_fn = jax.jit(lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
                          in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
 
     @jax.jit
