@@ -87,10 +87,10 @@ class Ant(PipelineEnv):
         pipeline_state = self.pipeline_step(state.pipeline_state, action)
         obs = self._observe(pipeline_state)
         metrics = self._metrics(obs)
-        state.metrics.update(metrics)
         torso_z = pipeline_state.x.pos[0, 2]
         done = ((torso_z < HEALTHY_Z[0]) | (torso_z > HEALTHY_Z[1])).astype(jnp.float32)
-        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], done=done)
+        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], done=done,
+                             metrics={**state.metrics, **metrics})
 
     def _observe(self, pipeline_state) -> jax.Array:
         target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q:]

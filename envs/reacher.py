@@ -73,14 +73,15 @@ class Reacher(PipelineEnv):
         pipeline_state = self.pipeline_step(state.pipeline_state, action)
         obs = self._observe(pipeline_state)
         metrics = self._metrics(obs)
-        state.metrics.update(metrics)
-        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"])
+        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"],
+                             metrics={**state.metrics, **metrics})
 
     def _observe(self, pipeline_state) -> jax.Array:
         theta = pipeline_state.q[:2]
         link_pos = pipeline_state.x.pos[self._arm_link]
         offset = math.rotate(jnp.array(FINGERTIP_OFFSET), pipeline_state.x.rot[self._arm_link])
-        tip_vel = pipeline_state.xd.vel[self._arm_link] + jnp.cross(pipeline_state.xd.ang[self._arm_link], offset)
+        link_vel, link_ang = pipeline_state.xd.vel[self._arm_link], pipeline_state.xd.ang[self._arm_link]
+        tip_vel = link_vel + jnp.cross(link_ang, offset)
         target = self._target_rest.at[:2].add(pipeline_state.q[2:4])
         return jnp.concatenate([jnp.cos(theta), jnp.sin(theta), link_pos + offset, tip_vel, target])
 
