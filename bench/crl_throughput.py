@@ -1,0 +1,209 @@
+"""Throughput of crl_deep.py by depth: JSON lines on stdout (a benchmark, not a test).
+
+    python bench/crl_throughput.py                          # depths 4 16 64 256 1024, width/batch 256
+    python bench/crl_throughput.py --depths 4 64 --sgd-steps 5
+
+Per depth and network variant (scan, scan + remat, scan unrolled by 2/4, and a plain Python loop
+of blocks for comparison) it prints the compile seconds and the steady rate of a jitted scan of
+SGD steps (fixed batch: only the networks are measured), the achieved GFLOP/s of the dense layers
+and the fraction of this machine's measured float32 matmul peak. For the scan variants it also
+compiles and runs crl_deep.train_epoch on reacher (collect + insert + sample + SGD) at the paper's
+update-to-data ratio (~40 env steps per SGD step) and reports env steps/s of that loop, its compile
+seconds and XLA's memory estimate, and start-to-first-update (init + compile + first SGD step).
+
+FLOPs counted per SGD step (dense layers only, 2*B*in*out per forward layer): critic update =
+3 x (phi + psi) forward (forward + input and weight gradients); actor update = 3 x actor + phi
+forward + phi input gradient (2 x phi); psi(g) is shared between the two updates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import crl_deep as C  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    depths: list[int] = field(default_factory=lambda: [4, 16, 64, 256, 1024])
+    """depths to measure"""
+    width: int = 256
+    """tower width"""
+    batch_size: int = 256
+    """SGD batch"""
+    variants: list[Literal["scan", "remat", "unroll2", "unroll4", "loop"]] = field(
+        default_factory=lambda: ["scan", "remat", "unroll2", "loop"])
+    """network builds to compare"""
+    loop_max_depth: int = 64
+    """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
+    sgd_steps: int = 10
+    """SGD steps timed per measurement (fewer are used where one step takes seconds)"""
+    seconds_per_measurement: float = 20.0
+    """cap on the timed SGD steps of one measurement"""
+    whole_loop: bool = True
+    """also measure crl_deep.train_epoch on reacher"""
+    num_envs: int = 32
+    """envs of the whole-loop measurement (unroll 10: 320 env steps per 8 SGD steps, ratio 1:40)"""
+
+
+class LoopTower(nn.Module):
+    """crl_deep.Tower with its residual blocks as a Python loop (compile time grows with depth)."""
+
+    depth: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=C.kernel_init)(x)))
+        for i in range(self.depth // 4):
+            x, _ = C.ResidualBlock(self.width, True, "swish", name=f"block_{i}")(x, None)
+        return x
+
+
+def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
+    if variant == "loop":
+        return C.Networks(C.Actor(LoopTower(depth, width), dims.action_size),
+                          C.Encoder(LoopTower(depth, width), args.repr_dim),
+                          C.Encoder(LoopTower(depth, width), args.repr_dim))
+    return C.build_networks(args, 0, 0, dims.action_size)
+
+
+def dense_flops(batch: int, sizes: list[tuple[int, int]]) -> int:
+    return sum(2 * batch * i * o for i, o in sizes)
+
+
+def tower_sizes(in_size: int, depth: int, width: int, out: int) -> list[tuple[int, int]]:
+    return [(in_size, width)] + [(width, width)] * depth + [(width, out)]
+
+
+def sgd_flops(depth: int, width: int, batch: int, dims: C.Dims, repr_dim: int) -> int:
+    goal = len(dims.goal_indices)
+    actor = dense_flops(batch, tower_sizes(dims.state_dim + goal, depth, width, 2 * dims.action_size))
+    phi = dense_flops(batch, tower_sizes(dims.state_dim + dims.action_size, depth, width, repr_dim))
+    psi = dense_flops(batch, tower_sizes(goal, depth, width, repr_dim))
+    return 3 * (phi + psi) + 3 * actor + 2 * phi
+
+
+def timed(fn, *xs):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*xs))
+    return out, time.perf_counter() - start
+
+
+def matmul_peak() -> dict:
+    """Dense float32 GFLOP/s: one 2048^3 product, and a chain of 64 256x256 layers at batch 256."""
+    key = jax.random.PRNGKey(0)
+    a = jax.random.normal(key, (2048, 2048))
+    mm = jax.jit(lambda a: a @ a)
+    timed(mm, a)
+    _, t = timed(lambda a: [mm(a) for _ in range(10)][-1], a)
+    big = 10 * 2 * 2048**3 / t / 1e9
+    ws = jax.random.normal(key, (64, 256, 256)) / 16
+    x = jax.random.normal(key, (256, 256))
+    chain = jax.jit(lambda x, ws: jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0])
+    timed(chain, x, ws)
+    _, t = timed(lambda x: [chain(x, ws) for _ in range(10)][-1], x)
+    small = 10 * 64 * 2 * 256**3 / t / 1e9
+    return {"kind": "matmul_peak", "gflops_2048": round(big, 1), "gflops_chain_256": round(small, 1),
+            "devices": jax.device_count(), "cpu_count": os.cpu_count()}
+
+
+def measure_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims, peak: float) -> dict:
+    args = C.Args(depth=depth, width=bench.width, batch_size=bench.batch_size, remat=variant == "remat",
+                  scan_unroll={"unroll2": 2, "unroll4": 4}.get(variant, 1))
+    nets = build(variant, depth, bench.width, dims, args)
+    key = jax.random.PRNGKey(0)
+    start = time.perf_counter()
+    state = jax.jit(lambda k: C.init_train_state(k, nets, args, dims))(key)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    b = bench.batch_size
+    batch = {"state": jax.random.normal(key, (b, dims.state_dim)),
+             "action": jax.random.uniform(key, (b, dims.action_size), minval=-1, maxval=1),
+             "goal": jax.random.normal(key, (b, len(dims.goal_indices)))}
+
+    def steps(state, keys):
+        return jax.lax.scan(lambda s, k: C.sgd_step(s, batch, k, nets, args), state, keys)
+
+    def compiled_for(n):
+        fn = jax.jit(steps, donate_argnums=0)
+        t = time.perf_counter()
+        out = fn.lower(state, jax.random.split(key, n)).compile()
+        return out, time.perf_counter() - t
+
+    one, compile_s = compiled_for(1)
+    (state, _), first_step_s = timed(one, state, jax.random.split(key, 1))
+    n = max(1, min(bench.sgd_steps, int(bench.seconds_per_measurement / max(first_step_s, 1e-3))))
+    many, _ = compiled_for(n) if n > 1 else (one, 0.0)
+    (state, metrics), t = timed(many, state, jax.random.split(key, n))
+    assert np.isfinite(float(metrics["critic_loss"][-1]))
+    rate = n / t
+    gflops = sgd_flops(depth, bench.width, b, dims, args.repr_dim) * rate / 1e9
+    return {"kind": "sgd", "variant": variant, "depth": depth, "width": bench.width, "batch": b,
+            "compile_s": round(compile_s, 2), "sgd_steps_per_s": round(rate, 3), "timed_steps": n,
+            "gflops": round(gflops, 1), "fraction_of_matmul_peak": round(gflops / peak, 3),
+            "start_to_first_update_s": round(init_s + compile_s + first_step_s, 2)}
+
+
+def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
+    """crl_deep.train_epoch on reacher: one train step = 32 envs x 10 steps, then 8 SGD steps."""
+    unroll, sgd_per_step = 10, max(1, bench.num_envs * 10 // 40)
+    args = C.Args(env="reacher", depth=depth, width=bench.width, batch_size=bench.batch_size,
+                  num_envs=bench.num_envs, unroll_length=unroll, sgd_steps_per_train_step=sgd_per_step,
+                  replay_size=1000, min_replay_size=bench.batch_size, episode_length=1000,
+                  remat=variant == "remat", scan_unroll={"unroll2": 2, "unroll4": 4}.get(variant, 1))
+    nets = C.build_networks(args, 0, 0, dims.action_size)
+    key = jax.random.PRNGKey(0)
+    carry = jax.jit(lambda k: {"train_state": C.init_train_state(k, nets, args, dims),
+                               "buffer": C.buffer_init(args.replay_size, args.num_envs, dims.state_dim,
+                                                       dims.action_size),
+                               "env_state": env.reset(jax.random.split(k, args.num_envs)), "key": k})(key)
+    carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, C.prefill_unrolls(args)),
+                    donate_argnums=0)(carry)
+    t = time.perf_counter()
+    epoch = jax.jit(lambda c: C.train_epoch(c, stepper, nets, args, dims, 1), donate_argnums=0)
+    compiled = epoch.lower(carry).compile()
+    compile_s = time.perf_counter() - t
+    (carry, _), _ = timed(compiled, carry)  # warm
+    (carry, metrics), t = timed(compiled, carry)
+    memory = compiled.memory_analysis()
+    peak = None if memory is None else int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    return {"kind": "whole_loop", "variant": variant, "depth": depth, "num_envs": args.num_envs,
+            "unroll": unroll, "sgd_steps_per_unroll": sgd_per_step, "epoch_compile_s": round(compile_s, 2),
+            "env_steps_per_s": round(args.num_envs * unroll / t, 2), "xla_peak_bytes_estimate": peak}
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(BenchArgs)
+    import envs
+
+    raw = envs.make("reacher")
+    dims = C.Dims(raw.state_dim, tuple(int(i) for i in raw.goal_indices), raw.action_size)
+    env = envs.wrap_for_training(raw, episode_length=1000)
+    stepper = types.SimpleNamespace(step=jax.jit(env.step))
+    peak_line = matmul_peak()
+    print(json.dumps(peak_line), flush=True)
+    for depth in bench.depths:
+        for variant in bench.variants:
+            if variant == "loop" and depth > bench.loop_max_depth:
+                continue
+            line = measure_sgd(variant, depth, bench, dims, peak_line["gflops_2048"])
+            print(json.dumps(line), flush=True)
+            if bench.whole_loop and variant != "loop":
+                print(json.dumps(measure_loop(variant, depth, bench, env, stepper, dims)), flush=True)
+    import resource
+
+    print(json.dumps({"kind": "process", "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
