@@ -95,7 +95,8 @@ class ArmEnv(PipelineEnv):
         joint = lambda name: int(model.jnt_qposadr[model.joint(name).id])  # noqa: E731
         self._cube_q = joint("cube")
         self._finger_q = (joint("finger_left"), joint("finger_right"))
-        self._ee_link = model.body("ee").id - 1  # brax links skip the world body
+        self._ee_site = model.site("ee").id
+        self._hand_link = model.site_bodyid[self._ee_site] - 1  # brax links skip the world body
         self._init_q = jnp.asarray(model.qpos0).at[:7].set(jnp.array(ARM_START))
         self._init_q = self._init_q.at[jnp.array(self._finger_q)].set(FINGER_OPEN)
 
@@ -116,7 +117,10 @@ class ArmEnv(PipelineEnv):
         goal_xy = self._goal_center + self._goal_noise * jax.random.uniform(key_goal, (2,), minval=-1, maxval=1)
         cube_xy = self._cube_center + self._cube_noise * jax.random.uniform(key_cube, (2,), minval=-1, maxval=1)
         goal = jnp.concatenate([goal_xy, jnp.array([GOAL_Z])])
-        q = self._init_q.at[self._cube_q:self._cube_q + 3].set(jnp.concatenate([cube_xy, jnp.array([GOAL_Z])]))
+        # The cube faces the robot: its sides are aligned with the gripper, which turns with joint 1.
+        half_yaw = 0.5 * jnp.arctan2(cube_xy[1], cube_xy[0])
+        cube = jnp.concatenate([cube_xy, jnp.array([GOAL_Z, jnp.cos(half_yaw), 0.0, 0.0, jnp.sin(half_yaw)])])
+        q = self._init_q.at[self._cube_q:self._cube_q + 7].set(cube)
         pipeline_state = self.pipeline_init(q, jnp.zeros(self.sys.qd_size()))
         pipeline_state = pipeline_state.replace(mocap_pos=goal[None])  # the marker shows the goal
         obs = self._observe(pipeline_state)
@@ -142,10 +146,10 @@ class ArmEnv(PipelineEnv):
         q = pipeline_state.q
         cube = q[self._cube_q:self._cube_q + 3]
         opening = q[self._finger_q[0]] + q[self._finger_q[1]]
-        return jnp.concatenate([
-            cube, q[:7], pipeline_state.x.pos[self._ee_link], pipeline_state.xd.vel[self._ee_link],
-            opening[None], pipeline_state.mocap_pos[0],
-        ])
+        ee = pipeline_state.site_xpos[self._ee_site]
+        hand_vel, hand_ang = pipeline_state.xd.vel[self._hand_link], pipeline_state.xd.ang[self._hand_link]
+        ee_vel = hand_vel + jnp.cross(hand_ang, ee - pipeline_state.x.pos[self._hand_link])
+        return jnp.concatenate([cube, q[:7], ee, ee_vel, opening[None], pipeline_state.mocap_pos[0]])
 
     def _metrics(self, obs: jax.Array) -> dict[str, jax.Array]:
         dist = jnp.linalg.norm(obs[0:3] - obs[self.state_dim:])
@@ -176,6 +180,7 @@ PUSH_Z = 0.035  # end-effector height while pushing (pads just above the table)
 PUSH_STEP = 0.02  # per control step while pushing: slow enough that the cube does not slide on
 PUSH_DONE = 0.02  # cube this close to the goal: stop pushing and lift
 GRASP_TOL = 0.012  # end effector this close to the cube centre: close the gripper
+DESCEND_STEP = 0.015  # per control step when lowering the open gripper around the cube
 # Horizontal distances from the base axis reachable with the gripper down, per height, with 1 cm
 # to spare (from inverse_kinematics and the action ranges; tests/test_envs_arm.py checks them).
 REACH_Z = (0.02, 0.06, 0.1, 0.12, 0.16, 0.2)
@@ -231,7 +236,7 @@ def _push_waypoint(cube, goal, ee):
                   jnp.where(high, jnp.append(start, SAFE_Z), jnp.append(ee[:2], SAFE_Z))))
     done = distance < PUSH_DONE
     waypoint = jnp.where(done, jnp.append(ee[:2], SAFE_Z), waypoint)
-    return waypoint, jnp.ones((), bool)
+    return waypoint, jnp.ones((), bool), jnp.where(behind, PUSH_STEP, MAX_MOVE)
 
 
 def _pick_waypoint(cube, goal, ee, opening):
@@ -239,7 +244,7 @@ def _pick_waypoint(cube, goal, ee, opening):
     holding = (jnp.linalg.norm(cube - ee) < 0.02) & (opening < 0.06) & (opening > 0.03)
     placed = jnp.linalg.norm(cube[:2] - goal[:2]) < 0.02
     above_goal = jnp.linalg.norm(ee[:2] - goal[:2]) < 0.01
-    above_cube = jnp.linalg.norm(ee[:2] - cube[:2]) < 0.01
+    above_cube = jnp.linalg.norm(ee[:2] - cube[:2]) < 0.006
     lifted = ee[2] > CARRY_Z - 0.02
     high = ee[2] > SAFE_Z - 0.03
     release = jnp.append(goal[:2], GOAL_Z + 0.005)
@@ -253,7 +258,8 @@ def _pick_waypoint(cube, goal, ee, opening):
     near_cube = jnp.linalg.norm(cube - ee) < GRASP_TOL
     at_release = jnp.linalg.norm(ee - release) < 0.012
     close = jnp.where(holding, ~at_release, near_cube & ~placed)
-    return waypoint, close
+    careful = (above_cube & ~holding) | (holding & above_goal)  # final descents: slowly
+    return waypoint, close, jnp.where(careful, DESCEND_STEP, MAX_MOVE)
 
 
 def scripted_action(env: ArmEnv, obs: jax.Array, grasp: bool | None = None) -> jax.Array:
@@ -268,11 +274,11 @@ def scripted_action(env: ArmEnv, obs: jax.Array, grasp: bool | None = None) -> j
     grasp = env.has_bin if grasp is None else grasp
     cube, ee, opening, goal = obs[0:3], obs[10:13], obs[16], obs[env.state_dim:env.state_dim + 3]
     if grasp:
-        waypoint, close = _pick_waypoint(cube, goal, ee, opening)
+        waypoint, close, speed = _pick_waypoint(cube, goal, ee, opening)
     else:
-        waypoint, close = _push_waypoint(cube, goal, ee)
+        waypoint, close, speed = _push_waypoint(cube, goal, ee)
     move = waypoint - ee
-    target = ee + move * jnp.minimum(1.0, MAX_MOVE / jnp.maximum(jnp.linalg.norm(move), 1e-6))
+    target = ee + move * jnp.minimum(1.0, speed / jnp.maximum(jnp.linalg.norm(move), 1e-6))
     # Keep the target where the gripper can point down within the joint ranges (the start pose is
     # outside that region); otherwise the arm tilts and the loop through `ee` runs away.
     height = jnp.clip(target[2], REACH_Z[0], REACH_Z[-1])
