@@ -82,9 +82,15 @@ def run_script(*flags, check=True):
     return proc
 
 
-def test_bad_input_fails_early_with_one_line():
-    proc = run_script("--her-ratio", "1.5", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --her-ratio must be in [0, 1] (got 1.5)"
+def test_bad_input_fails_early_with_one_line(capsys):
+    import pytest
+
+    for flags, message in [({"her_ratio": 1.5}, "error: --her-ratio must be in [0, 1] (got 1.5)"),
+                           ({"policy_delay": 0}, "error: --policy-delay must be positive (got 0)"),
+                           ({"target_noise": -0.1}, "error: --target-noise must be non-negative (got -0.1)")]:
+        with pytest.raises(SystemExit) as stop:
+            td3_her.check_args(td3_her.Args(env="reacher", **flags), ("reacher",), 1)
+        assert stop.value.code == 2 and capsys.readouterr().err.strip() == message
 
 
 def test_tiny_run_writes_outputs_and_a_checkpoint(tmp_path):
