@@ -161,6 +161,7 @@ def plot(paths: list[str], out: str, metric: str = "episode_success") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import EngFormatter
 
     runs = [r for r in find_runs(paths) if r.script == "collector_learner"]
     if not runs:
@@ -184,6 +185,7 @@ def plot(paths: list[str], out: str, metric: str = "episode_success") -> None:
             if len(members) > 1:
                 ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.2)
         ax.set_title(f"{env_id}: collector depth {cdepth} ({len(members)} seed{'s' * (len(members) > 1)})")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_xlabel("env steps (collected by the collector)")
         ax.set_ylabel(f"eval/{metric}")
         ax.grid(alpha=0.3)

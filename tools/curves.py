@@ -61,6 +61,7 @@ def plot_curves(runs, group_by, metric, out, facet_by="env", title=None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     grouped = group_runs(runs, group_by, facet_by)
     n = len(grouped)
@@ -81,6 +82,7 @@ def plot_curves(runs, group_by, metric, out, facet_by="env", title=None):
             if seeds > 1:
                 ax.fill_between(x, m - s, m + s, color=colors[g], alpha=0.2, lw=0)
         ax.set_title(str(facet))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 2M, not 2000000 or 1e7 offsets
         ax.set_xlabel("env steps")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -86,14 +86,13 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
         sc = ax.scatter(proj[:, 0], proj[:, 1], c=t, cmap="viridis", s=14, zorder=2)
         if e["success"].any():
             ax.scatter(proj[e["success"], 0], proj[e["success"], 1], s=40, facecolors="none",
-                       edgecolors="red", lw=0.8, zorder=3, label="at goal")
-        ax.scatter(goal_proj[:, 0], goal_proj[:, 1], marker="*", s=300, c="red", edgecolors="white",
-                   zorder=4, label="psi(goal)")
+                       edgecolors="red", lw=0.8, zorder=3)
+        ax.scatter(goal_proj[:, 0], goal_proj[:, 1], marker="*", s=300, c="red", edgecolors="white", zorder=4)
         ax.set_title(f"{eid}: {agent.label}\nphi(s,a) along episode {e['episode']}, PCA 2-D "
-                     f"({100 * ratio:.0f}% of variance)", fontsize=9)
+                     f"({100 * ratio:.0f}% of variance)\nred star: psi(goal); red rings: steps at the goal "
+                     f"({int(e['success'].sum())})", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
-        ax.legend(fontsize=8, loc="best")
         fig.colorbar(sc, ax=ax, label="time step")
         ax = axes[1, col]
         ax.plot(t, e["dist"], color="tab:blue", label="distance to goal")
@@ -101,9 +100,10 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
         ax.set_xlabel("time step")
         ax.set_ylabel("distance", color="tab:blue")
         ax2 = ax.twinx()
-        ax2.plot(t, e["value"], color="tab:orange", label="f(s,a,g)")
+        ax2.plot(t, e["value"], color="tab:orange", label="critic f(s,a,g)")
         ax2.set_ylabel(f"critic f(s,a,g) [{agent.args.energy}]", color="tab:orange")
-        ax.legend(fontsize=8, loc="upper right")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
         spread_goal = mean_pairwise_distance(e["phi"][e["success"]])
         spread_all = mean_pairwise_distance(e["phi"])
         stats.append({"run": agent.run_path, "env": eid, "episode": e["episode"], "steps": int(len(t)),

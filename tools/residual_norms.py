@@ -54,6 +54,7 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     import envs
 
@@ -74,6 +75,7 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
                         **{name: [round(float(v), 5) for v in norms[name]] for name, _ in NETWORKS}})
     for ax, (_, title) in zip(axes[0], NETWORKS):
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("residual block (4 Dense layers each)")
         ax.set_ylabel("mean L2 norm of the residual branch")
         if log_y:
