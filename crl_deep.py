@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -896,7 +897,8 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
+        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
                    resume="allow", config=dataclasses.asdict(args))
     from tqdm import tqdm
 
@@ -922,9 +924,10 @@ if __name__ == "__main__":
         bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
         if bad:
             progress.close()
-            print(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped. The last good checkpoint "
-                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
-            raise SystemExit(1)
+            checkpoint_file = os.path.join(run_path, "checkpoint.pkl")
+            last_good = (f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
+                         if os.path.isfile(checkpoint_file) else "no checkpoint was written yet")
+            raise SystemExit(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
         eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
         eval_history.append(eval_metrics)
