@@ -266,25 +266,33 @@ def test_maze_walls_stand_where_the_layout_says(env_id):
     assert target_range[:, 0].max() <= 0 and target_range[:, 1].min() >= (max(len(rows), len(rows[0])) - 1) * scale
 
 
-def test_ant_cannot_walk_through_a_wall():
-    """Launch the ant at 10 m/s toward -x: in the open it slides far, in the U maze the wall of row 0
-    (face at x = 2) stops the torso (radius 0.25) outside the wall."""
-    travelled = {}
-    for env_id in ("ant", "ant_u_maze"):
+@pytest.mark.parametrize("robot,speed,steps", [("ant", 10.0, 30), ("humanoid", 4.0, 60)])
+def test_robot_cannot_pass_through_a_wall(robot, speed, steps):
+    """Launch the robot toward -x from its start: in the open it travels through where a wall would
+    stand; in the U maze the row-0 wall (its face half a cell from the start cell's centre) keeps
+    the torso out of the wall's volume."""
+    travelled, inside = {}, {}
+    scale = {"ant": 4.0, "humanoid": 2.0}[robot]
+    for env_id in (robot, f"{robot}_u_maze"):
         env, _, _, _ = compiled(env_id)
         state = reset_batch(env_id)
         q, qd = np.array(state.pipeline_state.q), np.zeros_like(state.pipeline_state.qd)
-        qd[:, 0] = -10.0
-        state = step(env_id, with_q_qd(env_id, state, q, qd), np.zeros((N, 8)))
-        xs = [np.asarray(state.pipeline_state.q[:, 0])]
-        for _ in range(30):
-            state = step(env_id, state, np.zeros((N, 8)))
-            xs.append(np.asarray(state.pipeline_state.q[:, 0]))
-        travelled[env_id] = q[:, 0] - np.min(xs, axis=0)
-        if env_id == "ant_u_maze":
-            assert np.min(xs) > 2.0 + 0.25 - 0.05
-    assert travelled["ant"].min() > 3.0  # without a wall the push carries the ant well past x = 2
-    assert travelled["ant_u_maze"].max() < 4.0 - 2.0
+        qd[:, 0] = -speed
+        state = step(env_id, with_q_qd(env_id, state, q, qd), np.zeros((N, env.action_size)))
+        torso = [np.asarray(state.pipeline_state.q[:, :3])]
+        for _ in range(steps):
+            state = step(env_id, state, np.zeros((N, env.action_size)))
+            torso.append(np.asarray(state.pipeline_state.q[:, :3]))
+        torso = np.array(torso)  # [steps, N, xyz]
+        travelled[env_id] = q[:, 0] - torso[..., 0].min(0)
+        # where the wall stands: more than half a cell back from the start centre, below scale / 2
+        inside[env_id] = (q[:, 0] - torso[..., 0] > scale / 2) & (torso[..., 2] < scale / 2)
+    assert travelled[robot].min() > scale  # on open floor the push carries it a whole cell or more
+    assert inside[robot].any()  # ... through where the wall would stand
+    assert not inside[f"{robot}_u_maze"].any()
+    assert travelled[f"{robot}_u_maze"].max() < scale  # in the maze it never gets past the wall
+    if robot == "ant":  # the torso sphere (radius 0.25) stays outside the wall
+        assert travelled["ant_u_maze"].max() < scale / 2 - 0.25 + 0.05
 
 
 @pytest.mark.parametrize("variant", ["train", "eval"])
