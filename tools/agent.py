@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,10 @@ class Agent:
         depth = f"d{a.depth}" if not (a.actor_depth or a.critic_depth) else \
             f"actor d{a.actor_depth or a.depth} / critic d{a.critic_depth or a.depth}"
         return f"{depth}, w{a.width} ({os.path.basename(os.path.normpath(self.run_path))})"
+
+    def with_params(self, params) -> "Agent":
+        """The same agent with other (e.g. traced) params: jit functions of params, not of constants."""
+        return dataclasses.replace(self, params=params)
 
     def act(self, obs):
         """Deterministic action tanh(mean) for obs = concat[state, goal] ([B, obs_size])."""
@@ -87,12 +92,13 @@ def rollout(env, agent: Agent, key, num_envs: int, num_steps: int):
     import numpy as np
 
     @jax.jit
-    def run(key):
+    def run(params, key):  # params as an argument, not a constant: one compile serves every run
+        policy = agent.with_params(params)
         state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
 
         def step(carry, _):
             state, alive = carry
-            action = agent.act(state.obs)
+            action = policy.act(state.obs)
             nxt = jax.vmap(env.step)(state, action)
             alive_next = alive * (1.0 - nxt.done)
             record = (nxt.obs, action, nxt.pipeline_state.q, nxt.metrics["success"], nxt.metrics["dist"], alive_next)
@@ -105,7 +111,7 @@ def rollout(env, agent: Agent, key, num_envs: int, num_steps: int):
         return (cat(first[0], obs), actions, cat(first[1], q), cat(first[2], success), cat(first[3], dist),
                 cat(jnp.ones(num_envs), alive))
 
-    obs, actions, q, success, dist, alive = jax.device_get(run(key))
+    obs, actions, q, success, dist, alive = jax.device_get(run(agent.params, key))
     return {"obs": np.asarray(obs), "actions": np.asarray(actions), "qpos": np.asarray(q),
             "success": np.asarray(success), "dist": np.asarray(dist), "alive": np.asarray(alive) > 0.5}
 

@@ -80,11 +80,12 @@ def q_grid(agent: Agent, env, goal_xy, points_per_cell: int = 8, key_seed: int =
     goals = np.repeat(goal[None], gx.size, 0)
 
     @jax.jit
-    def values(states, goals):
-        actions = agent.act(jnp.concatenate([states, goals], -1))
-        return agent.critic(states, actions, goals)
+    def values(params, states, goals):
+        a = agent.with_params(params)
+        actions = a.act(jnp.concatenate([states, goals], -1))
+        return a.critic(states, actions, goals)
 
-    v = np.array(values(jnp.asarray(states), jnp.asarray(goals)), np.float64).reshape(gx.shape)
+    v = np.array(values(agent.params, jnp.asarray(states), jnp.asarray(goals)), np.float64).reshape(gx.shape)
     v[in_wall] = np.nan
     return xs, ys, v, maze
 

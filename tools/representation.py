@@ -55,10 +55,15 @@ def episode_embeddings(agent: Agent, env, steps: int, num_envs: int, seed: int) 
     states = traj["obs"][:-1, i, : env.state_dim][alive]
     actions = traj["actions"][:, i][alive]
     goal = traj["obs"][0, i, env.state_dim:]
-    phi = np.asarray(agent.phi(jnp.asarray(states), jnp.asarray(actions)))
-    psi = np.asarray(agent.psi(jnp.asarray(goal[None])))[0]
-    goals = jnp.repeat(jnp.asarray(goal[None]), len(states), 0)
-    value = np.asarray(agent.critic(jnp.asarray(states), jnp.asarray(actions), goals))
+
+    @jax.jit
+    def embed(params, states, actions, goal):
+        a = agent.with_params(params)
+        phi, psi = a.phi(states, actions), a.psi(goal[None])
+        return phi, psi[0], agent.module.energy_rowwise(phi, jnp.broadcast_to(psi, phi.shape), agent.args.energy)
+
+    phi, psi, value = (np.asarray(x) for x in embed(agent.params, jnp.asarray(states), jnp.asarray(actions),
+                                                    jnp.asarray(goal)))
     return {"phi": phi, "psi": psi, "value": value, "dist": traj["dist"][:-1, i][alive],
             "success": traj["success"][:-1, i][alive] > 0.5, "episode": i}
 

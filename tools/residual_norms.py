@@ -28,6 +28,7 @@ NETWORKS = (("actor", "actor  pi(a | s, g)"), ("sa_encoder", "critic phi(s, a)")
 
 def residual_norms(agent: Agent, obs, actions, state_dim: int) -> dict:
     """{network name: np.array [num_blocks]} of batch-mean residual-branch norms."""
+    import jax
     import jax.numpy as jnp
 
     obs = jnp.asarray(obs)
@@ -35,8 +36,8 @@ def residual_norms(agent: Agent, obs, actions, state_dim: int) -> dict:
               "g_encoder": obs[:, state_dim:]}
     out = {}
     for name, _ in NETWORKS:
-        _, variables = getattr(agent.nets, name).apply(agent.params[name], inputs[name], mutable=["intermediates"])
-        (norms,) = variables["intermediates"]["tower"]["blocks"]["residual_norm"]
+        apply = jax.jit(lambda p, x, net=getattr(agent.nets, name): net.apply(p, x, mutable=["intermediates"])[1])
+        (norms,) = apply(agent.params[name], inputs[name])["intermediates"]["tower"]["blocks"]["residual_norm"]
         out[name] = np.asarray(norms)
     return out
 
