@@ -32,11 +32,11 @@ import optax
 
 @dataclass(frozen=True)
 class Args:
-    mode: Literal["offline", "online"] = "offline"
-    """offline: GCBC on --dataset; online: GCSL (collect with the policy, relabel in hindsight, clone)"""
+    mode: Literal["online", "offline"] = "online"
+    """online: GCSL (collect with the policy, relabel in hindsight, clone); offline: GCBC on --dataset"""
     dataset: Optional[str] = None
     """offline: OGBench-format .npz with observations (states), actions, terminals"""
-    env: str = "ant_u4_maze"
+    env: str = "humanoid_u_maze"
     """environment id (one of envs.ENV_IDS): evaluated on (offline), trained and evaluated on (online)"""
     eval_env: Optional[str] = None
     """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
@@ -391,8 +391,15 @@ def train_steps_per_epoch(args: Args) -> int:
     return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
 
 
-def check_args(args: Args, env_ids, num_devices: int):
-    """Every bad-input check that needs no env and no compilation; calls `fail` on the first."""
+def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
+    """Every bad-input check that needs no env and no compilation; calls `fail` on the first.
+
+    env_ids / num_devices default to envs.ENV_IDS / jax.device_count() (tools/grid.py passes args only)."""
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    num_devices = jax.device_count() if num_devices is None else num_devices
     if args.env not in env_ids:
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if args.eval_env is not None and args.eval_env not in env_ids:

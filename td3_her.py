@@ -478,8 +478,15 @@ def train_steps_per_epoch(args: Args) -> int:
     return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
 
 
-def check_args(args: Args, env_ids, num_devices: int):
-    """Every bad-input check that needs no env and no compilation; calls `fail` on the first."""
+def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
+    """Every bad-input check that needs no env and no compilation; calls `fail` on the first.
+
+    env_ids / num_devices default to envs.ENV_IDS / jax.device_count() (tools/grid.py passes args only)."""
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    num_devices = jax.device_count() if num_devices is None else num_devices
     if args.env not in env_ids:
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if args.eval_env is not None and args.eval_env not in env_ids:
