@@ -312,7 +312,8 @@ def test_stitching_start_goal_distances(variant):
         assert set(start_idx) == {0} and set(goal_idx) == {4, 5, 6}
 
 
-@pytest.mark.parametrize("env_id,steps", [("reacher", 2000), ("ant", 500), ("humanoid", 300)])
+@pytest.mark.parametrize("env_id,steps", [
+    ("reacher", 2000), ("ant", 500), ("humanoid", 300), ("ant_u_maze", 300), ("humanoid_u_maze", 200)])
 def test_long_random_rollout_stays_finite(env_id, steps):
     """Spec pitfall 10: the reference's reacher integrates at the XML's dt and is NaN within ~11 steps."""
     env, _, _, _ = compiled(env_id)
