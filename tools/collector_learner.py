@@ -43,9 +43,10 @@ def make_epoch_fn(crl, env, collector_nets, learner_nets, collector_args, learne
 
     def sgd(inner, key):
         states, buffer = inner
-        k_sample, k_agents = jax.random.split(key)
-        # per-agent keys by index: adding learners never changes the collector's random stream
-        k_agents = [jax.random.fold_in(k_agents, i) for i in range(1 + len(learner_nets))]
+        k_sample, k_sgd = jax.random.split(key)
+        # the collector uses crl_deep's key; learner i folds its index in: adding learners never
+        # changes the collector's random stream
+        k_agents = [k_sgd] + [jax.random.fold_in(k_sgd, i) for i in range(1, 1 + len(learner_nets))]
         batch = crl.buffer_sample(buffer, k_sample, args.batch_size, args.discount, dims.goal_indices)
         new_states, metrics = [], []
         for ts, nets, a, k in zip(states, [collector_nets] + learner_nets, [collector_args] + learner_args, k_agents):
@@ -106,9 +107,10 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
     collector_nets, learner_nets = build(collector_args), [build(a) for a in learner_args]
     all_nets = [collector_nets] + learner_nets
 
-    key = jax.random.PRNGKey(base.seed)
-    key, k_reset, k_eval, *k_init = jax.random.split(key, 3 + len(all_nets))
-    agents = [crl.init_train_state(k, n, a, dims) for k, n, a in zip(k_init, all_nets, [collector_args] + learner_args)]
+    # crl_deep.py's key schedule, so the collector is the run crl_deep.py makes with the same flags
+    key, k_init, k_reset, k_eval = jax.random.split(jax.random.PRNGKey(base.seed), 4)
+    k_inits = [k_init] + [jax.random.fold_in(k_init, i) for i in range(1, len(all_nets))]
+    agents = [crl.init_train_state(k, n, a, dims) for k, n, a in zip(k_inits, all_nets, [collector_args] + learner_args)]
     carry = {"train_state": agents[0],
              "buffer": crl.buffer_init(base.replay_size, base.num_envs, dims.state_dim, dims.action_size),
              "env_state": jax.jit(env.reset)(jax.random.split(k_reset, base.num_envs)), "key": key}
