@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from tools import curves
-from tools.render import setup_gl
+from tools.render import chosen_backend, osmesa_available
 
-setup_gl()
+# Rendering needs OSMesa on CPU (apt-get install libosmesa6) or EGL on a GPU machine.
+needs_gl = pytest.mark.skipif(
+    chosen_backend() == "osmesa" and not osmesa_available(),
+    reason="no OpenGL backend for MuJoCo: apt-get install libosmesa6 (or MUJOCO_GL=egl with a GPU)")
 
 
 # ---------------------------------------------------------------- learning curves and the table
@@ -160,6 +163,7 @@ def test_qmap_values_walls_and_png(maze_run, tmp_path):
     assert img.shape[1] > 300 and img[..., :3].std() > 10
 
 
+@needs_gl
 @pytest.mark.filterwarnings("ignore:os.fork")
 def test_video_shows_the_goal_marker_and_has_one_frame_per_rendered_step(maze_run, tmp_path):
     import imageio.v2 as imageio

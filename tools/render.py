@@ -9,16 +9,30 @@ from __future__ import annotations
 import os
 
 
+def osmesa_available() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("OSMesa") is not None
+
+
+def chosen_backend() -> str:
+    """MUJOCO_GL if set, else egl where a GPU device is visible, else osmesa."""
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"].lower()
+    return "egl" if os.path.exists("/dev/dri") or os.path.exists("/dev/nvidia0") else "osmesa"
+
+
 def setup_gl() -> str:
     """Chooses the OpenGL backend (osmesa unless MUJOCO_GL says otherwise or a GPU is visible).
 
     mujoco picks its context class when it is first imported (brax imports it early, usually
     before anyone sets MUJOCO_GL), so the choice is also applied to the already-imported module.
     """
-    if "MUJOCO_GL" not in os.environ:
-        os.environ["MUJOCO_GL"] = "egl" if os.path.exists("/dev/dri") or os.path.exists("/dev/nvidia0") else "osmesa"
-    backend = os.environ["MUJOCO_GL"].lower()
+    os.environ["MUJOCO_GL"] = backend = chosen_backend()
     if backend == "osmesa":
+        if not osmesa_available():
+            raise RuntimeError("MuJoCo offscreen rendering on CPU needs OSMesa: apt-get install libosmesa6 "
+                               "(or MUJOCO_GL=egl on a GPU machine)")
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     import mujoco.gl_context
 

@@ -20,7 +20,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.render import setup_gl  # noqa: E402
 
-setup_gl()  # before anything imports mujoco
+try:
+    setup_gl()  # before anything imports mujoco
+except RuntimeError as e:  # no OpenGL backend: say how to get one, in one line
+    if __name__ == "__main__":
+        sys.exit(f"error: {e}")
+    raise
 
 from tools.agent import best_episode, load_agent, rollout  # noqa: E402
 from tools.render import render_frames, write_video  # noqa: E402
