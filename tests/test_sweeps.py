@@ -64,9 +64,15 @@ class Args:
     num_epochs: int = 3
     run_dir: str = "runs"
     run_name: str = "x"
+    resume: str = ""
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.resume:
+        with open(os.environ["CALLS_FILE"], "a") as f:
+            f.write("resumed:" + os.path.basename(args.resume) + "\\n")
+        json.dump({"summary": True}, open(os.path.join(args.resume, "summary.json"), "w"))
+        sys.exit(0)
     if args.depth == 12:
         sys.exit(3)
     with open(os.environ["CALLS_FILE"], "a") as f:
@@ -122,6 +128,24 @@ def test_grid_runner_reports_failures_and_moves_interrupted_runs_aside(tmp_path,
     failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "(exit 3)" in failed[0] and "two__depth-12" in failed[0]
     assert not (runs_dir / "two__depth-12" / "summary.json").exists()
+
+
+def test_grid_runner_resumes_a_run_that_has_a_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("CALLS_FILE", str(calls))
+    path = _sweep_yaml(tmp_path, [4, 8])
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "two__depth-8").mkdir(parents=True)
+    (runs_dir / "two__depth-8" / "checkpoint.pkl").write_bytes(b"x")  # interrupted after epoch 0
+    assert grid.main([path, "--runs-dir", str(runs_dir)]) == 0
+    assert sorted(calls.read_text().split()) == ["resumed:two__depth-8", "two__depth-4"]
+    assert "resume           two__depth-8" in capsys.readouterr().out
+    assert not glob.glob(str(runs_dir / "*.interrupted-*"))
+
+
+def test_set_false_is_refused(tmp_path, capsys):
+    assert grid.main([_sweep_yaml(tmp_path, [4]), "--set", "track=false", "--dry-run"]) == 2
+    assert "--no-KEY" in capsys.readouterr().err
 
 
 def test_only_filters_and_names_are_stable(tmp_path):

@@ -3,7 +3,8 @@
 The same `sweeps/*.yaml` file drives `wandb sweep` (server) and this runner (no server): every
 combination of the `parameters` values becomes one run of `program` in `<runs-dir>/<run name>/`.
 Runs whose folder already holds `summary.json` (written by the scripts when a run ends normally)
-are skipped, so an interrupted grid is resumed by running the same command again.
+are skipped; a run interrupted after its first checkpoint continues with the script's `--resume`;
+so an interrupted grid is finished by running the same command again.
 
     python tools/grid.py sweeps/depth.yaml --dry-run                  # list the runs, parse each Args
     python tools/grid.py sweeps/depth.yaml --only env=ant_u4_maze --set num_epochs=2 --parallel 2
@@ -130,8 +131,15 @@ def is_finished(runs_dir: str, run: Run) -> bool:
     return os.path.exists(os.path.join(runs_dir, run.name, "summary.json"))
 
 
-def command(sweep: Sweep, run: Run, runs_dir: str, python: str, extra: list[str]) -> list[str]:
+def can_resume(runs_dir: str, run: Run) -> bool:
+    """Interrupted after at least one checkpoint: the script's --resume continues it."""
+    return not is_finished(runs_dir, run) and os.path.exists(os.path.join(runs_dir, run.name, "checkpoint.pkl"))
+
+
+def command(sweep: Sweep, run: Run, runs_dir: str, python: str, extra: list[str], resume: bool = False) -> list[str]:
     program = sweep.program if os.path.isabs(sweep.program) else os.path.join(ROOT, sweep.program)
+    if resume:  # the scripts restore their args from the checkpoint
+        return [python, program, f"--resume={os.path.join(runs_dir, run.name)}", *extra]
     return [python, program, *run.argv(), f"--run-dir={runs_dir}", f"--run-name={run.name}", *extra]
 
 
@@ -189,19 +197,20 @@ def run_all(sweep, runs, runs_dir, python, extra, parallel) -> int:
         if is_finished(runs_dir, run):
             print(f"skip (finished)  {run.name}", flush=True)
             continue
+        resume = can_resume(runs_dir, run)
         stale = os.path.join(runs_dir, run.name)
-        if os.path.exists(stale):  # an interrupted attempt: keep it aside, start clean
+        if not resume and os.path.exists(stale):  # died before its first checkpoint: keep it aside
             os.replace(stale, f"{stale}.interrupted-{int(time.time())}")
-        todo.append(run)
+        todo.append((run, resume))
     failed, active = 0, []
     pending = list(todo)
     while pending or active:
         while pending and len(active) < parallel:
-            run = pending.pop(0)
+            run, resume = pending.pop(0)
             log_path = os.path.join(runs_dir, "_logs", run.name + ".log")
-            log = open(log_path, "w")
-            cmd = command(sweep, run, runs_dir, python, extra)
-            print(f"start            {run.name}  (log: {log_path})", flush=True)
+            log = open(log_path, "a")
+            cmd = command(sweep, run, runs_dir, python, extra, resume)
+            print(f"{'resume' if resume else 'start':<16} {run.name}  (log: {log_path})", flush=True)
             active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
         time.sleep(0.2)
         for item in list(active):
@@ -238,6 +247,8 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.sweep)
         only = _parse_pairs(args.only, "--only")
         overrides = {k: _yaml_scalar(v[-1]) for k, v in _parse_pairs(args.set, "--set").items()}
+        if any(v is False for v in overrides.values()):
+            raise ValueError("--set KEY=false would be dropped like in wandb; pass -- --no-KEY instead")
         runs = expand(sweep, only, overrides)
         if not runs:
             raise ValueError("no grid point matches --only")
@@ -252,8 +263,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         for run in runs:
             done = "finished" if is_finished(args.runs_dir, run) else "todo"
-            print(json.dumps({"run": run.name, "status": done,
-                              "command": command(sweep, run, args.runs_dir, args.python, extra)}))
+            print(json.dumps({"run": run.name, "status": done, "command": command(
+            sweep, run, args.runs_dir, args.python, extra, can_resume(args.runs_dir, run))}))
         print(f"{len(runs)} runs; every command line parses with {sweep.program}'s Args", file=sys.stderr)
         return 0
     failed = run_all(sweep, runs, args.runs_dir, args.python, extra, args.parallel)
