@@ -81,6 +81,10 @@ def plot_curves(runs, group_by, metric, out, facet_by="env", title=None):
                     label=f"{_label(group_by, g)} ({seeds} seed{'s' * (seeds > 1)})")
             if seeds > 1:
                 ax.fill_between(x, m - s, m + s, color=colors[g], alpha=0.2, lw=0)
+        lows = [np.nanmin(r.series(metric)[1]) for g in groups.values() for r in g if r.series(metric)[1]]
+        if lows and min(lows) >= 0:  # counts and distances: no negative axis (a small margin keeps 0 visible)
+            top = ax.get_ylim()[1]
+            ax.set_ylim(bottom=-0.03 * top, top=top)
         ax.set_title(str(facet))
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 2M, not 2000000 or 1e7 offsets
         ax.set_xlabel("env steps")
