@@ -162,7 +162,8 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
     unroll, sgd_per_step = 10, max(1, bench.num_envs * 10 // 40)
     args = C.Args(env="reacher", depth=depth, width=bench.width, batch_size=bench.batch_size,
                   num_envs=bench.num_envs, unroll_length=unroll, sgd_steps_per_train_step=sgd_per_step,
-                  replay_size=1000, min_replay_size=bench.batch_size, episode_length=1000,
+                  replay_size=1000, min_replay_size=max(2 * unroll, -(-bench.batch_size // bench.num_envs)),
+                  episode_length=1000,
                   remat=variant == "remat", scan_unroll={"unroll2": 2, "unroll4": 4}.get(variant, 1))
     nets = C.build_networks(args, 0, 0, dims.action_size)
     key = jax.random.PRNGKey(0)
@@ -188,6 +189,7 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
+    jax.config.update("jax_enable_compilation_cache", False)  # compile times, not cache loads
     import envs
 
     raw = envs.make("reacher")
