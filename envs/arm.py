@@ -19,13 +19,16 @@ cube to the other side.
 
 State (17): cube xyz (3), the 7 arm joint angles, end-effector (the point between the finger
 pads) xyz (3) and velocity (3), finger opening (1, the gap between the pads in metres).
-Goal: cube xyz, state[0:3]. Observation: concat[state, goal] (20).
+Goal: cube xyz, state[0:3]. Observation: concat[state, goal] (20). Metrics: `success` (cube-goal
+distance < 0.1), `dist`, `success_easy` (< 0.3), `success_hard` (< 0.03). The cube starts flat,
+facing the robot (so the gripper, which turns with joint 1, meets it square).
 Action (5) in [-1, 1]: absolute target angles for joints 1, 2, 4, 6, mapped linearly onto
 TARGET_LOW..TARGET_HIGH; joints 3, 5, 7 are held at 0, 0, 1.4487; the 5th closes the gripper when
 > 0 and opens it otherwise. The episode never terminates on its own.
 
 `scripted_action(env, obs)` is a hand-written controller (push or pick-and-place) that solves the
-tasks: the proof that they are solvable, and a source of demonstrations.
+tasks: the proof that they are solvable, and a source of demonstrations. `inverse_kinematics`
+maps an end-effector point (gripper down) to the four actuated joints.
 """
 from __future__ import annotations
 
@@ -46,14 +49,13 @@ ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "arm.
 N_FRAMES = 25  # substeps of 0.002 s per action: control dt 0.05 s
 ARM_START = (1.571, 0.742, 0.0, -1.571, 0.0, 3.054, 1.449)  # joints 1-7
 FINGER_OPEN = 0.04  # per finger: the pads are 8 cm apart when open
-ACTUATED = (0, 1, 3, 5)  # joints 1, 2, 4, 6 (0-based) follow the first four actions
 TARGET_LOW = (0.3491, 0.0, -3.0718, 2.3562)
 TARGET_HIGH = (2.7925, 1.48353, -0.0698, 3.7525)
 HELD = (0.0, 0.0, 1.4487)  # targets of joints 3, 5, 7
 CUBE_HALF = 0.025
 GOAL_Z = 0.03  # the resting cube's centre height
 TABLE_TOP = 0.005
-BIN_WALL_HEIGHT = 0.06
+BIN_RIM_HEIGHT = 0.06  # the rim's capsules (radius 0.03) lie on the table
 
 # task -> goal centre (x, y), goal xy noise, cube xy noise, whether a bin surrounds the goals
 TASKS = {
@@ -67,14 +69,14 @@ def load_model(task: str) -> mujoco.MjModel:
     """Compiles assets/arm.xml for `task`: the bin is centred on the goal region or removed.
 
     brax's `mjcf.load` fuses joint-less bodies into their parents, which would weld the mocap
-    goal marker and the end-effector frame away, so the XML is compiled by mujoco directly.
+    goal marker to the world, so the XML is compiled by mujoco directly.
     """
     root = ElementTree.parse(ASSET).getroot()
     worldbody = root.find("worldbody")
     bin_body = worldbody.find("body[@name='bin']")
     (goal_x, goal_y), _, _, has_bin = TASKS[task]
     if has_bin:
-        bin_body.set("pos", f"{goal_x} {goal_y} {TABLE_TOP + BIN_WALL_HEIGHT / 2}")
+        bin_body.set("pos", f"{goal_x} {goal_y} {TABLE_TOP + BIN_RIM_HEIGHT / 2}")
     else:
         worldbody.remove(bin_body)
     return mujoco.MjModel.from_xml_string(ElementTree.tostring(root, encoding="unicode"))
@@ -136,7 +138,9 @@ class ArmEnv(PipelineEnv):
         Same result as `pipeline_init` (which runs the full MJX forward dynamics: collision and
         constraint solver) for everything the observation and the next step read: at rest only
         the kinematics matter, and every step recomputes contacts and forces from q and qd.
-        Compiling kinematics alone makes reset ~30x cheaper to compile on CPU.
+        Compiling kinematics alone makes reset about 6x cheaper to compile on CPU (3.8 s against
+        24.5 s, measured once on a loaded 2-core machine); tests/test_envs_arm.py checks the
+        start state against the model.
         """
         qd = jnp.zeros(self.sys.qd_size())
         data = mjx.make_data(self.sys).replace(qpos=q, qvel=qd, mocap_pos=goal[None])

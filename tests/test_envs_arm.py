@@ -149,6 +149,13 @@ def test_reset_draws_goal_and_cube_in_their_regions(env_id):
     np.testing.assert_allclose(obs[:, 3:10], np.tile(arm.ARM_START, (NUM_ENVS, 1)), atol=1e-5)
     np.testing.assert_allclose(obs[:, 16], 0.08, atol=1e-5)  # fingers open
     np.testing.assert_allclose(np.asarray(state.pipeline_state.mocap_pos[:, 0]), goal)  # the marker
+    # the kinematics-only start state agrees with MuJoCo's own forward kinematics; at rest
+    model = arm.load_model(env_id.removeprefix("arm_"))
+    data = mujoco.MjData(model)
+    data.qpos[:] = np.asarray(state.pipeline_state.q[0])
+    mujoco.mj_kinematics(model, data)
+    np.testing.assert_allclose(obs[0, 10:13], data.site_xpos[model.site("ee").id], atol=1e-5)
+    np.testing.assert_allclose(obs[:, 13:16], 0.0)
     if has_bin:  # the rim's inner edge is 0.18 from the bin centre: every goal cube fits inside
         assert np.all(np.abs(goal[:, :2] - np.array([goal_x, goal_y])) + arm.CUBE_HALF < 0.18)
     # the same key gives the same draw
