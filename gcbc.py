@@ -374,9 +374,8 @@ def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: i
 # Input checks, files, checkpoints
 # ----------------------------------------------------------------------------------------------------
 def fail(message: str):
-    """Bad input: one line on stderr, exit code 2, before anything is compiled."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """Bad input: one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
 
 
 def prefill_unrolls(args: Args) -> int:

@@ -111,7 +111,7 @@ def default_discount(env_name: str) -> float:
 
 
 def check_args(args: Args) -> None:
-    """Rejects bad input before anything is compiled (one line on stderr, exit code 2)."""
+    """Rejects bad input before anything is compiled (one line on stderr, exit code 1)."""
     problems = []
     if args.resume is None:
         if not args.dataset:

@@ -464,9 +464,8 @@ def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_t
 # Input checks, files, checkpoints
 # ----------------------------------------------------------------------------------------------------
 def fail(message: str):
-    """Bad input: one line on stderr, exit code 2, before anything is compiled."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """Bad input: one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
 
 
 def prefill_unrolls(args: Args) -> int:
