@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from brax.envs.base import Wrapper
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -375,22 +374,6 @@ def init_train_state(key, nets, optimizer, obs_size: int, action_size: int) -> d
 # ----------------------------------------------------------------------------------------------------
 # Collection and the training epoch
 # ----------------------------------------------------------------------------------------------------
-class RecordNextObs(Wrapper):
-    """Keeps the observation each step reaches in info['next_obs'], before the auto-reset replaces it.
-
-    The relabelled reward needs the achieved goal of the state a step ends in, the last step of an
-    episode included. Only `step` writes the key (the training wrapper copies the env's own reset info
-    over ended envs, which would overwrite it); `with_next_obs` seeds it after the batched reset."""
-
-    def step(self, state, action):
-        state = self.env.step(state, action)
-        return state.replace(info={**state.info, "next_obs": state.obs})
-
-
-def with_next_obs(env_state):
-    return env_state.replace(info={**env_state.info, "next_obs": env_state.obs})
-
-
 def collect_unroll(env, policy, env_state, key, unroll_length: int, goal_indices):
     """Steps the batched env `unroll_length` times with `policy(obs, key) -> action`.
 
@@ -401,7 +384,7 @@ def collect_unroll(env, policy, env_state, key, unroll_length: int, goal_indices
         next_state = env.step(env_state, action)
         ended = next_state.done > 0
         record = {"obs": env_state.obs, "action": action,
-                  "next_achieved": next_state.info["next_obs"][:, jnp.asarray(goal_indices)],
+                  "next_achieved": next_state.info["last_obs"][:, jnp.asarray(goal_indices)],
                   "traj_id": env_state.info["traj_id"], "ended": ended,
                   "terminated": ended & (next_state.info["truncation"] == 0)}
         return next_state, record
@@ -625,7 +608,7 @@ if __name__ == "__main__":
 
     # ---- environments, networks, state ----
     raw_env = envs.make(args.env)
-    env = envs.wrap_for_training(RecordNextObs(raw_env), episode_length=args.episode_length,
+    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length,
                                  cached_reset=args.cached_reset)
     eval_env = envs.make(eval_env_id)
     dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
@@ -647,7 +630,7 @@ if __name__ == "__main__":
             "train_state": init_train_state(k_init, nets, optimizer, raw_env.observation_size, raw_env.action_size),
             "buffer": buffer_init(args.replay_size, args.num_envs, raw_env.observation_size, raw_env.action_size,
                                   len(dims["goal_indices"])),
-            "env_state": with_next_obs(env.reset(jax.random.split(k_reset, args.num_envs))),
+            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
             "key": key,
         }
 

@@ -43,6 +43,7 @@ class TrainingEnv(Wrapper):
             traj_id=jnp.zeros(n, jnp.int32),
             steps=jnp.zeros(n, jnp.int32),
             truncation=jnp.zeros(n),
+            last_obs=state.obs,
         )
         if self.cached_reset:
             state.info.update(first_pipeline_state=state.pipeline_state, first_obs=state.obs)
@@ -58,6 +59,7 @@ class TrainingEnv(Wrapper):
         info["truncation"] = (out_of_time & ~terminated).astype(jnp.float32)
         info["steps"] = jnp.where(done, 0, steps)
         info["traj_id"] = state.info["traj_id"] + done.astype(jnp.int32)
+        info["last_obs"] = state.obs  # the observation this step reached, kept through the reset
         state = state.replace(info=info, done=done.astype(jnp.float32))
         if self.cached_reset:
             pipeline_state = _select(done, info["first_pipeline_state"], state.pipeline_state)
@@ -88,7 +90,9 @@ def wrap_for_training(env: Env, episode_length: int = 1000, cached_reset: bool =
 
     Episodes end at `episode_length` steps or on the env's own termination and reset
     automatically; the returned state is already the first state of the next episode where
-    `state.done` is set. `state.info['traj_id']` counts the resets of each env.
+    `state.done` is set. `state.info['traj_id']` counts the resets of each env, and
+    `state.info['last_obs']` is the observation the step reached before any reset (what a TD
+    method's relabelled reward and bootstrap need at an episode's last step).
     cached_reset=True reproduces brax's AutoResetWrapper (the first state is restored: one start
     and goal per env for the whole run), for exact comparisons with the paper's runs.
     """

@@ -193,6 +193,21 @@ def test_training_wrapper_episode_limit_traj_id_and_fresh_goals():
     np.testing.assert_allclose(np.asarray(states[6].info["goal"]), goals[1])
 
 
+def test_training_wrapper_keeps_the_observation_an_episode_ended_in():
+    """At an episode end the returned obs is the fresh reset; info['last_obs'] is where it ended."""
+    raw = PointEnv()
+    env = envs.wrap_for_training(raw, episode_length=3)
+    state = jax.jit(env.reset)(jax.random.split(jax.random.PRNGKey(0), 2))
+    np.testing.assert_allclose(np.asarray(state.info["last_obs"]), np.asarray(state.obs))
+    action = jnp.full((2, 2), 0.5)
+    states = _rollout(env, state, [action] * 4)
+    ended = states[2]
+    assert ended.done.tolist() == [1, 1]
+    np.testing.assert_allclose(np.asarray(ended.info["last_obs"][:, :2]), 0.15, atol=1e-6)  # 3 steps of 0.05
+    np.testing.assert_allclose(np.asarray(ended.obs[:, :2]), 0.0)  # the obs itself is the fresh reset
+    np.testing.assert_allclose(np.asarray(states[3].info["last_obs"]), np.asarray(states[3].obs))
+
+
 def test_training_wrapper_cached_reset_replays_the_first_goal():
     env = envs.wrap_for_training(PointEnv(), episode_length=3, cached_reset=True)
     state = jax.jit(env.reset)(jax.random.split(jax.random.PRNGKey(1), 2))

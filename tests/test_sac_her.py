@@ -140,24 +140,6 @@ def test_residual_tower_params_scale_with_depth_not_compile_structure():
     assert p12["params"]["ResidualTower_0"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 16)  # stacked for nn.scan
 
 
-def test_record_next_obs_keeps_the_state_an_episode_ended_in():
-    """The relabelled reward of an episode's last step needs the state it ended in, which the training
-    wrapper replaces by the reset state: RecordNextObs must keep it in info['next_obs']."""
-    import envs
-
-    raw = envs.make("reacher")
-    env = envs.wrap_for_training(sac_her.RecordNextObs(raw), episode_length=3)
-    state = sac_her.with_next_obs(env.reset(jax.random.split(jax.random.PRNGKey(0), 2)))
-    action = jnp.full((2, raw.action_size), 0.5)
-    step = jax.jit(env.step)
-    for _ in range(3):
-        before, state = state, step(state, action)
-    assert np.all(np.asarray(state.done) == 1.0) and np.all(np.asarray(state.info["traj_id"]) == 1)
-    ended_in = jax.jit(jax.vmap(raw.step))(before.replace(done=jnp.zeros(2)), action).obs
-    np.testing.assert_allclose(np.asarray(state.info["next_obs"]), np.asarray(ended_in), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(np.asarray(state.obs), np.asarray(ended_in))  # the obs itself is the fresh reset
-
-
 def run_script(*flags, check=True):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sac_her.py"), *flags], cwd=ROOT, env=env,
