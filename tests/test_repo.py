@@ -45,3 +45,30 @@ def test_pins_of_the_paper_stack():
 def test_run_outputs_are_ignored():
     ignored = _read(".gitignore").split()
     assert "runs/" in ignored and "wandb/" in ignored
+
+
+def test_every_script_command_in_the_readme_parses_with_its_args():
+    """Each documented `python <script>.py ...` line is accepted by that script's tyro Args."""
+    import importlib.util
+    import shlex
+    import sys
+
+    import tyro
+
+    lines = [l for b in _bash_blocks(_read("README.md")) for cmd in b.splitlines() for l in cmd.split("&&")]
+    checked = 0
+    for line in lines:
+        words = shlex.split(line.split("#")[0])
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+        if not scripts or "<run>" in line or "*" in line:
+            continue
+        i = scripts[0]
+        spec = importlib.util.spec_from_file_location("_readme_" + os.path.basename(words[i])[:-3], os.path.join(ROOT, words[i]))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
+        spec.loader.exec_module(module)
+        if not hasattr(module, "Args"):  # tools with their own parsers (grid.py) are tested elsewhere
+            continue
+        tyro.cli(module.Args, args=words[i + 1:])
+        checked += 1
+    assert checked >= 8
