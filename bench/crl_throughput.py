@@ -3,7 +3,7 @@
     python bench/crl_throughput.py                          # depths 4 16 64 256 1024, width/batch 256
     python bench/crl_throughput.py --depths 4 64 --sgd-steps 5
 
-Per depth and network variant (scan, scan + remat, scan unrolled by 2/4, and a plain Python loop
+Per depth and network variant (scan, scan + remat, scan unrolled by N = 1/2/4/8/16, and a plain Python loop
 of blocks for comparison) it prints the compile seconds and the steady rate of a jitted scan of
 SGD steps (fixed batch: only the networks are measured), the achieved GFLOP/s of the dense layers
 and the fraction of this machine's measured float32 matmul peak. For the scan variants it also
@@ -43,9 +43,10 @@ class BenchArgs:
     """tower width"""
     batch_size: int = 256
     """SGD batch"""
-    variants: list[Literal["scan", "remat", "unroll2", "unroll4", "loop"]] = field(
+    variants: list[Literal["scan", "remat", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop"]] = field(
         default_factory=lambda: ["scan", "remat", "unroll2", "loop"])
-    """network builds to compare"""
+    """network builds to compare: scan = crl_deep's default unroll, unrollN = the scan with
+    --scan-unroll N, loop = residual blocks as a Python loop"""
     loop_max_depth: int = 64
     """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
     sgd_steps: int = 10
@@ -70,6 +71,13 @@ class LoopTower(nn.Module):
         for i in range(self.depth // 4):
             x, _ = C.ResidualBlock(self.width, True, "swish", name=f"block_{i}")(x, None)
         return x
+
+
+def scan_unroll(variant: str, depth: int) -> int:
+    """--scan-unroll of a variant: N for unrollN, crl_deep's default otherwise."""
+    if variant.startswith("unroll"):
+        return int(variant[len("unroll"):])
+    return C.Args(depth=depth).scan_unroll
 
 
 def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
@@ -122,7 +130,7 @@ def matmul_peak() -> dict:
 
 def measure_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims, peak: float) -> dict:
     args = C.Args(depth=depth, width=bench.width, batch_size=bench.batch_size, remat=variant == "remat",
-                  scan_unroll={"unroll2": 2, "unroll4": 4}.get(variant, 1))
+                  scan_unroll=scan_unroll(variant, depth))
     nets = build(variant, depth, bench.width, dims, args)
     key = jax.random.PRNGKey(0)
     start = time.perf_counter()
@@ -164,7 +172,7 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
                   num_envs=bench.num_envs, unroll_length=unroll, sgd_steps_per_train_step=sgd_per_step,
                   replay_size=1000, min_replay_size=max(2 * unroll, -(-bench.batch_size // bench.num_envs)),
                   episode_length=1000,
-                  remat=variant == "remat", scan_unroll={"unroll2": 2, "unroll4": 4}.get(variant, 1))
+                  remat=variant == "remat", scan_unroll=scan_unroll(variant, depth))
     nets = C.build_networks(args, 0, 0, dims.action_size)
     key = jax.random.PRNGKey(0)
     carry = jax.jit(lambda k: {"train_state": C.init_train_state(k, nets, args, dims),
