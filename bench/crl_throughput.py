@@ -3,13 +3,17 @@
     python bench/crl_throughput.py                          # depths 4 16 64 256 1024, width/batch 256
     python bench/crl_throughput.py --depths 4 64 --sgd-steps 5
 
-Per depth and network variant (scan, scan + remat, scan unrolled by N = 1/2/4/8/16, and a plain Python loop
-of blocks for comparison) it prints the compile seconds and the steady rate of a jitted scan of
-SGD steps (fixed batch: only the networks are measured), the achieved GFLOP/s of the dense layers
-and the fraction of this machine's measured float32 matmul peak. For the scan variants it also
-compiles and runs crl_deep.train_epoch on reacher (collect + insert + sample + SGD) at the paper's
-update-to-data ratio (~40 env steps per SGD step) and reports env steps/s of that loop, its compile
-seconds and XLA's memory estimate, and start-to-first-update (init + compile + first SGD step).
+Per depth and network variant (scan = crl_deep's default build, remat = --remat, save_all = the scan
+keeping every intermediate for the backward pass (crl_deep's build before it recomputed LayerNorm/swish),
+unrollN = --scan-unroll N, loop = residual blocks as a plain Python loop, as in the paper's code) it
+prints the compile seconds and the rate of the jitted SGD step (fixed batch: only the networks
+are measured), timed in `rounds` rounds interleaved across the variants of a depth so that load from
+elsewhere hits them alike (median and best round), the achieved GFLOP/s of the dense layers and the
+fraction of this machine's measured float32 matmul peak (the larger of a 2048^3 product and a chain
+of 256x256 layers at batch 256, best of 3 each). For the non-loop variants it also compiles and runs
+crl_deep.train_epoch on reacher (collect + insert + sample + SGD) at the paper's update-to-data
+ratio (~40 env steps per SGD step) and reports env steps/s of that loop, its compile seconds and
+XLA's memory estimate, and start-to-first-update (init + compile + first SGD step).
 
 FLOPs counted per SGD step (dense layers only, 2*B*in*out per forward layer): critic update =
 3 x (phi + psi) forward (forward + input and weight gradients); actor update = 3 x actor + phi
@@ -43,16 +47,18 @@ class BenchArgs:
     """tower width"""
     batch_size: int = 256
     """SGD batch"""
-    variants: list[Literal["scan", "remat", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop"]] = field(
-        default_factory=lambda: ["scan", "remat", "unroll2", "loop"])
-    """network builds to compare: scan = crl_deep's default unroll, unrollN = the scan with
-    --scan-unroll N, loop = residual blocks as a Python loop"""
+    variants: list[Literal["scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16",
+                           "loop"]] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
+    """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
+    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks"""
     loop_max_depth: int = 64
     """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
     sgd_steps: int = 10
-    """SGD steps timed per measurement (fewer are used where one step takes seconds)"""
+    """SGD steps timed per round (fewer where one step takes seconds)"""
     seconds_per_measurement: float = 20.0
-    """cap on the timed SGD steps of one measurement"""
+    """cap on the timed SGD steps of one round"""
+    rounds: int = 3
+    """timed rounds per variant, interleaved across the variants of a depth"""
     whole_loop: bool = True
     """also measure crl_deep.train_epoch on reacher"""
     num_envs: int = 32
@@ -73,6 +79,21 @@ class LoopTower(nn.Module):
         return x
 
 
+class SaveAllTower(nn.Module):
+    """crl_deep.Tower without any checkpointing: the scan stacks every intermediate of every block."""
+
+    depth: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=C.kernel_init)(x)))
+        blocks = nn.scan(C.ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=self.depth // 4)
+        x, _ = blocks(self.width, True, "swish", name="blocks")(x, None)
+        return x
+
+
 def scan_unroll(variant: str, depth: int) -> int:
     """--scan-unroll of a variant: N for unrollN, crl_deep's default otherwise."""
     if variant.startswith("unroll"):
@@ -81,10 +102,11 @@ def scan_unroll(variant: str, depth: int) -> int:
 
 
 def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
-    if variant == "loop":
-        return C.Networks(C.Actor(LoopTower(depth, width), dims.action_size),
-                          C.Encoder(LoopTower(depth, width), args.repr_dim),
-                          C.Encoder(LoopTower(depth, width), args.repr_dim))
+    tower = {"loop": LoopTower, "save_all": SaveAllTower}.get(variant)
+    if tower is not None:
+        return C.Networks(C.Actor(tower(depth, width), dims.action_size),
+                          C.Encoder(tower(depth, width), args.repr_dim),
+                          C.Encoder(tower(depth, width), args.repr_dim))
     return C.build_networks(args, 0, 0, dims.action_size)
 
 
@@ -116,19 +138,21 @@ def matmul_peak() -> dict:
     a = jax.random.normal(key, (2048, 2048))
     mm = jax.jit(lambda a: a @ a)
     timed(mm, a)
-    _, t = timed(lambda a: [mm(a) for _ in range(10)][-1], a)
+    t = min(timed(lambda a: [mm(a) for _ in range(10)][-1], a)[1] for _ in range(3))
     big = 10 * 2 * 2048**3 / t / 1e9
     ws = jax.random.normal(key, (64, 256, 256)) / 16
     x = jax.random.normal(key, (256, 256))
     chain = jax.jit(lambda x, ws: jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0])
     timed(chain, x, ws)
-    _, t = timed(lambda x: [chain(x, ws) for _ in range(10)][-1], x)
+    t = min(timed(lambda x: [chain(x, ws) for _ in range(10)][-1], x)[1] for _ in range(3))
     small = 10 * 64 * 2 * 256**3 / t / 1e9
     return {"kind": "matmul_peak", "gflops_2048": round(big, 1), "gflops_chain_256": round(small, 1),
+            "peak_gflops": round(max(big, small), 1),
             "devices": jax.device_count(), "cpu_count": os.cpu_count()}
 
 
-def measure_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims, peak: float) -> dict:
+def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dict:
+    """Compiles the jitted SGD step of one variant and runs it once (start-to-first-update)."""
     args = C.Args(depth=depth, width=bench.width, batch_size=bench.batch_size, remat=variant == "remat",
                   scan_unroll=scan_unroll(variant, depth))
     nets = build(variant, depth, bench.width, dims, args)
@@ -142,27 +166,37 @@ def measure_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims, peak: 
              "action": jax.random.uniform(key, (b, dims.action_size), minval=-1, maxval=1),
              "goal": jax.random.normal(key, (b, len(dims.goal_indices)))}
 
-    def steps(state, keys):
-        return jax.lax.scan(lambda s, k: C.sgd_step(s, batch, k, nets, args), state, keys)
-
-    def compiled_for(n):
-        fn = jax.jit(steps, donate_argnums=0)
-        t = time.perf_counter()
-        out = fn.lower(state, jax.random.split(key, n)).compile()
-        return out, time.perf_counter() - t
-
-    one, compile_s = compiled_for(1)
-    (state, _), first_step_s = timed(one, state, jax.random.split(key, 1))
+    step = jax.jit(lambda s, k: C.sgd_step(s, batch, k, nets, args), donate_argnums=0)
+    t = time.perf_counter()
+    step = step.lower(state, key).compile()
+    compile_s = time.perf_counter() - t
+    (state, _), first_step_s = timed(step, state, key)
     n = max(1, min(bench.sgd_steps, int(bench.seconds_per_measurement / max(first_step_s, 1e-3))))
-    many, _ = compiled_for(n) if n > 1 else (one, 0.0)
-    (state, metrics), t = timed(many, state, jax.random.split(key, n))
-    assert np.isfinite(float(metrics["critic_loss"][-1]))
-    rate = n / t
-    gflops = sgd_flops(depth, bench.width, b, dims, args.repr_dim) * rate / 1e9
-    return {"kind": "sgd", "variant": variant, "depth": depth, "width": bench.width, "batch": b,
-            "compile_s": round(compile_s, 2), "sgd_steps_per_s": round(rate, 3), "timed_steps": n,
-            "gflops": round(gflops, 1), "fraction_of_matmul_peak": round(gflops / peak, 3),
-            "start_to_first_update_s": round(init_s + compile_s + first_step_s, 2)}
+    return {"variant": variant, "depth": depth, "args": args, "fn": step, "state": state,
+            "keys": list(jax.random.split(key, n)), "n": n, "compile_s": compile_s, "round_s": [],
+            "start_to_first_update_s": init_s + compile_s + first_step_s}
+
+
+def time_round(m: dict):
+    """n SGD steps, one dispatch each (dispatch costs microseconds; a step, milliseconds)."""
+    start = time.perf_counter()
+    for k in m["keys"]:
+        m["state"], metrics = m["fn"](m["state"], k)
+    jax.block_until_ready(metrics)
+    m["round_s"].append(time.perf_counter() - start)
+    assert np.isfinite(float(metrics["critic_loss"]))
+
+
+def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
+    rate, best = m["n"] / float(np.median(m["round_s"])), m["n"] / min(m["round_s"])
+    gflops = sgd_flops(m["depth"], bench.width, bench.batch_size, dims, m["args"].repr_dim) * rate / 1e9
+    return {"kind": "sgd", "variant": m["variant"], "depth": m["depth"], "width": bench.width,
+            "batch": bench.batch_size, "compile_s": round(m["compile_s"], 2),
+            "sgd_steps_per_s": round(rate, 3), "sgd_steps_per_s_best_round": round(best, 3),
+            "timed_steps": m["n"], "rounds": len(m["round_s"]), "gflops": round(gflops, 1),
+            "fraction_of_matmul_peak": round(gflops / peak["peak_gflops"], 3),
+            "fraction_of_2048_matmul": round(gflops / peak["gflops_2048"], 3),
+            "start_to_first_update_s": round(m["start_to_first_update_s"], 2)}
 
 
 def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
@@ -207,13 +241,18 @@ if __name__ == "__main__":
     peak_line = matmul_peak()
     print(json.dumps(peak_line), flush=True)
     for depth in bench.depths:
-        for variant in bench.variants:
-            if variant == "loop" and depth > bench.loop_max_depth:
-                continue
-            line = measure_sgd(variant, depth, bench, dims, peak_line["gflops_2048"])
-            print(json.dumps(line), flush=True)
-            if bench.whole_loop and variant != "loop":
-                print(json.dumps(measure_loop(variant, depth, bench, env, stepper, dims)), flush=True)
+        variants = [v for v in bench.variants if not (v == "loop" and depth > bench.loop_max_depth)]
+        measured = [prepare_sgd(v, depth, bench, dims) for v in variants]
+        for _ in range(bench.rounds):
+            for m in measured:
+                time_round(m)
+        for m in measured:
+            print(json.dumps(sgd_line(m, bench, dims, peak_line)), flush=True)
+        del measured
+        if bench.whole_loop:
+            for variant in variants:
+                if variant not in ("loop", "save_all"):
+                    print(json.dumps(measure_loop(variant, depth, bench, env, stepper, dims)), flush=True)
     import resource
 
     print(json.dumps({"kind": "process", "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
