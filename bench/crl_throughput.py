@@ -65,29 +65,21 @@ class BenchArgs:
     """envs of the whole-loop measurement (unroll 10: 320 env steps per 8 SGD steps, ratio 1:40)"""
 
 
-class LoopTower(nn.Module):
-    """crl_deep.Tower with its residual blocks as a Python loop (compile time grows with depth)."""
+class ComparisonTower(nn.Module):
+    """crl_deep.Tower with no checkpointing, its blocks either scanned (save_all: the scan stacks
+    every intermediate) or a Python loop (loop: compile time grows with depth)."""
 
     depth: int
     width: int
+    python_loop: bool
 
     @nn.compact
     def __call__(self, x):
         x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=C.kernel_init)(x)))
-        for i in range(self.depth // 4):
-            x, _ = C.ResidualBlock(self.width, True, "swish", name=f"block_{i}")(x, None)
-        return x
-
-
-class SaveAllTower(nn.Module):
-    """crl_deep.Tower without any checkpointing: the scan stacks every intermediate of every block."""
-
-    depth: int
-    width: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=C.kernel_init)(x)))
+        if self.python_loop:
+            for i in range(self.depth // 4):
+                x, _ = C.ResidualBlock(self.width, True, "swish", name=f"block_{i}")(x, None)
+            return x
         blocks = nn.scan(C.ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.depth // 4)
         x, _ = blocks(self.width, True, "swish", name="blocks")(x, None)
@@ -102,11 +94,12 @@ def scan_unroll(variant: str, depth: int) -> int:
 
 
 def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
-    tower = {"loop": LoopTower, "save_all": SaveAllTower}.get(variant)
-    if tower is not None:
-        return C.Networks(C.Actor(tower(depth, width), dims.action_size),
-                          C.Encoder(tower(depth, width), args.repr_dim),
-                          C.Encoder(tower(depth, width), args.repr_dim))
+    if variant in ("loop", "save_all"):
+        def tower():
+            return ComparisonTower(depth, width, python_loop=variant == "loop")
+
+        return C.Networks(C.Actor(tower(), dims.action_size), C.Encoder(tower(), args.repr_dim),
+                          C.Encoder(tower(), args.repr_dim))
     return C.build_networks(args, 0, 0, dims.action_size)
 
 
