@@ -23,7 +23,7 @@ def _env(devices=1):
     env = dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
 

@@ -199,7 +199,6 @@ def test_commanded_pose_is_reached_within_a_few_steps():
     np.testing.assert_allclose(np.asarray(state.obs[:, 13:16]), 0.0, atol=0.05)  # at rest
 
 
-@pytest.mark.slow
 def test_scripted_controller_solves_push_easy():
     """8 episodes (two batches of 4), 80 steps (4 s) each: at least 6 end with the cube at the goal."""
     c = compiled("arm_push_easy")

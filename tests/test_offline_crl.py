@@ -220,7 +220,6 @@ def test_depth_flags_set_each_network_and_cold_init_shrinks_the_critic_heads():
 TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--train-steps", "40", "--eval-every", "20"]
 
 
-@pytest.mark.slow
 def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path):
     dataset = str(tmp_path / "pm.npz")
     run_script(os.path.join(ROOT, "tools", "make_ogbench_dataset.py"),
@@ -268,7 +267,6 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
     assert rows[1]["train_steps"] == 40 and os.path.exists(run / "summary.json")
 
 
-@pytest.mark.slow
 def test_tiny_run_on_a_buffer_saved_from_our_own_env(tmp_path):
     import envs
     env = envs.make("reacher")
