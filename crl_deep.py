@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -857,8 +858,21 @@ if __name__ == "__main__":
             "key": key,
         }
 
-    carry = initial_carry(k_init, k_reset, key)
-    shardings = carry_shardings(carry, mesh, args.num_envs)
+    # The initial state (its own compile, the env reset and, at depth 1024, ~200M random draws) is
+    # built in a background thread while the epoch function compiles from shapes alone: XLA releases
+    # the GIL while it compiles, so the two overlap (bench/crl_throughput.py: start-to-first-update).
+    carry_shapes = initial_carry.eval_shape(k_init, k_reset, key)
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    compile_start = time.time()
+    with ThreadPoolExecutor(1) as pool:
+        pending_carry = pool.submit(initial_carry, k_init, k_reset, key)
+        epoch_fn = jax.jit(
+            lambda c: train_epoch(c, stepper, nets, args, dims, num_train_steps, batch_sharding),
+            in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=0,
+        ).lower(carry_shapes).compile()
+        compile_seconds = time.time() - compile_start
+        carry = pending_carry.result()
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     buffer_loaded = False
     if resume_path is not None:
@@ -879,14 +893,6 @@ if __name__ == "__main__":
         # epoch function would then overwrite in place.
         carry = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c), out_shardings=shardings)(carry)
     carry = jax.device_put(carry, shardings)
-
-    compile_start = time.time()
-    epoch_fn = jax.jit(
-        lambda c: train_epoch(c, stepper, nets, args, dims, num_train_steps, batch_sharding),
-        in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    ).lower(carry).compile()
-    compile_seconds = time.time() - compile_start
     prefill_fn = jax.jit(lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
                          in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
 
