@@ -171,12 +171,17 @@ class Tower(nn.Module):
         if self.layer_norm:
             x = nn.LayerNorm()(x)
         x = activation_fn(self.activation)(x)
-        # Backward-pass memory: by default keep only the matmul outputs of each block and recompute
-        # LayerNorm/swish from them (cheap elementwise work; on CPU faster from depth 16 up than saving
-        # every intermediate, which the scan must stack per block); --remat keeps only the block input and
+        # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
+        # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
+        # depth 16 up than saving every intermediate, which the scan must stack per block). A single
+        # block (depth 4) stacks nothing, so it saves everything. --remat keeps only the block input and
         # recomputes the whole block (one extra forward pass, least memory).
-        policy = None if self.remat else jax.checkpoint_policies.checkpoint_dots
-        block = nn.remat(ResidualBlock, prevent_cse=False, policy=policy)
+        if self.remat:
+            block = nn.remat(ResidualBlock, prevent_cse=False)
+        elif self.depth > 4:
+            block = nn.remat(ResidualBlock, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        else:
+            block = ResidualBlock
         blocks = nn.scan(
             block,
             variable_axes={"params": 0, "intermediates": 0},
