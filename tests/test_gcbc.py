@@ -115,8 +115,10 @@ def test_bc_loss_is_the_gaussian_negative_log_likelihood_of_valid_rows():
     assert np.all(np.abs(mean) <= 1.0) and np.all((log_std >= -5) & (log_std <= 2))
 
 
-def run_script(*flags, check=True):
+def run_script(*flags, check=True, full_optimization=False):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "WANDB_MODE": "disabled"}
+    if full_optimization:  # a compute-bound learning run: drop conftest's fast-compile XLA level
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "gcbc.py"), *flags], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if check:
@@ -218,7 +220,8 @@ def test_offline_gcbc_imitates_a_scripted_reacher_demonstrator(tmp_path):
     random_success = generate_reacher_dataset(None, 256, 100, noise=0.0, scripted=False)
     run_script("--env", "reacher", "--mode", "offline", "--dataset", str(tmp_path / "demo.npz"), "--width", "64",
                "--depth", "4", "--num-eval-envs", "64", "--episode-length", "100", "--learning-rate", "1e-3",
-               "--train-steps", "3000", "--num-epochs", "3", "--run-dir", str(tmp_path), "--run-name", "learn")
+               "--train-steps", "3000", "--num-epochs", "3", "--run-dir", str(tmp_path), "--run-name", "learn",
+               full_optimization=True)
     rows = read_rows(tmp_path / "learn")[:-1]
     losses = [r["training/bc_loss"] for r in rows]
     success = [r["eval/episode_success"] for r in rows]

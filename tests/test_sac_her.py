@@ -140,8 +140,10 @@ def test_residual_tower_params_scale_with_depth_not_compile_structure():
     assert p12["params"]["ResidualTower_0"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 16)  # stacked for nn.scan
 
 
-def run_script(*flags, check=True):
+def run_script(*flags, check=True, full_optimization=False):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "WANDB_MODE": "disabled"}
+    if full_optimization:  # a compute-bound learning run: drop conftest's fast-compile XLA level
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sac_her.py"), *flags], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if check:
@@ -211,7 +213,7 @@ def test_sac_her_learns_to_reach_on_reacher(tmp_path):
                "--episode-length", "100", "--unroll-length", "10", "--sgd-steps-per-train-step", "40",
                "--batch-size", "256", "--replay-size", "2000", "--min-replay-size", "100", "--learning-rate", "1e-3",
                "--total-env-steps", "21000", "--num-epochs", "3", "--seed", "0",
-               "--run-dir", str(tmp_path), "--run-name", "learn")
+               "--run-dir", str(tmp_path), "--run-name", "learn", full_optimization=True)
     rows = [json.loads(line) for line in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     final = rows[-2]["eval/episode_success"]
     baseline = random_policy_success(100)
