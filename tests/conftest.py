@@ -16,19 +16,3 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a baseline's learning test, minutes long; deselected by default, run them with -m slow")
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """xdist's loadfile hands out files by test count, largest first, which leaves the one-test,
-    3-minute learning file to run alone at the end of the suite; start it first instead."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class LearningTestFirst(LoadFileScheduling):
-        def _assign_work_unit(self, node):
-            for scope in [s for s in self.workqueue if s.endswith("test_crl_learning.py")]:
-                self.workqueue.move_to_end(scope, last=False)
-            super()._assign_work_unit(node)
-
-    return LearningTestFirst(config, log)
