@@ -1,0 +1,99 @@
+"""tools/table1.py on hand-written run folders: scores, ratios, the paper's numbers, the flags."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tools import table1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = 98_946_048  # what crl_deep reaches with the paper's settings
+
+
+def write_run(path, env, depth, seed, successes, steps, finished=True, script="crl_deep", batch_size=256,
+              seed_field=False):
+    """A run folder as crl_deep writes it: config.json, metrics.jsonl (+ summary line), summary.json.
+    `successes` is one list per epoch ({seed: value} when seed_field: several seeds in one folder)."""
+    path.mkdir(parents=True)
+    args = {"env": env, "depth": depth, "seed": seed, "batch_size": batch_size}
+    (path / "config.json").write_text(json.dumps({"script": script, "args": args}))
+    lines = []
+    for epoch, (value, step) in enumerate(zip(successes, steps)):
+        if seed_field:
+            lines += [{"epoch": epoch, "seed": s, "env_steps": step, "eval/episode_success": v} for s, v in value.items()]
+        else:
+            lines.append({"epoch": epoch, "env_steps": step, "eval/episode_success": value})
+    if finished and not seed_field:
+        tail = successes[-5:]
+        summary = {"summary": True, "eval/episode_success_last5": sum(tail) / len(tail)}
+        lines.append(summary)
+        (path / "summary.json").write_text(json.dumps(summary))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def grid(tmp_path):
+    steps6 = [FULL // 6 * (i + 1) for i in range(5)] + [FULL]
+    # ant_u4_maze depth 4: three finished seeds, last-5 means 10, 20, 30 (first epoch is left out)
+    for seed, base in enumerate([10, 20, 30]):
+        write_run(tmp_path / f"u4_d4_s{seed}", "ant_u4_maze", 4, seed, [999] + [base - 2, base - 1, base, base + 1, base + 2],
+                  steps6)
+    # depth 64: two finished seeds (last-5 200 and 300) and one folder holding no summary (interrupted at
+    # epoch 3 of 6: its score is the mean of its 4 evaluations, its steps the shortest)
+    write_run(tmp_path / "u4_d64_s0", "ant_u4_maze", 64, 0, [0, 200, 200, 200, 200, 200], steps6)
+    write_run(tmp_path / "u4_d64_s1", "ant_u4_maze", 64, 1, [0, 300, 300, 300, 300, 300], steps6)
+    write_run(tmp_path / "u4_d64_s2", "ant_u4_maze", 64, 2, [40, 80, 120, 160], steps6[:4], finished=False)
+    # humanoid: two seeds trained in one process (a `seed` field per line), 2M steps, batch 512
+    write_run(tmp_path / "hum_d4", "humanoid", 4, 7, [{7: 1.0, 8: 3.0}, {7: 2.0, 8: 4.0}], [1_000_000, 2_000_000],
+              seed_field=True, batch_size=512)
+    # a run of another script is left out
+    write_run(tmp_path / "sac", "humanoid", 4, 0, [5.0], [FULL], script="sac_her")
+    return tmp_path
+
+
+def test_rows_by_hand(grid):
+    runs = table1.run_files.find_runs([str(grid)])
+    rows = {(r["env"], r["depth"]): r for r in table1.table_rows([r for r in runs if r.script == "crl_deep"])}
+    assert list(rows) == [("ant_u4_maze", 4), ("ant_u4_maze", 64), ("humanoid", 4)]  # paper order, then depth
+    d4, d64, hum = rows[("ant_u4_maze", 4)], rows[("ant_u4_maze", 64)], rows[("humanoid", 4)]
+    assert d4["mean"] == pytest.approx(20.0) and d4["std"] == pytest.approx(math.sqrt(200 / 3))
+    assert d4["seeds"] == 3 and d4["paper"] == 11.4 and d4["env_steps"] == FULL and d4["notes"] == []
+    assert d4["ratio"] is None and d4["paper_ratio"] is None  # ratios live on the depth-64 row
+    scores = [200.0, 300.0, 100.0]  # the interrupted seed: mean of 40, 80, 120, 160
+    mean = sum(scores) / 3
+    assert d64["mean"] == pytest.approx(mean)
+    assert d64["std"] == pytest.approx(math.sqrt(sum((s - mean) ** 2 for s in scores) / 3))
+    assert d64["ratio"] == pytest.approx(mean / 20.0) and d64["paper_ratio"] == pytest.approx(286 / 11.4)
+    assert d64["env_steps"] == steps6_at(3) and d64["paper"] == 286
+    assert d64["notes"] == [f"SHORT: {steps6_at(3) / 1e8:.1%} of the paper's 100M steps", "1 unfinished"]
+    assert hum["mean"] == pytest.approx((1.5 + 3.5) / 2) and hum["std"] == pytest.approx(1.0)
+    assert hum["seeds"] == 2 and hum["batch_size"] == 512 and hum["env_steps"] == 2_000_000
+    assert hum["notes"] == ["SHORT: 2.0% of the paper's 100M steps", "2 unfinished", "2 seeds"]
+
+
+def steps6_at(i):
+    return FULL // 6 * (i + 1)
+
+
+def test_cli_prints_the_markdown_table(grid, tmp_path):
+    out = tmp_path / "t.md"
+    proc = subprocess.run([sys.executable, "-m", "tools.table1", str(grid), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 run folder(s) not made by crl_deep.py left out" in proc.stderr
+    assert out.read_text() == proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[2].startswith("| env | depth | ours | seeds | paper | ratio (ours) | ratio (paper) |")
+    assert lines[4] == "| ant_u4_maze | 4 | 20.0 +- 8.2 | 3 | 11.4 | - | - | 98,946,048 | 256 |  |"
+    assert lines[5].startswith("| ant_u4_maze | 64 | 200 +- 81.6 | 3 | 286 | 10x | 25x | 65,964,032 | 256 | SHORT: 66.0%")
+    assert lines[6].startswith("| humanoid | 4 | 2.5 +- 1.0 | 2 | 12.6 | - | - | 2,000,000 | 512 | SHORT: 2.0%")
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tools.table1", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: no crl_deep run folders")
