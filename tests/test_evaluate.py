@@ -1,0 +1,120 @@
+"""tools/evaluate.py: a saved run's checkpoint, evaluated again, gives the numbers the run logged."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tools import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/test_crl_runs.py's tiny reacher config, 2 epochs (2 training steps each after a 2-unroll prefill)
+CRL_TINY = ["--env", "reacher", "--depth", "8", "--width", "32", "--repr-dim", "16", "--batch-size", "32",
+            "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "50", "--unroll-length", "10",
+            "--sgd-steps-per-train-step", "60", "--replay-size", "200", "--min-replay-size", "20",
+            "--num-epochs", "2", "--total-env-steps", str(80 + 2 * 2 * 40), "--seed", "3"]
+
+
+def _env():
+    return dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu")
+
+
+def train(tmp_path, script, *argv):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--run-dir", str(tmp_path),
+                           "--run-name", script], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / script
+
+
+def last_logged(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [m for m in lines if not m.get("summary")][-1]
+
+
+def assert_same_as_logged(result, logged):
+    evals = {k: v for k, v in logged.items() if k.startswith("eval/")}
+    assert len(evals) >= 4
+    assert {k: result[k] for k in evals} == pytest.approx(evals, rel=1e-6, abs=1e-6)
+    assert result["epoch"] == logged["epoch"] and result["env_steps"] == logged["env_steps"]
+    assert result["same_as_run"] is True and result["key"] == "run"
+
+
+@pytest.fixture(scope="module")
+def crl_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("evaluate"), "crl_deep", *CRL_TINY)
+
+
+def test_cli_repeats_the_runs_last_evaluation(crl_run):
+    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", str(crl_run)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["script"] == "crl_deep" and result["env"] == "reacher" and result["episodes"] == 4
+    assert_same_as_logged(result, last_logged(crl_run))
+
+
+def test_another_key_env_or_episode_count_evaluates_afresh(crl_run):
+    logged = last_logged(crl_run)
+    result = evaluate.evaluate(str(crl_run), episodes=6, seed=11)
+    assert result["episodes"] == 6 and result["key"] == "seed 11" and result["same_as_run"] is False
+    assert result["eval/episode_length"] == 50.0  # reacher never terminates: whole episodes
+    assert result["eval/episode_dist"] != logged["eval/episode_dist"]  # other resets, other distances
+    assert 0 <= result["eval/episode_success"] <= 50
+
+
+def test_bad_inputs_fail_with_one_line(crl_run, tmp_path):
+    assert evaluate.main([str(tmp_path)]) == 2  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"script": "qmap", "args": {}}))
+    with pytest.raises(ValueError, match="names script 'qmap'"):
+        evaluate.load_policy(str(tmp_path))
+    with pytest.raises(ValueError, match="observations 31 / actions 8; the run's policy takes 13 / 2"):
+        evaluate.evaluate(str(crl_run), env_id="ant")
+    with pytest.raises(ValueError, match="unknown env 'nope'"):
+        evaluate.evaluate(str(crl_run), env_id="nope")
+
+
+def test_video_of_the_best_evaluated_episode(crl_run, tmp_path):
+    from tools.render import osmesa_available
+
+    if not (osmesa_available() or os.environ.get("MUJOCO_GL")):
+        pytest.skip("no OpenGL backend for MuJoCo (apt-get install libosmesa6)")
+    out = tmp_path / "r.gif"
+    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", str(crl_run), "--video", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert_same_as_logged(result, last_logged(crl_run))  # rendering changes nothing of the evaluation
+    assert out.stat().st_size > 0 and result["video"]["frames"] == 25  # 50 steps, every 2nd rendered
+    assert 0 <= result["video"]["steps_at_goal"] <= 50
+
+
+BASELINE_TINY = ["--env", "reacher", "--depth", "4", "--width", "16", "--num-envs", "4", "--num-eval-envs", "4",
+                 "--episode-length", "20", "--unroll-length", "5", "--sgd-steps-per-train-step", "2",
+                 "--batch-size", "8", "--replay-size", "50", "--min-replay-size", "10", "--total-env-steps", "200",
+                 "--num-epochs", "2", "--seed", "5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, argv", [
+    ("sac_her", BASELINE_TINY),
+    ("td3_her", BASELINE_TINY),
+    ("gcbc", ["--mode", "online", *BASELINE_TINY]),
+    ("offline_crl", None),
+])
+def test_every_script_repeats_its_logged_evaluation(tmp_path, script, argv):
+    if script == "offline_crl":  # on one of our envs, from a dataset of random reacher steps
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        terminals = np.zeros(200, np.float32)
+        terminals[49::50] = 1
+        np.savez(tmp_path / "d.npz", observations=rng.normal(size=(200, 10)).astype(np.float32),
+                 actions=rng.uniform(-1, 1, size=(200, 2)).astype(np.float32), terminals=terminals)
+        argv = ["--dataset", str(tmp_path / "d.npz"), "--env", "reacher", "--eval-episodes", "3",
+                "--eval-episode-length", "10", "--width", "32", "--repr-dim", "16", "--batch-size", "32",
+                "--train-steps", "40", "--eval-every", "20", "--seed", "2"]
+    run = train(tmp_path, script, *argv)
+    result = evaluate.evaluate(str(run))
+    assert result["script"] == script
+    assert_same_as_logged(result, last_logged(run))
