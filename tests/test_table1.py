@@ -97,3 +97,36 @@ def test_cli_error_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: no crl_deep run folders")
+
+
+def test_documented_commands_are_the_sweeps_runs_at_the_papers_settings():
+    """docs/table1.md's command per env parses with crl_deep's Args and equals the sweep's grid point."""
+    import dataclasses
+    import re
+    import shlex
+
+    import tyro
+
+    import crl_deep
+    from tools import grid
+
+    text = open(os.path.join(ROOT, "docs", "table1.md")).read()
+    paper = re.search(r'^PAPER="(.*)"$', text, flags=re.M).group(1)
+    lines = [l for l in text.splitlines() if l.startswith("python crl_deep.py $PAPER ")]
+    sweep = grid.load_sweep(os.path.join(ROOT, "sweeps", "table1.yaml"))
+    points = {r.params["env"]: r for r in grid.expand(sweep, only={"depth": ["64"], "seed": ["0"]})}
+    assert len(lines) == 10 and len(points) == 10
+    for line in lines:
+        argv = shlex.split(line.replace("$PAPER", paper))[2:]
+        documented = tyro.cli(crl_deep.Args, args=argv)
+        crl_deep.check_args(documented, num_devices=1)
+        swept = tyro.cli(crl_deep.Args, args=points.pop(documented.env).argv())
+        assert dataclasses.replace(documented, eval_env=None) == swept  # the sweep leaves the eval env to the default
+        assert documented.eval_env == __import__("envs").eval_variant(documented.env)
+        assert (documented.num_envs, documented.unroll_length, documented.sgd_steps_per_train_step,
+                documented.replay_size, documented.min_replay_size, documented.num_epochs,
+                documented.total_env_steps, documented.num_eval_envs) == (512, 62, 800, 10_000, 1_000, 100, 10**8, 128)
+        steps = (crl_deep.prefill_unrolls(documented) * 62 * 512
+                 + 100 * crl_deep.train_steps_per_epoch(documented) * 512 * 62)
+        assert steps == FULL >= table1.FULL_LENGTH * table1.PAPER_ENV_STEPS  # a full run is not flagged SHORT
+    assert not points
