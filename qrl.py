@@ -1,0 +1,1122 @@
+"""Quasimetric RL (QRL) for goal reaching, online on `envs/` or offline on OGBench-format datasets,
+with the paper's depth-scalable residual towers.
+
+    python qrl.py --mode online --env arm_push_easy --depth 16
+    python qrl.py --mode offline --dataset data/pointmaze-giant-stitch-v0.npz --env pointmaze-giant-stitch-v0
+
+The value is a learned quasimetric d(s, g) >= 0 (asymmetric, triangle inequality, d(x, x) = 0) between
+latents of a state encoder phi(s) and a goal encoder psi(g): an IQE head (or MRN). It is trained by
+constrained optimisation: push random (state, goal) pairs apart, maximise mean 100 softplus(5 - d/100)'s
+negative, subject to one-step distances d(s, s') <= 1 (mean(relu(d - 1)^2) <= eps), with a learned
+Lagrange multiplier. A latent dynamics model phi(s) + T(phi(s), a) ~ phi(s') gives
+Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)), and the actor is trained DDPG+BC-style:
+-Q / stop_grad(mean |Q|) - alpha * log pi(a_data | s, g) (offline; online alpha = 0 and exploration is
+Gaussian noise on the actor's mean). Offline defaults are OGBench's QRL agent's; see docs/qrl.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclass(frozen=True)
+class Args:
+    mode: Literal["online", "offline"] = "online"
+    """online: collect with the actor on --env and learn from the replay; offline: learn from --dataset"""
+    env: str = "arm_push_easy"
+    """online: an envs/ id; offline: the evaluation env, an OGBench env name or one of our envs/ ids"""
+    eval_env: Optional[str] = None
+    """online: environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    dataset: str = ""
+    """offline: OGBench-format .npz (observations, actions, terminals); a `<name>-val.npz` twin is used when present"""
+    depth: int = 4
+    """Dense layers inside the residual blocks of every network (a positive multiple of 4)"""
+    actor_depth: Optional[int] = None
+    """override --depth for the actor"""
+    critic_depth: Optional[int] = None
+    """override --depth for the critic: encoders phi(s), psi(g) and the latent dynamics model"""
+    width: Optional[int] = None
+    """hidden width of every Dense layer (default: online 256, offline 512 as OGBench)"""
+    latent_dim: Optional[int] = None
+    """size of the latents phi(s), psi(g) the quasimetric compares (default: online 64, offline 512 as OGBench)"""
+    quasimetric: Literal["iqe", "mrn"] = "iqe"
+    """distance head: IQE (interval quasimetric embedding) or MRN (L2 half + max-ReLU half)"""
+    iqe_component_dim: int = 8
+    """IQE: latent coordinates per component (OGBench 8); --latent-dim must be a multiple of it"""
+    constraint_eps: float = 0.05
+    """the dual constraint: mean(relu(d(s, s') - 1)^2) <= eps (OGBench 0.05)"""
+    batch_size: Optional[int] = None
+    """transitions per gradient step (default: online 256, offline 1024 as OGBench)"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the encoders, the dynamics model, the IQE mixing weight and the multiplier"""
+    alpha: Optional[float] = None
+    """behaviour-cloning weight of the actor loss (default: online 0; offline 0.0003 pointmaze, else 0.003)"""
+    actor_random_goal_prob: Optional[float] = None
+    """probability that an actor goal is a random dataset state instead of a future one (default: offline
+    stitch datasets 0.5, else 0, as OGBench)"""
+    discount: float = 0.99
+    """online: gamma of the geometric future actor-goal sampling (offline actor goals are uniform future)"""
+    exploration_noise: float = 0.2
+    """online: std of the Gaussian noise added to the actor's mean while collecting"""
+    num_envs: int = 512
+    """online: parallel training environments"""
+    num_eval_envs: int = 128
+    """online: parallel evaluation environments (one episode each per epoch)"""
+    episode_length: int = 1000
+    """online: steps per episode, training and evaluation"""
+    total_env_steps: int = 50_000_000
+    """online: environment steps of the whole run, prefill included"""
+    num_epochs: int = 100
+    """online: epochs; after each one the host evaluates, logs and checkpoints"""
+    unroll_length: int = 62
+    """online: steps collected per env before each block of SGD steps"""
+    sgd_steps_per_train_step: int = 800
+    """online: SGD steps after each collected unroll"""
+    replay_size: int = 10_000
+    """online: replay capacity in steps PER ENV (a ring buffer of each env's trajectory)"""
+    min_replay_size: int = 1_000
+    """online: steps per env collected by the initial policy before training starts"""
+    train_steps: int = 1_000_000
+    """offline: gradient steps in total (OGBench 1M)"""
+    eval_every: int = 100_000
+    """offline: gradient steps between evaluations (one epoch: log, evaluate, checkpoint)"""
+    eval_episodes: int = 50
+    """offline: OGBench: episodes per task (5 tasks); envs/ ids: number of evaluation envs"""
+    eval_episode_length: Optional[int] = None
+    """offline: cap on evaluation episode length (default: the env's own limit; 1000 for envs/ ids)"""
+    remat: bool = False
+    """recompute each residual block in the backward pass (least memory, one extra forward pass)"""
+    seed: int = 0
+    """random seed"""
+    track: bool = False
+    """log metrics to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "crl_deep"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+    run_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """default: {env}__qrl_{mode}__d{depth}__s{seed}__{unix time}"""
+    resume: Optional[str] = None
+    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+
+
+SCRIPT = "qrl"
+# OGBench's QRL shaping of the push-apart term: 100 * softplus(5 - d / 100) per pair, i.e. a pull of
+# slope -1 on d that fades out once d passes ~500 (distances count steps, so far beyond any horizon).
+PUSH_SCALE, PUSH_OFFSET = 100.0, 5.0
+MULTIPLIER_INIT = 1.0  # the Lagrange multiplier starts at 1 (OGBench's init)
+MRN_EPS = 1e-12  # inside the MRN square root: finite gradient where the symmetric halves coincide
+
+
+def resolve(args: Args) -> Args:
+    """Fills the mode-dependent defaults (None fields)."""
+    online = args.mode == "online"
+    name = args.env
+    if args.alpha is not None:
+        alpha = args.alpha
+    else:
+        alpha = 0.0 if online else (0.0003 if name.startswith("pointmaze") else 0.003)
+    random_goal = args.actor_random_goal_prob
+    if random_goal is None:
+        random_goal = 0.5 if (not online and "stitch" in name) else 0.0
+    return dataclasses.replace(
+        args, width=args.width or (256 if online else 512), latent_dim=args.latent_dim or (64 if online else 512),
+        batch_size=args.batch_size or (256 if online else 1024), alpha=alpha, actor_random_goal_prob=random_goal)
+
+
+# --------------------------------------------------------------------------------------------
+# Networks: crl_deep.py's residual tower (copied unchanged), heads for QRL
+# --------------------------------------------------------------------------------------------
+
+# Every Dense: variance scaling 1/3, fan_in, uniform (the reference's "lecun_uniform"), bias 0.
+kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def activation_fn(name: str):
+    return {"swish": nn.swish, "relu": nn.relu}[name]
+
+
+class ResidualBlock(nn.Module):
+    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
+
+    Called as a scan body: (carry, unused) -> (carry, None). When the 'intermediates' collection is
+    mutable it records the mean L2 norm of the residual branch (before the add); otherwise the norm
+    is not even traced, so it costs nothing.
+    """
+
+    width: int
+    layer_norm: bool
+    activation: str
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = x
+        for _ in range(4):
+            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = activation_fn(self.activation)(h)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
+        return x + h, None
+
+
+class Tower(nn.Module):
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
+
+    depth: int
+    width: int
+    layer_norm: bool = True
+    activation: str = "swish"
+    remat: bool = False
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
+        x = activation_fn(self.activation)(x)
+        # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
+        # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
+        # depth 16 up than saving every intermediate, which the scan must stack per block). A single
+        # block (depth 4) stacks nothing, so it saves everything. --remat keeps only the block input and
+        # recomputes the whole block (one extra forward pass, least memory).
+        if self.remat:
+            block = nn.remat(ResidualBlock, prevent_cse=False)
+        elif self.depth > 4:
+            block = nn.remat(ResidualBlock, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        else:
+            block = ResidualBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=self.depth // 4,
+            unroll=self.scan_unroll,
+        )
+        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
+        return x
+
+
+class Encoder(nn.Module):
+    """A critic encoder (phi(s, a) or psi(g)): the tower, then a linear Dense(repr_dim) head."""
+
+    tower: Tower
+    repr_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.repr_dim, kernel_init=kernel_init, name="head")(self.tower(x))
+
+
+class Dims(NamedTuple):
+    """Sizes taken from the env: obs = concat[state (state_dim), goal = state[goal_indices]]."""
+
+    state_dim: int
+    goal_indices: tuple
+    action_size: int
+
+
+class Actor(nn.Module):
+    """Deterministic policy mu(s, g), the mean of OGBench's constant-std Gaussian actor. `squash` (online):
+    mu = tanh(.), as TD3's actor; without a BC term a linear mean drifts past the action box, where the
+    clipped action has no gradient and the actor stops learning."""
+
+    tower: Tower
+    action_size: int
+    squash: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(self.tower(obs))
+        return jnp.tanh(mean) if self.squash else mean
+
+
+class Networks(NamedTuple):
+    actor: Actor
+    state_encoder: Encoder  # phi(s) -> latent
+    goal_encoder: Optional[Encoder]  # psi(g) -> latent; None when goals are whole states (psi = phi)
+    dynamics: Encoder  # T(concat[phi(s), a]) -> latent change
+
+
+def goals_are_states(dims: Dims) -> bool:
+    """OGBench goals are whole observations: then one encoder embeds states and goals (as OGBench's QRL)."""
+    return tuple(dims.goal_indices) == tuple(range(dims.state_dim))
+
+
+def build_networks(args: Args, dims: Dims) -> Networks:
+    args = resolve(args)
+    actor_depth = args.actor_depth or args.depth
+    critic_depth = args.critic_depth or args.depth
+
+    def tower(depth):
+        return Tower(depth, args.width, remat=args.remat)
+
+    return Networks(
+        actor=Actor(tower(actor_depth), dims.action_size, squash=args.mode == "online"),
+        state_encoder=Encoder(tower(critic_depth), args.latent_dim),
+        goal_encoder=None if goals_are_states(dims) else Encoder(tower(critic_depth), args.latent_dim),
+        dynamics=Encoder(tower(critic_depth), args.latent_dim),
+    )
+
+
+def policy_action(actor, actor_params, observations, goals):
+    """Deterministic action: the Gaussian mean clipped to the action box."""
+    return jnp.clip(actor.apply(actor_params, jnp.concatenate([observations, goals], -1)), -1.0, 1.0)
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --------------------------------------------------------------------------------------------
+# Quasimetrics: d(x, y) >= 0, d(x, x) = 0, d(x, z) <= d(x, y) + d(y, z), d(x, y) != d(y, x) in general
+# --------------------------------------------------------------------------------------------
+
+
+def iqe(x, y, component_dim: int, mix):
+    """Interval quasimetric embedding. The latent is split into components of `component_dim`
+    coordinates; a component's distance is the length of the union of the intervals [x_j, max(x_j, y_j)]
+    (empty where x_j >= y_j); d = mix * mean + (1 - mix) * max over components. x, y: [..., D]."""
+    start = x.reshape(*x.shape[:-1], -1, component_dim)
+    end = jnp.maximum(start, y.reshape(*y.shape[:-1], -1, component_dim))
+    order = jnp.argsort(start, axis=-1)
+    start, end = jnp.take_along_axis(start, order, -1), jnp.take_along_axis(end, order, -1)
+    # Sorted by start, interval j adds what lies beyond every earlier interval's end: the union of the
+    # earlier ones covers [start_j, max earlier end] of it, since they all start at or before start_j.
+    reach = jax.lax.cummax(end, axis=end.ndim - 1)
+    covered_before = jnp.concatenate([start[..., :1], reach[..., :-1]], -1)
+    components = jnp.sum(jnp.maximum(end - jnp.maximum(start, covered_before), 0.0), -1)
+    return mix * jnp.mean(components, -1) + (1 - mix) * jnp.max(components, -1)
+
+
+def mrn(x, y):
+    """Metric residual network: L2 distance of the first halves + max(relu(x - y)) of the second halves."""
+    half = x.shape[-1] // 2
+    sym = jnp.sqrt(jnp.maximum(jnp.sum((x[..., :half] - y[..., :half]) ** 2, -1), MRN_EPS))
+    return sym + jnp.max(jax.nn.relu(x[..., half:] - y[..., half:]), -1)
+
+
+def distance(critic: dict, x, y, args: Args):
+    """d(x, y) between latents with the critic's quasimetric head (rows of x and y paired)."""
+    if args.quasimetric == "iqe":
+        return iqe(x, y, args.iqe_component_dim, jax.nn.sigmoid(critic["iqe_mix"]))
+    return mrn(x, y)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def dual_value_loss(d_far, d_step, multiplier, eps: float):
+    """QRL's constrained objective as one loss.
+
+    push: mean(100 softplus(5 - d_far / 100)) over random (state, goal) pairs (minimising it pushes them
+    apart); violation: mean(relu(d_step - 1)^2) over one-step pairs; the encoders minimise
+    push + stop_grad(lambda) * violation, the multiplier minimises lambda * (eps - stop_grad(violation)),
+    so lambda grows while the constraint is violated and shrinks (towards 0) while it holds.
+    """
+    push = jnp.mean(PUSH_SCALE * jax.nn.softplus(PUSH_OFFSET - d_far / PUSH_SCALE))
+    violation = jnp.mean(jax.nn.relu(d_step - 1.0) ** 2)
+    value_loss = push + jax.lax.stop_gradient(multiplier) * violation
+    multiplier_loss = multiplier * (eps - jax.lax.stop_gradient(violation))
+    return value_loss + multiplier_loss, (push, violation)
+
+
+def gaussian_log_prob(mean, actions):
+    """log N(actions; mean, I): the actor is a unit-std Gaussian (OGBench's constant-std actor)."""
+    return jnp.sum(-0.5 * (actions - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def ddpg_bc_loss(q, mean, data_actions, alpha):
+    """-mean(Q) / stop_grad(mean |Q|) - alpha * mean(log pi(a_data)): the Q term is scale free."""
+    q_loss = -jnp.mean(q) / jax.lax.stop_gradient(jnp.mean(jnp.abs(q)) + 1e-6)
+    bc_loss = -alpha * jnp.mean(gaussian_log_prob(mean, data_actions))
+    return q_loss + bc_loss, (q_loss, bc_loss)
+
+
+def encode_goals(nets: Networks, critic: dict, goals):
+    if nets.goal_encoder is None:
+        return nets.state_encoder.apply(critic["state_encoder"], goals)
+    return nets.goal_encoder.apply(critic["goal_encoder"], goals)
+
+
+def predict_next_latent(nets: Networks, critic: dict, latent, action):
+    """Latent dynamics: phi(s') ~ phi(s) + T(concat[phi(s), a])."""
+    return latent + nets.dynamics.apply(critic["dynamics"], jnp.concatenate([latent, action], -1))
+
+
+def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: Dims):
+    """Dual value loss + multiplier loss + latent dynamics loss on one batch.
+
+    batch: state, action, next_state [B, state_dim], random_goal [B, goal_size]. One-step pairs are
+    (s, s') and, when goals are not whole states, (s, goal of s') as well: reaching g(s') takes one step
+    from s, so with the triangle inequality d(s_0, g(s_k)) <= k along any trajectory.
+    """
+    latent = nets.state_encoder.apply(critic["state_encoder"], batch["state"])
+    next_latent = nets.state_encoder.apply(critic["state_encoder"], batch["next_state"])
+    d_far = distance(critic, latent, encode_goals(nets, critic, batch["random_goal"]), args)
+    d_step = distance(critic, latent, next_latent, args)
+    if nets.goal_encoder is not None:
+        next_goal = encode_goals(nets, critic, batch["next_state"][:, jnp.asarray(dims.goal_indices)])
+        d_step = jnp.concatenate([d_step, distance(critic, latent, next_goal, args)])
+    multiplier = jax.nn.softplus(critic["multiplier"])
+    value_loss, (push, violation) = dual_value_loss(d_far, d_step, multiplier, args.constraint_eps)
+    predicted = predict_next_latent(nets, critic, latent, batch["action"])
+    dynamics_loss = 0.5 * jnp.mean(distance(critic, predicted, next_latent, args)
+                                   + distance(critic, next_latent, predicted, args))
+    loss = value_loss + dynamics_loss
+    metrics = {"critic_loss": loss, "push_loss": push, "constraint_violation": violation,
+               "dynamics_loss": dynamics_loss, "multiplier": multiplier, "d_far_mean": jnp.mean(d_far),
+               "d_step_mean": jnp.mean(d_step), "d_step_max": jnp.max(d_step)}
+    if args.quasimetric == "iqe":
+        metrics["iqe_mix"] = jax.nn.sigmoid(critic["iqe_mix"])
+    return loss, metrics
+
+
+def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args: Args):
+    """DDPG+BC with Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic."""
+    state, goal = batch["state"], batch["actor_goal"]
+    mean = nets.actor.apply(actor_params, jnp.concatenate([state, goal], -1))
+    critic = jax.lax.stop_gradient(critic)
+    latent = nets.state_encoder.apply(critic["state_encoder"], state)
+    predicted = predict_next_latent(nets, critic, latent, jnp.clip(mean, -1.0, 1.0))
+    q = -distance(critic, predicted, encode_goals(nets, critic, goal), args)
+    loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["action"], args.alpha)
+    return loss, {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q),
+                  "bc_mse": jnp.mean((mean - batch["action"]) ** 2)}
+
+
+def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
+    k_actor, k_state, k_goal, k_dyn = jax.random.split(key, 4)
+    goal_size = len(dims.goal_indices)
+    critic = {"state_encoder": nets.state_encoder.init(k_state, jnp.zeros((1, dims.state_dim))),
+              "dynamics": nets.dynamics.init(k_dyn, jnp.zeros((1, args.latent_dim + dims.action_size))),
+              # softplus(raw) = MULTIPLIER_INIT
+              "multiplier": jnp.asarray(math.log(math.expm1(MULTIPLIER_INIT)), jnp.float32)}
+    if nets.goal_encoder is not None:
+        critic["goal_encoder"] = nets.goal_encoder.init(k_goal, jnp.zeros((1, goal_size)))
+    if args.quasimetric == "iqe":
+        critic["iqe_mix"] = jnp.zeros((), jnp.float32)  # sigmoid(0) = 0.5: half mean, half max
+    actor = nets.actor.init(k_actor, jnp.zeros((1, dims.state_dim + goal_size)))
+    actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
+    return {"actor": actor, "critic": critic, "actor_opt": actor_opt.init(actor), "critic_opt": critic_opt.init(critic)}
+
+
+def sgd_step(train_state: dict, batch: dict, nets: Networks, args: Args, dims: Dims):
+    """One critic and one actor update, both from the same (pre-update) critic."""
+    actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
+    (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+        train_state["critic"], batch, nets, args, dims)
+    (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+        train_state["actor"], train_state["critic"], batch, nets, args)
+    critic_updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt"])
+    actor_updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt"])
+    new_state = {"critic": optax.apply_updates(train_state["critic"], critic_updates),
+                 "actor": optax.apply_updates(train_state["actor"], actor_updates),
+                 "critic_opt": critic_opt_state, "actor_opt": actor_opt_state}
+    return new_state, {**critic_metrics, **actor_metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# Online replay: crl_deep.py's ring buffer of each env's trajectory (copied unchanged)
+# --------------------------------------------------------------------------------------------
+
+
+def buffer_init(capacity: int, num_envs: int, state_dim: int, action_size: int) -> dict:
+    """Empty ring buffer. `size` steps per env are valid; the oldest sits at insert_pos - size."""
+    return {
+        "state": jnp.zeros((capacity, num_envs, state_dim), jnp.float32),
+        "action": jnp.zeros((capacity, num_envs, action_size), jnp.float32),
+        "traj_id": jnp.zeros((capacity, num_envs), jnp.int32),
+        "insert_pos": jnp.zeros((), jnp.int32),
+        "size": jnp.zeros((), jnp.int32),
+    }
+
+
+def buffer_insert(buffer: dict, state, action, traj_id) -> dict:
+    """Writes an unroll ([T, num_envs, ...]) at the ring's head; overwrites the oldest steps."""
+    capacity = buffer["state"].shape[0]
+    steps = state.shape[0]
+    idx = (buffer["insert_pos"] + jnp.arange(steps)) % capacity
+    return {
+        "state": buffer["state"].at[idx].set(state),
+        "action": buffer["action"].at[idx].set(action),
+        "traj_id": buffer["traj_id"].at[idx].set(traj_id),
+        "insert_pos": (buffer["insert_pos"] + steps) % capacity,
+        "size": jnp.minimum(buffer["size"] + steps, capacity),
+    }
+
+
+def _physical(buffer, logical_pos):
+    capacity = buffer["state"].shape[0]
+    return (buffer["insert_pos"] - buffer["size"] + logical_pos) % capacity
+
+
+def _future_steps_in_episode(buffer, env_idx, pos):
+    """How many stored steps after logical position `pos` belong to the same episode.
+
+    traj_id never decreases along an env's stored sequence, so a binary search over the logical
+    positions (log2(capacity) gathers of [B] elements) finds the episode's last stored step.
+    """
+    capacity = buffer["state"].shape[0]
+    size = buffer["size"]
+    own = buffer["traj_id"][_physical(buffer, pos), env_idx]
+
+    def body(_, bounds):
+        lo, hi = bounds  # traj_id at lo == own; hi is the first position known to differ (or size)
+        mid = (lo + hi) // 2
+        same = buffer["traj_id"][_physical(buffer, mid), env_idx] == own
+        return jnp.where(same, mid, lo), jnp.where(same, hi, mid)
+
+    iterations = max(1, math.ceil(math.log2(capacity + 1)))
+    lo, _ = jax.lax.fori_loop(0, iterations, body, (pos, jnp.full_like(pos, size)))
+    return lo - pos
+
+
+def sample_goal_offsets(key, horizon, discount: float):
+    """k in 1..horizon with P(k) ~ discount^k (truncated geometric), by inverting its CDF.
+
+    Rows with horizon 0 get 0.
+    """
+    u = jax.random.uniform(key, horizon.shape)
+    log_d = math.log(discount)
+    mass = 1.0 - jnp.exp(horizon.astype(jnp.float32) * log_d)  # 1 - discount^horizon
+    k = jnp.ceil(jnp.log1p(-u * mass) / log_d)
+    return jnp.clip(k, 1, horizon).astype(jnp.int32)
+
+
+def buffer_sample_transitions(buffer: dict, key, batch_size: int, discount: float, goal_indices,
+                              random_goal_prob: float, tries: int = 4) -> dict:
+    """A QRL batch from the ring: (s, a, s') of one episode, an actor goal from the same episode's
+    geometric future (or, with probability random_goal_prob, a random stored state's goal) and a random
+    goal (any stored step of any env) for the push-apart term.
+
+    Sampling of envs and anchors as crl_deep.py's buffer_sample: each env equally often, anchors uniform
+    over stored steps with a stored successor in their episode (rejection over `tries` candidates).
+    """
+    num_envs = buffer["state"].shape[1]
+    k_env, k_pos, k_offset, k_rand_env, k_rand_pos, k_mix = jax.random.split(key, 6)
+    i = jnp.arange(batch_size)
+    group_start = (i * num_envs) // batch_size
+    group_size = jnp.maximum(((i + 1) * num_envs) // batch_size - group_start, 1)
+    env_idx = group_start + jnp.floor(jax.random.uniform(k_env, (batch_size,)) * group_size).astype(jnp.int32)
+    pos = jax.random.randint(k_pos, (tries, batch_size), 0, buffer["size"])
+    horizon = jax.vmap(lambda p: _future_steps_in_episode(buffer, env_idx, p))(pos)
+    first_ok = jnp.argmax(horizon > 0, axis=0)  # 0 when none is valid
+    pos = jnp.take_along_axis(pos, first_ok[None], 0)[0]
+    horizon = jnp.take_along_axis(horizon, first_ok[None], 0)[0]
+    offset = sample_goal_offsets(k_offset, horizon, discount)
+    goal_indices = jnp.asarray(goal_indices)
+    rand_env = jax.random.randint(k_rand_env, (2, batch_size), 0, num_envs)
+    rand_pos = _physical(buffer, jax.random.randint(k_rand_pos, (2, batch_size), 0, buffer["size"]))
+    random_goals = buffer["state"][rand_pos, rand_env][..., goal_indices]  # [2, B, goal]: push, actor
+    future_goal = buffer["state"][_physical(buffer, pos + offset), env_idx][:, goal_indices]
+    use_random = jax.random.uniform(k_mix, (batch_size, 1)) < random_goal_prob
+    return {
+        "state": buffer["state"][_physical(buffer, pos), env_idx],
+        "action": buffer["action"][_physical(buffer, pos), env_idx],
+        "next_state": buffer["state"][_physical(buffer, pos + jnp.minimum(horizon, 1)), env_idx],
+        "actor_goal": jnp.where(use_random, random_goals[1], future_goal),
+        "random_goal": random_goals[0],
+    }
+
+
+def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_length: int, state_dim: int,
+                   noise: float):
+    """Steps the batched env with mu(s, g) + N(0, noise^2), clipped to [-1, 1]; returns the new env state
+    and (state [T, E, state_dim], action [T, E, A], traj_id [T, E]) of the steps taken."""
+
+    def step(env_state, key):
+        mean = actor.apply(actor_params, env_state.obs)
+        action = jnp.clip(mean + noise * jax.random.normal(key, mean.shape), -1.0, 1.0)
+        record = (env_state.obs[:, :state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
+        return env.step(env_state, action), record
+
+    env_state, (states, actions, traj_ids) = jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
+    return env_state, states, actions, traj_ids
+
+
+def collect_and_insert(carry: dict, env, nets: Networks, args: Args, dims: Dims) -> dict:
+    key, k_collect = jax.random.split(carry["key"])
+    env_state, states, actions, traj_ids = collect_unroll(
+        env, nets.actor, carry["train_state"]["actor"], carry["env_state"], k_collect, args.unroll_length,
+        dims.state_dim, args.exploration_noise)
+    buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
+    return {**carry, "key": key, "env_state": env_state, "buffer": buffer}
+
+
+def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unrolls: int) -> dict:
+    """Fills the buffer with `num_unrolls` unrolls of the initial policy (no updates)."""
+    carry, _ = jax.lax.scan(lambda c, _: (collect_and_insert(c, env, nets, args, dims), None), carry, None,
+                            length=num_unrolls)
+    return carry
+
+
+def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_train_steps: int):
+    """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps)."""
+
+    def train_step(carry, _):
+        carry = collect_and_insert(carry, env, nets, args, dims)
+        key, k_sgd = jax.random.split(carry["key"])
+
+        def sgd(train_state, k):
+            batch = buffer_sample_transitions(carry["buffer"], k, args.batch_size, args.discount,
+                                              dims.goal_indices, args.actor_random_goal_prob)
+            return sgd_step(train_state, batch, nets, args, dims)
+
+        train_state, metrics = jax.lax.scan(sgd, carry["train_state"],
+                                            jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+        return {**carry, "train_state": train_state, "key": key}, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
+    return carry, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline data: offline_crl.py's OGBench-format loader and trajectory sampler (copied unchanged)
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(path: str) -> dict:
+    """Reads an OGBench-format npz and checks it. Rows after the last terminal (an unfinished
+    trajectory) are dropped. Raises ValueError with one clear line on a bad file."""
+    try:
+        with np.load(path) as f:
+            raw = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    missing = [k for k in ("observations", "actions", "terminals") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
+    obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
+    if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1:
+        raise ValueError(f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
+                         f"{obs.shape}, {actions.shape}, {terminals.shape}")
+    lengths = {"observations": len(obs), "actions": len(actions), "terminals": len(terminals)}
+    for k in ("qpos", "qvel"):
+        if k in raw:
+            lengths[k] = len(raw[k])
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: mismatched lengths {lengths}")
+    for k in ("observations", "actions"):
+        if not np.issubdtype(raw[k].dtype, np.number) or not np.all(np.isfinite(raw[k])):
+            raise ValueError(f"{path}: {k} contain NaN/inf or non-numbers")
+    if not np.all((terminals == 0) | (terminals == 1)):
+        raise ValueError(f"{path}: terminals must be 0 or 1")
+    ends = np.flatnonzero(terminals)
+    if len(ends) == 0 or np.max(np.diff(np.concatenate([[-1], ends]))) < 2:
+        raise ValueError(f"{path}: no complete trajectory (a terminal row after at least one transition)")
+    n = ends[-1] + 1
+    return {"observations": obs[:n].astype(np.float32), "actions": actions[:n].astype(np.float32),
+            "terminals": terminals[:n].astype(np.float32)}
+
+
+def index_trajectories(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(transition_rows, traj_end). A trajectory is the rows up to and including a terminal row; row t
+    is a transition (s_t, a_t, s_{t+1}) unless it is a terminal row. traj_end[t] is the last row of t's
+    trajectory: future goals of t are rows t+1 .. traj_end[t]."""
+    ends = np.flatnonzero(terminals)
+    traj_end = ends[np.searchsorted(ends, np.arange(len(terminals)))]
+    transition_rows = np.flatnonzero(terminals == 0)
+    return transition_rows.astype(np.int32), traj_end.astype(np.int32)
+
+
+def make_device_dataset(dataset: dict, goal_indices: np.ndarray) -> dict:
+    """The arrays the jitted sampler reads (goals are precomputed: goal = state[goal_indices])."""
+    transition_rows, traj_end = index_trajectories(dataset["terminals"])
+    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
+            "goals": jnp.asarray(dataset["observations"][:, goal_indices]),
+            "transition_rows": jnp.asarray(transition_rows), "traj_end": jnp.asarray(traj_end)}
+
+
+def sample_indices(data: dict, key, batch_size: int, discount: float):
+    """Rows of a batch: t (a transition), t+1, a geometric future goal (P(k) ~ discount^(k-1), k >= 1,
+    truncated at the trajectory end) and a uniform future goal (uniform over t+1 .. end). O(batch)."""
+    k_row, k_geom, k_unif = jax.random.split(key, 3)
+    t = data["transition_rows"][jax.random.randint(k_row, (batch_size,), 0, data["transition_rows"].shape[0])]
+    end = data["traj_end"][t]
+    u = jax.random.uniform(k_geom, (batch_size,), minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+    offset = 1.0 + jnp.floor(jnp.log(u) / jnp.log(discount))
+    value_goal = t + jnp.minimum(offset, (end - t).astype(jnp.float32)).astype(jnp.int32)
+    v = jax.random.uniform(k_unif, (batch_size,))
+    actor_goal = t + 1 + jnp.minimum(jnp.floor(v * (end - t)).astype(jnp.int32), end - t - 1)
+    return t, t + 1, value_goal, actor_goal
+
+
+def sample_offline_batch(data: dict, key, batch_size: int, random_goal_prob: float) -> dict:
+    """OGBench's QRL sampling: (s, a, s'), push-apart goals uniform over all dataset states, actor goals
+    uniform over the trajectory's future (or, with probability random_goal_prob, uniform over the data)."""
+    k_rows, k_random, k_mix = jax.random.split(key, 3)
+    t, t_next, _, future = sample_indices(data, k_rows, batch_size, 0.99)  # the geometric goal is unused
+    random_rows = jax.random.randint(k_random, (2, batch_size), 0, data["goals"].shape[0])
+    actor_goal = jnp.where(jax.random.uniform(k_mix, (batch_size,)) < random_goal_prob, random_rows[1], future)
+    return {"state": data["observations"][t], "action": data["actions"][t],
+            "next_state": data["observations"][t_next], "actor_goal": data["goals"][actor_goal],
+            "random_goal": data["goals"][random_rows[0]]}
+
+
+def offline_epoch(train_state: dict, data: dict, key, nets: Networks, args: Args, dims: Dims):
+    """`eval_every` gradient steps. `data` is an argument: closed-over arrays would be baked into the program."""
+
+    def step(train_state, k):
+        return sgd_step(train_state, sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob),
+                        nets, args, dims)
+
+    train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
+    return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation on OGBench's tasks (offline_crl.py's host loop, copied unchanged)
+# --------------------------------------------------------------------------------------------
+
+
+def make_ogbench_env(name: str, episode_length: Optional[int]):
+    import ogbench
+    kwargs = {} if episode_length is None else {"max_episode_steps": episode_length}
+    return ogbench.make_env_and_datasets(name, env_only=True, **kwargs)
+
+
+def evaluate_ogbench(eval_envs, act, seed: int) -> dict:
+    """Success rate per task (OGBench's evaluation tasks, ids 1..5), one episode per env in `eval_envs`
+    run in lockstep; an episode succeeds if info['success'] is 1 at any step. Seeds are fixed, so
+    every evaluation of a run sees the same start noise."""
+    metrics, all_success, all_length = {}, [], []
+    for task in range(1, len(eval_envs[0].unwrapped.task_infos) + 1):
+        obs, goals = [], []
+        for i, env in enumerate(eval_envs):
+            ob, info = env.reset(seed=seed * 100_000 + task * 1000 + i, options={"task_id": task})
+            obs.append(ob)
+            goals.append(info["goal"])
+        obs, goals = np.asarray(obs, np.float32), np.asarray(goals, np.float32)
+        active = np.ones(len(eval_envs), bool)
+        success = np.zeros(len(eval_envs))
+        length = np.zeros(len(eval_envs))
+        while active.any():
+            actions = np.asarray(act(obs, goals))
+            for i in np.flatnonzero(active):
+                ob, _, terminated, truncated, info = eval_envs[i].step(actions[i])
+                obs[i] = ob
+                length[i] += 1
+                success[i] = max(success[i], float(info["success"]))
+                active[i] = not (terminated or truncated)
+        metrics[f"task{task}_success"] = float(success.mean())
+        all_success.append(success.mean())
+        all_length.append(length.mean())
+    metrics["success"] = float(np.mean(all_success))
+    metrics["episode_length"] = float(np.mean(all_length))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks, files, checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr, before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def prefill_unrolls(args: Args) -> int:
+    return -(-args.min_replay_size // args.unroll_length)
+
+
+def train_steps_per_epoch(args: Args) -> int:
+    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
+    return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
+
+
+def check_args(args: Args, env_ids=None):
+    """Every bad-input check that needs no file, no env and no compilation; `fail`s on the first.
+
+    (tools/grid.py calls check_args(args) to vet a sweep; the dataset file is checked when a run starts.)
+    """
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    args = resolve(args)
+    if args.mode == "online":
+        if args.env not in env_ids:
+            fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
+        if args.eval_env is not None and args.eval_env not in env_ids:
+            fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
+        if args.dataset:
+            fail("--dataset is for --mode offline")
+    else:
+        if not args.dataset:
+            fail("--mode offline needs --dataset PATH.npz")
+        if not args.env:
+            fail("--mode offline needs --env (an OGBench env name or one of our envs/ ids)")
+        if args.eval_env is not None:
+            fail("--eval-env is for --mode online (offline evaluates on --env)")
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"--{name.replace('_', '-')} must be a positive multiple of 4 (got {value})")
+    for name in ("width", "latent_dim", "iqe_component_dim", "batch_size", "num_envs", "num_eval_envs",
+                 "episode_length", "num_epochs", "unroll_length", "sgd_steps_per_train_step", "replay_size",
+                 "min_replay_size", "train_steps", "eval_every", "eval_episodes"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    for name in ("actor_lr", "critic_lr", "constraint_eps"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.quasimetric == "iqe" and args.latent_dim % args.iqe_component_dim:
+        fail(f"--latent-dim {args.latent_dim} must be a multiple of --iqe-component-dim {args.iqe_component_dim}")
+    if args.quasimetric == "mrn" and args.latent_dim % 2:
+        fail(f"--quasimetric mrn splits the latent in halves: --latent-dim must be even (got {args.latent_dim})")
+    if args.alpha < 0:
+        fail(f"--alpha must be >= 0 (got {args.alpha})")
+    if not 0.0 <= args.actor_random_goal_prob <= 1.0:
+        fail(f"--actor-random-goal-prob must be in [0, 1] (got {args.actor_random_goal_prob})")
+    if not 0.0 < args.discount < 1.0:
+        fail(f"--discount must be in (0, 1) (got {args.discount})")
+    if args.exploration_noise < 0:
+        fail(f"--exploration-noise must be >= 0 (got {args.exploration_noise})")
+    if args.eval_episode_length is not None and args.eval_episode_length <= 0:
+        fail(f"--eval-episode-length must be positive (got {args.eval_episode_length})")
+    if args.mode == "offline":
+        if args.train_steps % args.eval_every:
+            fail(f"--train-steps ({args.train_steps}) must be a multiple of --eval-every ({args.eval_every})")
+        return
+    if args.min_replay_size > args.replay_size:
+        fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.unroll_length > args.replay_size:
+        fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+    if args.min_replay_size < 2:
+        fail("--min-replay-size must be at least 2 (a transition needs a stored next step)")
+    if train_steps_per_epoch(args) < 1:
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
+             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads checkpoint.pkl (path: the file or its run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pkl")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_checkpoint(run_path: str, args: Args, train_state: dict, key, epoch: int, env_steps: int,
+                    wall_time: float, env_state=None):
+    """checkpoint.pkl: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
+    ["iqe_mix"]} as numpy; the optimizer states (and online the env state) as leaves."""
+    ts = to_numpy(train_state)
+    checkpoint = {
+        "script": SCRIPT, "args": dataclasses.asdict(args), "epoch": epoch, "env_steps": env_steps,
+        "wall_time": wall_time, "params": {"actor": ts["actor"], **ts["critic"]},
+        "_opt_state_leaves": jax.tree_util.tree_leaves((ts["actor_opt"], ts["critic_opt"])),
+        "_env_state_leaves": None if env_state is None else jax.tree_util.tree_leaves(to_numpy(env_state)),
+        "_key": np.asarray(jax.device_get(key)),
+    }
+    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
+
+
+def restore_train_state(checkpoint: dict, template: dict) -> dict:
+    """The train state of a checkpoint; a freshly initialised one gives the optimizer states' structure."""
+    params = checkpoint["params"]
+    opt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure((template["actor_opt"], template["critic_opt"])),
+                                       checkpoint["_opt_state_leaves"])
+    ts = {"actor": params["actor"], "critic": {k: v for k, v in params.items() if k != "actor"},
+          "actor_opt": opt[0], "critic_opt": opt[1]}
+    return jax.tree_util.tree_map(jnp.array, ts)  # copies: the donated epoch must not alias numpy memory
+
+
+def start_run(argv_args: Args):
+    """Resolves --resume and the run folder: (args, checkpoint or None, run_path, run_name)."""
+    checkpoint = None
+    args = argv_args
+    if args.resume is not None:
+        if not os.path.isfile(os.path.join(args.resume, "checkpoint.pkl")):
+            fail(f"--resume {args.resume}: no checkpoint.pkl there")
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get("script") != SCRIPT:
+            fail(f"--resume {args.resume}: not a {SCRIPT} checkpoint")
+        args = Args(**{**checkpoint["args"], "resume": args.resume})
+    check_args(args)
+    args = resolve(args)
+    if checkpoint is not None:
+        return args, checkpoint, args.resume, os.path.basename(os.path.normpath(args.resume))
+    run_name = args.run_name or f"{args.env}__{SCRIPT}_{args.mode}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    return args, None, os.path.join(args.run_dir, run_name), run_name
+
+
+def create_run_dir(args: Args, argv_args: Args, run_path: str):
+    if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
+        fail(f"{run_path} already holds a run; use --resume {run_path}")
+    os.makedirs(run_path, exist_ok=True)
+    config = {"script": SCRIPT, "args": dataclasses.asdict(argv_args), "resolved": dataclasses.asdict(args),
+              "versions": versions(), "git_commit": git_commit()}
+    write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
+
+
+def read_metrics_history(metrics_file: str, start_epoch: int) -> list:
+    """On resume: drops lines of epochs the checkpoint lacks; returns the eval metrics of the rest."""
+    if not os.path.isfile(metrics_file):
+        return []
+    with open(metrics_file) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+    with open(metrics_file + ".tmp", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in lines)
+    os.replace(metrics_file + ".tmp", metrics_file)
+    return [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+
+
+def check_finite(train_metrics: dict, epoch: int, run_path: str):
+    bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+    if bad:
+        checkpoint_file = os.path.join(run_path, "checkpoint.pkl")
+        last_good = (f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
+                     if os.path.isfile(checkpoint_file) else "no checkpoint was written yet")
+        raise SystemExit(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+
+def write_summary(run_path: str, eval_history: list, epochs: int, env_steps: int) -> dict:
+    last5 = eval_history[-5:]
+    summary = {"summary": True, "epochs": epochs, "env_steps": env_steps,
+               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+    with open(os.path.join(run_path, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Main: set up the mode's data and evaluation, then one host iteration per epoch
+# --------------------------------------------------------------------------------------------
+
+
+def setup_online(args: Args, checkpoint):
+    """Env, networks, the jitted epoch and evaluation, and the carry (prefilled)."""
+    import envs
+
+    raw_env = envs.make(args.env)
+    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length)
+    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
+    dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
+    nets = build_networks(args, dims)
+    num_train_steps = train_steps_per_epoch(args)
+    key = jax.random.PRNGKey(args.seed)
+    key, k_init, k_reset = jax.random.split(key, 3)
+
+    @jax.jit
+    def initial_carry(k_init, k_reset, key):
+        return {"train_state": init_train_state(k_init, nets, args, dims),
+                "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+                "env_state": env.reset(jax.random.split(k_reset, args.num_envs)), "key": key}
+
+    carry = initial_carry(k_init, k_reset, key)
+    if checkpoint is not None:  # the buffer is refilled by the restored policy
+        carry["train_state"] = restore_train_state(checkpoint, carry["train_state"])
+        carry["env_state"] = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(carry["env_state"]), [jnp.array(x) for x in checkpoint["_env_state_leaves"]])
+        carry["key"] = jnp.array(checkpoint["_key"])
+    carry = jax.jit(lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args)), donate_argnums=0)(carry)
+    epoch_fn = jax.jit(lambda c: online_epoch(c, env, nets, args, dims, num_train_steps), donate_argnums=0)
+
+    @jax.jit
+    def evaluate(actor_params, key):
+        act = lambda obs: policy_action(nets.actor, actor_params, obs[:, :dims.state_dim], obs[:, dims.state_dim:])
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    return carry, epoch_fn, evaluate, num_train_steps * args.num_envs * args.unroll_length, \
+        prefill_unrolls(args) * args.unroll_length * args.num_envs, dims, nets
+
+
+def load_offline_data(args: Args):
+    """Dataset, -val twin and evaluation env, every check done before anything compiles."""
+    if not os.path.isfile(args.dataset):
+        fail(f"--dataset {args.dataset!r} does not exist")
+    try:
+        dataset = load_dataset(args.dataset)
+        val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else ""
+        val_dataset = load_dataset(val_path) if os.path.isfile(val_path) else None
+    except ValueError as e:
+        fail(str(e))
+    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    import envs
+
+    if args.env in envs.ENV_IDS:
+        env = envs.make(envs.eval_variant(args.env))
+        if obs_dim != env.state_dim or action_dim != env.action_size:
+            fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
+                 f"has state_dim {env.state_dim}, action_size {env.action_size}")
+        goal_indices = tuple(int(i) for i in env.goal_indices)
+    else:
+        try:
+            env = make_ogbench_env(args.env, args.eval_episode_length)
+        except Exception as e:  # gymnasium raises several types for unknown names
+            fail(f"--env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
+        env_obs, env_act = env.observation_space.shape, env.action_space.shape
+        if env_obs != (obs_dim,) or env_act != (action_dim,):
+            fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; "
+                 f"OGBench env {args.env!r} has {env_obs[0]} and {env_act[0]}")
+        goal_indices = tuple(range(obs_dim))  # OGBench goals are whole observations
+    if val_dataset is not None and (val_dataset["observations"].shape[1] != obs_dim
+                                    or val_dataset["actions"].shape[1] != action_dim):
+        fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
+    return dataset, val_dataset, env, Dims(obs_dim, goal_indices, action_dim)
+
+
+def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims):
+    nets = build_networks(args, dims)
+    data = make_device_dataset(dataset, np.asarray(dims.goal_indices))
+    val_data = None if val_dataset is None else make_device_dataset(val_dataset, np.asarray(dims.goal_indices))
+    key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
+    train_state = jax.jit(lambda k: init_train_state(k, nets, args, dims))(k_init)
+    if checkpoint is not None:
+        train_state = restore_train_state(checkpoint, train_state)
+        key = jnp.array(checkpoint["_key"])
+    epoch = jax.jit(lambda ts, data, k: offline_epoch(ts, data, k, nets, args, dims), donate_argnums=0)
+
+    @jax.jit
+    def validation(train_state, val_data, key):
+        """Losses on one batch of the -val twin: overfitting shows as a gap to training/."""
+        batch = sample_offline_batch(val_data, key, args.batch_size, args.actor_random_goal_prob)
+        _, critic_metrics = critic_loss_fn(train_state["critic"], batch, nets, args, dims)
+        _, actor_metrics = actor_loss_fn(train_state["actor"], train_state["critic"], batch, nets, args)
+        return {**critic_metrics, **actor_metrics}
+
+    import envs
+
+    if args.env in envs.ENV_IDS:
+        @jax.jit
+        def evaluate_ours(actor_params, key):
+            act = lambda obs: policy_action(nets.actor, actor_params, obs[:, :dims.state_dim], obs[:, dims.state_dim:])
+            return envs.evaluate(env, act, key, args.eval_episodes, args.eval_episode_length or 1000)
+
+        evaluate = lambda actor_params, key: jax.device_get(evaluate_ours(actor_params, key))
+    else:
+        eval_envs = [env] + [make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
+        policy = jax.jit(lambda params, obs, goals: policy_action(nets.actor, params, obs, goals))
+        evaluate = lambda actor_params, key: evaluate_ogbench(
+            eval_envs, lambda o, g: policy(actor_params, o, g), args.seed)
+    return train_state, key, data, val_data, epoch, validation, evaluate, nets
+
+
+if __name__ == "__main__":
+    import tyro
+
+    argv_args = tyro.cli(Args)
+    args, checkpoint, run_path, run_name = start_run(argv_args)
+    online = args.mode == "online"
+    if not online:
+        offline_inputs = load_offline_data(args)  # bad files fail here, before a run folder exists
+    if checkpoint is None:
+        create_run_dir(args, argv_args, run_path)
+    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
+    env_steps = 0 if checkpoint is None else checkpoint["env_steps"]
+    start_time = time.time() - (0.0 if checkpoint is None else checkpoint["wall_time"])
+    if online:
+        carry, epoch_fn, evaluate, steps_per_epoch, prefill_steps, dims, nets = setup_online(args, checkpoint)
+        env_steps += prefill_steps if checkpoint is None else 0
+        num_epochs, k_eval_base = args.num_epochs, jax.random.PRNGKey(args.seed + 1)
+    else:
+        train_state, key, data, val_data, epoch_fn, validation, evaluate, nets = setup_offline(
+            args, checkpoint, *offline_inputs)
+        steps_per_epoch, num_epochs = args.eval_every, args.train_steps // args.eval_every
+    params = (carry["train_state"] if online else train_state)
+    print(f"{SCRIPT} ({args.mode}): params critic {param_count(params['critic'])}, actor {param_count(params['actor'])}",
+          flush=True)
+    if args.track:
+        import wandb
+
+        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                   resume="allow", config=dataclasses.asdict(args))
+    from tqdm import tqdm
+
+    metrics_file = os.path.join(run_path, "metrics.jsonl")
+    eval_history = read_metrics_history(metrics_file, start_epoch) if checkpoint is not None else []
+    progress = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                    dynamic_ncols=True)
+    for epoch in progress:
+        epoch_start = time.time()
+        if online:
+            carry, train_metrics = epoch_fn(carry)
+            train_state = carry["train_state"]
+        else:
+            key, k_train, k_val, k_eval = jax.random.split(key, 4)
+            train_state, train_metrics = epoch_fn(train_state, data, k_train)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        epoch_seconds = time.time() - epoch_start
+        env_steps += steps_per_epoch
+        check_finite(train_metrics, epoch, run_path)
+        k_eval = jax.random.fold_in(k_eval_base, epoch) if online else k_eval
+        eval_metrics = {f"eval/{k}": float(v) for k, v in evaluate(train_state["actor"], k_eval).items()}
+        eval_history.append(eval_metrics)
+        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
+                  "sps": steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
+                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
+        if not online and val_data is not None:
+            record.update({f"validation/{k}": float(v)
+                           for k, v in jax.device_get(validation(train_state, val_data, k_val)).items()})
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.track:
+            wandb.log(record, step=env_steps)
+        save_checkpoint(run_path, args, train_state, carry["key"] if online else key, epoch, env_steps,
+                        record["wall_time"], carry["env_state"] if online else None)
+        headline = "eval/episode_success" if "eval/episode_success" in eval_metrics else "eval/success"
+        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics[headline]:.3f}")
+
+    summary = write_summary(run_path, eval_history, len(eval_history), env_steps)
+    if args.track:
+        wandb.summary.update(summary)
+        wandb.finish()
+    print(json.dumps(summary))
