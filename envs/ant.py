@@ -75,10 +75,15 @@ class Ant(PipelineEnv):
             jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise))
         q = q.at[:2].add(start)
         q = q.at[3:7].set(q[3:7] / jnp.linalg.norm(q[3:7]))  # keep the torso quaternion a rotation
-        q = q.at[self._robot_q:].set(target)
         qd = jnp.zeros(self.sys.qd_size()).at[:self._robot_qd].set(
             noise * jax.random.normal(key_qd, (self._robot_qd,)))
-        pipeline_state = self.pipeline_init(q, qd)
+        return self.reset_to(q, qd, target)
+
+    def reset_to(self, q: jax.Array, qd: jax.Array, goal: jax.Array) -> State:
+        """The State `reset` returns for joint positions q, velocities qd (the full layout, target
+        joints last) and goal xy: the goal sets the target joints of q, overriding their values."""
+        q = jnp.asarray(q).at[self._robot_q:].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
+        pipeline_state = self.pipeline_init(q, jnp.asarray(qd))
         obs = self._observe(pipeline_state)
         zero = jnp.zeros(())
         return State(pipeline_state, obs, zero, zero, self._metrics(obs))

@@ -3,7 +3,10 @@
 State (268): full qpos (26 = humanoid 24 + the target's 2 slide joints), full qvel (25), per link
 (12 links, the target included) its inertia matrix about the system's centre of mass (9) and mass
 (1), per link its centre-of-mass linear velocity times its mass share (3) and angular velocity (3),
-and the actuator forces as generalized forces (25). Goal: torso xyz, state[0:3], commanded as
+and the actuator forces as generalized forces (25). The link inertias are those the paper's code
+observes (brax's humanoid env on the spring backend: the spring pipeline's simplified inertias, an
+identity rotational inertia per link for this model); `true_inertia_obs=True` reports the model's
+physical inertias instead. Goal: torso xyz, state[0:3], commanded as
 (target x, target y, 1.25). Success: 3-D distance < 0.5 (easy: < 2). The episode terminates when
 the torso z leaves [1.0, 2.0]. Actions in [-1, 1] are mapped linearly onto the actuators' ctrl range.
 The maze variants (envs/maze.py) reuse this class with walls and another start/goal draw.
@@ -38,6 +41,22 @@ def load_system(xml: str, substep: float, backend: str):
     return sys.tree_replace({"opt.timestep": substep}).replace(dt=jnp.asarray(substep))
 
 
+def observed_inertia(sys, backend: str, true_inertia_obs: bool):
+    """The link inertias the observation reports.
+
+    The paper's code computes them as brax's own humanoid env does: on the spring backend it takes
+    the inertias the spring pipeline simulates with, each link's inertia diagonal raised to the
+    power 1 - spring_inertia_scale (off-diagonal terms dropped) and its mass to 1 -
+    spring_mass_scale. This model sets the scales to 1 and 0: identity rotational inertias, true
+    masses. On mjx (and with true_inertia_obs) they are the model's physical inertias.
+    """
+    inertia = sys.link.inertia
+    if true_inertia_obs or backend != "spring":
+        return inertia
+    diagonal = jnp.diagonal(inertia.i, axis1=1, axis2=2) ** (1 - sys.spring_inertia_scale)
+    return inertia.replace(i=jax.vmap(jnp.diag)(diagonal), mass=inertia.mass ** (1 - sys.spring_mass_scale))
+
+
 class Humanoid(PipelineEnv):
     state_dim = 268
     goal_indices = (0, 1, 2)
@@ -45,12 +64,16 @@ class Humanoid(PipelineEnv):
     substep = 0.003  # x 10 frames: control dt 0.03 s
     n_frames = 10
 
-    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0):
+    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0, true_inertia_obs: bool = False):
         if reset_noise_scale < 0:
             raise ValueError(f"reset_noise_scale must be >= 0, got {reset_noise_scale}")
+        if not isinstance(true_inertia_obs, bool):
+            raise TypeError(f"true_inertia_obs must be a bool, got {true_inertia_obs!r}")
         sys = load_system(self._mjcf(), self.substep, backend)
         super().__init__(sys=sys, backend=backend, n_frames=self.n_frames)
         self._reset_noise_scale = reset_noise_scale
+        self.true_inertia_obs = true_inertia_obs
+        self._obs_inertia = observed_inertia(self.sys, backend, true_inertia_obs)
         self._target_rest = self.sys.link.transform.pos[self.sys.link_names.index("target")]
         self._robot_q = self.sys.q_size() - 2  # the target's two slide joints come last
         self._robot_qd = self.sys.qd_size() - 2
@@ -82,10 +105,16 @@ class Humanoid(PipelineEnv):
             jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise))
         q = q.at[:2].add(start)
         q = q.at[3:7].set(q[3:7] / jnp.linalg.norm(q[3:7]))  # keep the torso quaternion a rotation
-        q = q.at[self._robot_q:].set(target)
         qd = jnp.zeros(self.sys.qd_size()).at[:self._robot_qd].set(
             jax.random.uniform(key_qd, (self._robot_qd,), minval=-noise, maxval=noise))
-        pipeline_state = self.pipeline_init(q, qd)
+        return self.reset_to(q, qd, jnp.append(target, TARGET_Z))
+
+    def reset_to(self, q: jax.Array, qd: jax.Array, goal: jax.Array) -> State:
+        """The State `reset` returns for joint positions q, velocities qd (the full layout, target
+        joints last) and goal (x, y, z): goal xy sets the target joints of q, overriding their
+        values; the goal height is always TARGET_Z, so goal z is not read."""
+        q = jnp.asarray(q).at[self._robot_q:].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
+        pipeline_state = self.pipeline_init(q, jnp.asarray(qd))
         obs = self._observe(pipeline_state, jnp.zeros(self.sys.act_size()))
         zero = jnp.zeros(())
         return State(pipeline_state, obs, zero, zero, self._metrics(obs))
@@ -102,7 +131,7 @@ class Humanoid(PipelineEnv):
                              metrics={**state.metrics, **metrics})
 
     def _observe(self, pipeline_state, ctrl: jax.Array) -> jax.Array:
-        inertia = self.sys.link.inertia
+        inertia = self._obs_inertia
         x, xd = pipeline_state.x, pipeline_state.xd
         # Each link's centre of mass and rotation of its principal frame, in world coordinates.
         com_pos = x.pos + jax.vmap(math.rotate)(inertia.transform.pos, x.rot)

@@ -184,9 +184,10 @@ class AntMaze(Ant):
 class HumanoidMaze(Humanoid):
     substep = 0.0015  # x 10 frames: control dt 0.015 s
 
-    def __init__(self, maze: MazeSpec, *, backend: str = "spring", reset_noise_scale: float = 0.0):
+    def __init__(self, maze: MazeSpec, *, backend: str = "spring", reset_noise_scale: float = 0.0,
+                 true_inertia_obs: bool = False):
         self.maze = maze
-        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale)
+        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale, true_inertia_obs=true_inertia_obs)
 
     def _mjcf(self) -> str:
         return maze_mjcf(super()._mjcf(), self.maze, ())  # every humanoid geom already has contype 1
@@ -197,8 +198,8 @@ class HumanoidMaze(Humanoid):
 
 def make_maze(robot: str, layout: str, eval: bool = False, stitching: str | None = None, **options):
     """Builds `robot` ('ant' | 'humanoid') in maze `layout`; options go to the robot env
-    (backend=..., reset_noise_scale=...). `eval` picks the far-goals layout; `stitching` is
-    None, 'train' or 'eval' (U maze only)."""
+    (backend=..., reset_noise_scale=..., and for the humanoid true_inertia_obs=...). `eval` picks
+    the far-goals layout; `stitching` is None, 'train' or 'eval' (U maze only)."""
     if robot not in SCALE:
         raise ValueError(f"robot must be one of {sorted(SCALE)}, got {robot!r}")
     if layout not in LAYOUTS:
