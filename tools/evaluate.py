@@ -214,8 +214,9 @@ def render_video(policy: Policy, env, key, episodes: int, length: int, path: str
     frames = render_frames(env.sys.mj_model, traj["qpos"][idx, i], traj["obs"][idx, i, env.state_dim:],
                            env.goal_reach_thresh, 640, 480, "auto", scene_box=scene_box)
     write_video(frames, path, 1.0 / (env.dt * every))
-    return {"path": path, "episode": i, "frames": len(frames),
-            "steps_at_goal": int((traj["success"][: last + 1, i] * traj["alive"][: last + 1, i]).sum())}
+    # the episode's own `episode_success`: steps (after the reset) at the goal while not yet terminated
+    steps_at_goal = (traj["success"][1:, i] * traj["alive"][:-1, i]).sum()
+    return {"path": path, "episode": i, "frames": len(frames), "steps_at_goal": int(steps_at_goal)}
 
 
 @dataclass
