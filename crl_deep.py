@@ -18,16 +18,17 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import subprocess
 import sys
 import time
 import types
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,10 +81,13 @@ class Args:
     """Adam learning rate of phi and psi"""
     alpha_lr: float = 3e-4
     """Adam learning rate of the entropy temperature log(alpha)"""
+    target_entropy: Optional[float] = None
+    """entropy the temperature steers the policy towards; default -0.5 * action size (the paper's code)"""
     logsumexp_coef: float = 0.1
     """weight of the penalty mean_i(logsumexp_j logits[i, j])^2 added to the critic loss"""
-    energy: Literal["l2", "l2_squared", "dot", "cosine", "mrn"] = "l2"
-    """critic energy: -||phi-psi||, -||phi-psi||^2, phi.psi, cosine, or the MRN quasimetric (-d)"""
+    energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine", "mrn"] = "l2"
+    """critic energy: -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim), cosine, or the MRN
+    quasimetric (-d)"""
     loss: Literal["fwd_infonce", "bwd_infonce", "sym_infonce", "binary_nce"] = "fwd_infonce"
     """contrastive critic loss"""
     layer_norm: bool = True
@@ -117,12 +121,18 @@ class Args:
     """also write the replay buffer to <run>/buffer.npz at each checkpoint (OGBench keys)"""
 
 
+SCRIPT = "crl_deep"
+
+
 # --------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-# Every Dense: variance scaling 1/3, fan_in, uniform (the reference's "lecun_uniform"), bias 0.
+
+# --- shared block: tower (identical in every script; tests/test_copies.py) ---
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
+# "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
@@ -193,6 +203,13 @@ class Tower(nn.Module):
         return x
 
 
+def make_tower(args, depth: int) -> Tower:
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+
+# --- end shared block: tower ---
+
 class Actor(nn.Module):
     """Tanh-Gaussian policy pi(a | s, g): returns (mean, log_std), log_std squashed into [-5, 2]."""
 
@@ -238,14 +255,10 @@ def build_networks(args: Args, obs_size: int, goal_size: int, action_size: int) 
     del obs_size, goal_size  # flax infers input sizes; kept in the signature for tools
     actor_depth = args.actor_depth or args.depth
     critic_depth = args.critic_depth or args.depth
-
-    def tower(depth):
-        return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
-
     return Networks(
-        actor=Actor(tower(actor_depth), action_size),
-        sa_encoder=Encoder(tower(critic_depth), args.repr_dim),
-        g_encoder=Encoder(tower(critic_depth), args.repr_dim),
+        actor=Actor(make_tower(args, actor_depth), action_size),
+        sa_encoder=Encoder(make_tower(args, critic_depth), args.repr_dim),
+        g_encoder=Encoder(make_tower(args, critic_depth), args.repr_dim),
     )
 
 
@@ -288,37 +301,46 @@ def project_kernels(params):
 # Energies and losses
 # --------------------------------------------------------------------------------------------
 
-SQRT_EPS = 1e-6  # inside the square roots: finite gradients at zero distance (spec pitfall 9)
+# --- shared block: energies (identical in every script; tests/test_copies.py) ---
+SQRT_EPS = 1e-6  # inside every square root: finite gradients at zero distance and zero norm
 
 
-def _pair_energy(x, y, kind: str):
-    """Energy between x [..., D] and y [..., D] broadcast against each other."""
+def energy_rowwise(sa_repr, g_repr, kind: str):
+    """Energy f(phi, psi) of matching rows: [..., D] x [..., D] -> [...] (broadcasting)."""
     if kind == "l2":
-        return -jnp.sqrt(jnp.sum((x - y) ** 2, axis=-1) + SQRT_EPS)
+        return -jnp.sqrt(jnp.sum((sa_repr - g_repr) ** 2, axis=-1) + SQRT_EPS)
     if kind == "l2_squared":
-        return -jnp.sum((x - y) ** 2, axis=-1)
+        return -jnp.sum((sa_repr - g_repr) ** 2, axis=-1)
     if kind == "dot":
-        return jnp.sum(x * y, axis=-1)
+        return jnp.sum(sa_repr * g_repr, axis=-1)
+    if kind == "scaled_dot":  # OGBench's CRL critic: dot / sqrt(D)
+        return jnp.sum(sa_repr * g_repr, axis=-1) / math.sqrt(sa_repr.shape[-1])
     if kind == "cosine":  # each row normalised on its own
-        xn = x / jnp.sqrt(jnp.sum(x**2, axis=-1, keepdims=True) + SQRT_EPS)
-        yn = y / jnp.sqrt(jnp.sum(y**2, axis=-1, keepdims=True) + SQRT_EPS)
-        return jnp.sum(xn * yn, axis=-1)
+        return jnp.sum(_unit_rows(sa_repr) * _unit_rows(g_repr), axis=-1)
     if kind == "mrn":  # MRN quasimetric: symmetric L2 half + asymmetric max-ReLU half, energy = -d
-        half = x.shape[-1] // 2
-        sym = jnp.sqrt(jnp.sum((x[..., :half] - y[..., :half]) ** 2, axis=-1) + SQRT_EPS)
-        asym = jnp.max(jax.nn.relu(x[..., half:] - y[..., half:]), axis=-1)
+        half = sa_repr.shape[-1] // 2
+        sym = jnp.sqrt(jnp.sum((sa_repr[..., :half] - g_repr[..., :half]) ** 2, axis=-1) + SQRT_EPS)
+        asym = jnp.max(jax.nn.relu(sa_repr[..., half:] - g_repr[..., half:]), axis=-1)
         return -(sym + asym)
     raise ValueError(f"unknown energy {kind!r}")
 
 
 def energy(sa_repr, g_repr, kind: str):
-    """Pairwise logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j))."""
-    return _pair_energy(sa_repr[:, None, :], g_repr[None, :, :], kind)
+    """Logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j)); the diagonal is `energy_rowwise`.
+
+    Products go through one matmul ([B, B] memory). Distances are taken on the differences, exact
+    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there), which builds [B, B, D].
+    """
+    if kind in ("dot", "scaled_dot", "cosine"):
+        if kind == "cosine":
+            sa_repr, g_repr = _unit_rows(sa_repr), _unit_rows(g_repr)
+        logits = jnp.matmul(sa_repr, g_repr.T, precision=jax.lax.Precision.HIGHEST)
+        return logits / math.sqrt(sa_repr.shape[-1]) if kind == "scaled_dot" else logits
+    return energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
 
 
-def energy_rowwise(sa_repr, g_repr, kind: str):
-    """Row-wise energies [B]: f(phi(s_i, a_i), psi(g_i)) (the diagonal of `energy`)."""
-    return _pair_energy(sa_repr, g_repr, kind)
+def _unit_rows(x):
+    return x / jnp.sqrt(jnp.sum(x**2, axis=-1, keepdims=True) + SQRT_EPS)
 
 
 def contrastive_loss(logits, kind: str, logsumexp_coef: float):
@@ -343,16 +365,29 @@ def contrastive_loss(logits, kind: str, logsumexp_coef: float):
     return loss + logsumexp_coef * jnp.mean(lse_rows**2)
 
 
+# --- end shared block: energies ---
+
 # --------------------------------------------------------------------------------------------
 # Train state and SGD step
 # --------------------------------------------------------------------------------------------
 
 
-def make_optimizers(args: Args):
-    return optax.adam(args.actor_lr), optax.adam(args.critic_lr), optax.adam(args.alpha_lr)
+class Optimizers(NamedTuple):
+    actor: optax.GradientTransformation
+    critic: optax.GradientTransformation
+    alpha: optax.GradientTransformation
 
 
-def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
+def make_optimizers(args: Args) -> Optimizers:
+    """Adam for the actor, the critic (phi and psi together) and log(alpha); built once per run."""
+    return Optimizers(optax.adam(args.actor_lr), optax.adam(args.critic_lr), optax.adam(args.alpha_lr))
+
+
+def target_entropy(args: Args, action_size: int) -> float:
+    return -0.5 * action_size if args.target_entropy is None else args.target_entropy
+
+
+def init_train_state(key, nets: Networks, optimizers: Optimizers, args: Args, dims: Dims) -> dict:
     """Params of the three networks, their Adam states and log(alpha) = 0."""
     k_actor, k_sa, k_g = jax.random.split(key, 3)
     goal_size = len(dims.goal_indices)
@@ -363,29 +398,26 @@ def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
     }
     if args.hyperspherical_norm:
         params = project_kernels(params)
-    actor_opt, critic_opt, alpha_opt = make_optimizers(args)
     critic_params = {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}
     log_alpha = jnp.zeros((), jnp.float32)
     return {
         "params": params,
-        "actor_opt_state": actor_opt.init(params["actor"]),
-        "critic_opt_state": critic_opt.init(critic_params),
+        "actor_opt_state": optimizers.actor.init(params["actor"]),
+        "critic_opt_state": optimizers.critic.init(critic_params),
         "log_alpha": log_alpha,
-        "alpha_opt_state": alpha_opt.init(log_alpha),
+        "alpha_opt_state": optimizers.alpha.init(log_alpha),
     }
 
 
-def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args):
+def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Optimizers, args: Args):
     """One actor + alpha update and one critic update on the same batch.
 
     batch: state [B, state_dim], action [B, A], goal [B, goal_size] (a future state's goal slice).
     The critic is differentiated first so psi(g) is computed once and reused by the actor loss;
-    this is the spec's "actor then critic" exactly: neither update changes the other's inputs.
+    this is the paper's "actor then critic" exactly: neither update changes the other's inputs.
     """
     params = train_state["params"]
-    actor_opt, critic_opt, alpha_opt = make_optimizers(args)
     state, action, goal = batch["state"], batch["action"], batch["goal"]
-    action_size = action.shape[-1]
 
     def critic_loss_fn(critic_params):
         sa_repr = nets.sa_encoder.apply(critic_params["sa_encoder"], jnp.concatenate([state, action], -1))
@@ -408,19 +440,18 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args):
         return jnp.mean(alpha * log_prob - q), log_prob
 
     (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(params["actor"])
-    target_entropy = -0.5 * action_size
-    entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
+    entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy(args, action.shape[-1]))
 
     def alpha_loss_fn(log_alpha):
         return jnp.exp(log_alpha) * jnp.mean(entropy_gap)
 
     alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(train_state["log_alpha"])
 
-    updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt_state"])
+    updates, actor_opt_state = optimizers.actor.update(actor_grads, train_state["actor_opt_state"])
     new_actor = optax.apply_updates(params["actor"], updates)
-    updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt_state"])
+    updates, critic_opt_state = optimizers.critic.update(critic_grads, train_state["critic_opt_state"])
     new_critic = optax.apply_updates(critic_params, updates)
-    updates, alpha_opt_state = alpha_opt.update(alpha_grad, train_state["alpha_opt_state"])
+    updates, alpha_opt_state = optimizers.alpha.update(alpha_grad, train_state["alpha_opt_state"])
     log_alpha = optax.apply_updates(train_state["log_alpha"], updates)
     new_params = {"actor": new_actor, **new_critic}
     if args.hyperspherical_norm:
@@ -586,8 +617,8 @@ def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unroll
     return carry
 
 
-def train_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_train_steps: int,
-                batch_sharding=None):
+def train_epoch(carry: dict, env, nets: Networks, optimizers: Optimizers, args: Args, dims: Dims,
+                num_train_steps: int, batch_sharding=None):
     """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps).
 
     carry = {"train_state", "buffer", "env_state", "key"}; returns (carry, epoch-mean metrics).
@@ -599,7 +630,7 @@ def train_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_tr
         batch = buffer_sample(buffer, k_sample, args.batch_size, args.discount, dims.goal_indices)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        train_state, metrics = sgd_step(train_state, batch, k_sgd, nets, args)
+        train_state, metrics = sgd_step(train_state, batch, k_sgd, nets, optimizers, args)
         return (train_state, buffer), metrics
 
     def train_step(carry, _):
@@ -618,13 +649,8 @@ def train_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_tr
 
 
 # --------------------------------------------------------------------------------------------
-# Input checks, files, checkpoints
+# Input checks, the run's state on disk
 # --------------------------------------------------------------------------------------------
-
-
-def fail(message: str):
-    """Bad input: stops with one line "error: ..." on stderr, before anything is compiled."""
-    raise SystemExit(f"error: {message}")
 
 
 def prefill_unrolls(args: Args) -> int:
@@ -651,75 +677,47 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if args.eval_env is not None and args.eval_env not in env_ids:
         fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
-    for name in ("depth", "actor_depth", "critic_depth"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 4):
-            fail(f"--{name.replace('_', '-')} must be a positive multiple of 4 (got {value})")
-    for name in ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length",
-                 "num_epochs", "unroll_length", "sgd_steps_per_train_step", "replay_size",
-                 "min_replay_size", "scan_unroll"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    check_common(args)
     if args.batch_size < 2:
         fail(f"--batch-size must be at least 2 for contrastive negatives (got {args.batch_size})")
     if args.energy == "mrn" and args.repr_dim % 2:
         fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
-    if not 0.0 < args.discount < 1.0:
-        fail(f"--discount must be in (0, 1) (got {args.discount})")
-    if args.min_replay_size > args.replay_size:
-        fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
-    if args.unroll_length > args.replay_size:
-        fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
     if args.min_replay_size < 2:
         fail("--min-replay-size must be at least 2 (a goal must lie in a stored future step)")
-    if args.batch_size > args.num_envs * args.min_replay_size:
-        fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-             f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
     if args.num_envs % num_devices:
         fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
-        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
-             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
-def write_atomic(path: str, data: bytes):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def checkpoint_state(carry: dict) -> dict:
+    """What a checkpoint holds: the network params, the rest of the train state (optimizer states,
+    log(alpha)), the env state and the key. The replay buffer goes to buffer.npz (--save-buffer)."""
+    train_state = carry["train_state"]
+    return {"params": train_state["params"], "train_state": {k: v for k, v in train_state.items() if k != "params"},
+            "env_state": carry["env_state"], "key": carry["key"]}
 
 
-def to_numpy(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+def resumed_carry(carry: dict, saved: dict, run_path: str, epoch: int, args: Args, shardings):
+    """The carry of a checkpoint (`saved`, from restore_state), with the buffer saved with it if any.
 
-
-def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
-    """checkpoint.pkl: params as nested dicts of numpy arrays; the rest of the state as leaves."""
-    train_state = to_numpy(carry["train_state"])
-    rest = {k: v for k, v in train_state.items() if k != "params"}
-    checkpoint = {
-        "args": dataclasses.asdict(args),
-        "params": train_state["params"],
-        "epoch": epoch,
-        "env_steps": env_steps,
-        "wall_time": wall_time,
-        "_opt_state_leaves": jax.tree_util.tree_leaves(rest),
-        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry["env_state"])),
-        "_key": np.asarray(jax.device_get(carry["key"])),
-    }
-    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads checkpoint.pkl (path: the file or its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    Returns (carry, whether the buffer was loaded)."""
+    carry = {"train_state": {"params": saved["params"], **saved["train_state"]}, "buffer": carry["buffer"],
+             "env_state": saved["env_state"], "key": saved["key"]}
+    buffer_loaded = False
+    for name in ("buffer.npz", "buffer_previous.npz"):  # the one saved with the checkpoint
+        buffer_file = os.path.join(run_path, name)
+        if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == epoch:
+            carry["buffer"] = load_buffer(buffer_file, args.replay_size)
+            buffer_loaded = True
+            break
+    # Fresh device buffers: on CPU device_put may alias the numpy arrays, which the donated epoch
+    # function would then overwrite in place.
+    carry = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c), out_shardings=shardings)(carry)
+    return carry, buffer_loaded
 
 
 def save_buffer(run_path: str, buffer: dict, epoch: int):
@@ -749,6 +747,8 @@ def save_buffer(run_path: str, buffer: dict, epoch: int):
     tmp, path = os.path.join(run_path, "buffer.npz.tmp"), os.path.join(run_path, "buffer.npz")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
     if os.path.exists(path):  # kept until the next checkpoint names the new buffer (kill-safe)
         os.replace(path, os.path.join(run_path, "buffer_previous.npz"))
     os.replace(tmp, path)
@@ -769,22 +769,6 @@ def load_buffer(path: str, capacity: int) -> dict:
     return buffer
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
-    out["python"] = sys.version.split()[0]
-    return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
     """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -803,171 +787,367 @@ def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
     }
 
 
+# --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
+# The host side of a run: bad-input errors, the run folder (config.json, metrics.jsonl, summary.json,
+# checkpoint.msgpack), --resume, wandb and the progress bar. Each script defines SCRIPT and Args.
+# Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
+                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common(args):
+    """The range checks every script shares, by flag name (each Args has a subset of these flags)."""
+    config = dataclasses.asdict(args)
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = config.get(name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"{flag(name)} must be a positive multiple of 4 (got {value})")
+    for name, value in config.items():
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (name in POSITIVE_FLAGS or name.endswith("_lr") or name == "learning_rate") and not value > 0:
+            fail(f"{flag(name)} must be positive (got {value})")
+        if name in NON_NEGATIVE_FLAGS and not value >= 0:
+            fail(f"{flag(name)} must be non-negative (got {value})")
+        if name == "discount" and not 0.0 < value < 1.0:
+            fail(f"--discount must be in (0, 1) (got {value})")
+        if name == "tau" and not 0.0 < value <= 1.0:
+            fail(f"--tau must be in (0, 1] (got {value})")
+        if name == "her_ratio" and not 0.0 <= value <= 1.0:
+            fail(f"--her-ratio must be in [0, 1] (got {value})")
+    if "replay_size" in config and config.get("mode", "online") == "online":
+        if args.min_replay_size > args.replay_size:
+            fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.replay_size:
+            fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.episode_length:
+            fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
+        if args.batch_size > args.num_envs * args.min_replay_size:
+            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+
+
+def write_atomic(path: str, data: bytes):
+    """Never a partial file at `path`: write a temp file, fsync it, rename it over, fsync the folder."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    """Args from the command line. With --resume RUN: the run's own args; flags given again must
+    agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    header, _ = read_checkpoint(args.resume, header_only=True)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(header["args"]) - fields)
+    if unknown:
+        fail(f"{checkpoint_path(args.resume)}: the run has flags this {SCRIPT}.py lacks: {', '.join(unknown)}")
+    saved = Args(**header["args"])
+    given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
+    changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
+    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
+                 for n in changed if n not in RUN_FLAGS]
+    if conflicts:
+        fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
+    applied = [n for n in changed if n != "resume"]
+    if applied:
+        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+              file=sys.stderr)
+    return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
+
+
+def open_run(args, extra_config: Optional[dict] = None) -> str:
+    """The run folder: the --resume one, or a new one holding config.json."""
+    if args.resume is not None:
+        return os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+    name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    path = os.path.join(args.run_dir, name)
+    if any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_FILE, "checkpoint.pkl")):
+        fail(f"{path} already holds a run; use --resume {path}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
+                  "versions": versions(), "git_commit": git_commit()}
+        write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
+    return path
+
+
+def checkpoint_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint(path: str, header_only: bool = False):
+    """(header, payload bytes) of a checkpoint file or run folder; one line naming the file if it is
+    missing, truncated, garbage, of an old format or written by another script."""
+    file = checkpoint_path(path)
+    old = os.path.join(path, "checkpoint.pkl")
+    if not os.path.isfile(file):
+        if os.path.isfile(old):
+            fail(f"{old}: an old-format (pickle) checkpoint; this {SCRIPT}.py reads only {CHECKPOINT_FILE}")
+        fail(f"{file}: no checkpoint there")
+    with open(file, "rb") as f:
+        first_line = f.readline(1 << 20)
+        payload = b"" if header_only else f.read()
+    if first_line.startswith(b"\x80"):
+        fail(f"{file}: an old-format (pickle) checkpoint, not loaded (pickles can run code)")
+    try:
+        header = json.loads(first_line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{file}: not a {CHECKPOINT_FILE} (no '{CHECKPOINT_FORMAT}' header line)")
+    if header.get("version") != CHECKPOINT_VERSION:
+        fail(f"{file}: checkpoint format version {header.get('version')}; this {SCRIPT}.py reads {CHECKPOINT_VERSION}")
+    if header.get("script") != SCRIPT:
+        fail(f"{file}: written by {header.get('script')}.py, not by {SCRIPT}.py")
+    if not header_only and len(payload) != header["payload_bytes"]:
+        fail(f"{file}: truncated ({len(payload)} of {header['payload_bytes']} payload bytes)")
+    if not header_only and zlib.crc32(payload) != header["payload_crc32"]:
+        fail(f"{file}: corrupted (payload checksum mismatch)")
+    return header, payload
+
+
+def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    if jax.process_index() != 0:
+        return
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    config = dataclasses.asdict(args)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
+              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
+              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (file or run folder) as {"header", "args", "epoch", "env_steps", "wall_time",
+    "params", "state"}: "state" is everything saved (nested dicts of numpy arrays), "params" its
+    network parameters. Stops with one line if the file is not a good checkpoint of this script."""
+    header, payload = read_checkpoint(path)
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:  # msgpack raises several types on a bad payload
+        fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
+    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
+            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+
+
+def restore_state(template, saved: dict, path: str):
+    """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
+    try:
+        restored = flax.serialization.from_state_dict(template, saved)
+        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
+    if not all(jax.tree_util.tree_leaves(same)):
+        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+    return restored
+
+
+class RunLog:
+    """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
+
+    On --resume, lines of epochs after the checkpoint's are dropped first."""
+
+    def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
+        self.args, self.run_path = args, run_path
+        self.path = os.path.join(run_path, "metrics.jsonl")
+        self.writer = jax.process_index() == 0
+        lines = []
+        if args.resume is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+            if self.writer:
+                write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
+        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        run_name = os.path.basename(os.path.normpath(run_path))
+        self.wandb = None
+        if args.track and self.writer:
+            import wandb
+
+            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                                    resume="allow", config=dataclasses.asdict(args))
+        from tqdm import tqdm
+
+        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                           dynamic_ncols=True, disable=not self.writer)
+
+    def check_finite(self, train_metrics: dict, epoch: int):
+        """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            self.epochs.close()
+            file = os.path.join(self.run_path, CHECKPOINT_FILE)
+            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                         if os.path.isfile(file) else "no checkpoint was written yet")
+            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+    def log(self, record: dict, headline: str):
+        """Appends the epoch's record (and sends it to wandb at step env_steps)."""
+        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["env_steps"])
+        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+
+    def finish(self, env_steps: int) -> dict:
+        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
+        last5 = self.eval_history[-5:]
+        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
+                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+            print(json.dumps(summary))
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        return summary
+
+
+# --- end shared block: scaffold ---
+
 # --------------------------------------------------------------------------------------------
-# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
+# Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # --------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import tyro
-
-    args = tyro.cli(Args)
-    resume_path = args.resume
-    if resume_path is not None:
-        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
-            fail(f"--resume {resume_path}: no checkpoint.pkl there")
-        checkpoint = load_checkpoint(resume_path)
-        args = Args(**{**checkpoint["args"], "resume": resume_path})
+    args = parse_args()
     if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
         jax.distributed.initialize()  # multi-host: the usual env variables describe the cluster
-
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
-    eval_env_id = args.eval_env or envs.eval_variant(args.env)
-    if resume_path is None:
-        run_name = args.run_name or f"{args.env}__crl_deep__d{args.depth}__s{args.seed}__{int(time.time())}"
-        run_path = os.path.join(args.run_dir, run_name)
-        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            fail(f"{run_path} already holds a run; use --resume {run_path}")
-        os.makedirs(run_path, exist_ok=True)
-        config = {"script": "crl_deep", "args": dataclasses.asdict(args), "versions": versions(),
-                  "git_commit": git_commit()}
-        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
-    else:
-        run_path = resume_path
-        run_name = os.path.basename(os.path.normpath(run_path))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_path = open_run(args)
 
-    # ---- environments, networks, state ----
+    # ---- setup: environments, networks, optimizers, the initial state, the compiled epoch ----
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
-    # The prefill and the epoch function both step the env: a jitted step is traced once for both.
-    stepper = types.SimpleNamespace(step=jax.jit(env.step))
-    eval_env = envs.make(eval_env_id)
+    stepper = types.SimpleNamespace(step=jax.jit(env.step))  # prefill and epoch share one traced step
+    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
     dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
     nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
+    optimizers = make_optimizers(args)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     num_train_steps = train_steps_per_epoch(args)
     env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
-    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
-
-    key = jax.random.PRNGKey(args.seed)
-    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+    key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
     @jax.jit
     def initial_carry(k_init, k_reset, key):
         return {
-            "train_state": init_train_state(k_init, nets, args, dims),
+            "train_state": init_train_state(k_init, nets, optimizers, args, dims),
             "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
             "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
             "key": key,
         }
 
+    carry_shapes = initial_carry.eval_shape(k_init, k_reset, key)
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
+        saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
     # The initial state (its own compile, the env reset and, at depth 1024, ~200M random draws) is
     # built in a background thread while the epoch function compiles from shapes alone: XLA releases
     # the GIL while it compiles, so the two overlap (bench/crl_throughput.py: start-to-first-update).
-    carry_shapes = initial_carry.eval_shape(k_init, k_reset, key)
-    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
     compile_start = time.time()
     with ThreadPoolExecutor(1) as pool:
         pending_carry = pool.submit(initial_carry, k_init, k_reset, key)
         epoch_fn = jax.jit(
-            lambda c: train_epoch(c, stepper, nets, args, dims, num_train_steps, batch_sharding),
+            lambda c: train_epoch(c, stepper, nets, optimizers, args, dims, num_train_steps,
+                                  NamedSharding(mesh, PartitionSpec("data"))),
             in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
             donate_argnums=0,
         ).lower(carry_shapes).compile()
         compile_seconds = time.time() - compile_start
         carry = pending_carry.result()
-    start_epoch, env_steps, wall_offset = 0, 0, 0.0
-    buffer_loaded = False
-    if resume_path is not None:
-        rest = {k: v for k, v in carry["train_state"].items() if k != "params"}
-        rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
-        carry["train_state"] = {"params": checkpoint["params"], **rest}
-        carry["env_state"] = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
-        carry["key"] = checkpoint["_key"]
-        for name in ("buffer.npz", "buffer_previous.npz"):  # the one saved with the checkpoint
-            buffer_file = os.path.join(run_path, name)
-            if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == checkpoint["epoch"]:
-                carry["buffer"] = load_buffer(buffer_file, args.replay_size)
-                buffer_loaded = True
-                break
+    start_epoch, env_steps, wall_offset, buffer_loaded = 0, 0, 0.0, False
+    if checkpoint is not None:
+        carry, buffer_loaded = resumed_carry(carry, saved, run_path, checkpoint["epoch"], args, shardings)
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
-        # Fresh device buffers: on CPU device_put may alias the numpy arrays, which the donated
-        # epoch function would then overwrite in place.
-        carry = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c), out_shardings=shardings)(carry)
     carry = jax.device_put(carry, shardings)
-    prefill_fn = jax.jit(lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
-                         in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
-
-    @jax.jit
-    def evaluate_policy(actor_params, key):
-        act = lambda obs: deterministic_action(nets.actor, actor_params, obs)  # noqa: E731
-        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
-
+    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
+        eval_env, lambda obs: deterministic_action(nets.actor, actor_params, obs), key, args.num_eval_envs,
+        args.episode_length))
     start_time = time.time() - wall_offset
     if not buffer_loaded:  # a fresh run, or a resume whose buffer was not saved: refill it
-        carry = prefill_fn(carry)
-        env_steps += prefill_steps
+        carry = jax.jit(lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
+                        in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+        env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
-    if args.track:
-        import wandb
-
-        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                   resume="allow", config=dataclasses.asdict(args))
-    from tqdm import tqdm
-
-    metrics_file = os.path.join(run_path, "metrics.jsonl")
-    eval_history: list[dict] = []
-    if resume_path is not None and os.path.isfile(metrics_file):
-        with open(metrics_file) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
-        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
-        with open(metrics_file + ".tmp", "w") as f:  # drop lines of an epoch the checkpoint lacks
-            f.writelines(json.dumps(m) + "\n" for m in lines)
-        os.replace(metrics_file + ".tmp", metrics_file)
-
-    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
-                    desc=run_name, dynamic_ncols=True)
-    for epoch in progress:
+    # ---- the loop: one jitted epoch (collect + update), then evaluate, log, checkpoint ----
+    log = RunLog(args, run_path, start_epoch, args.num_epochs)
+    for epoch in log.epochs:
         epoch_start = time.time()
         carry, train_metrics = epoch_fn(carry)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch
-        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
-        if bad:
-            progress.close()
-            checkpoint_file = os.path.join(run_path, "checkpoint.pkl")
-            last_good = (f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
-                         if os.path.isfile(checkpoint_file) else "no checkpoint was written yet")
-            raise SystemExit(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+        log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
-        eval_history.append(eval_metrics)
         record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
                   "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
                   **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.track:
-            wandb.log(record, step=env_steps)
+                  **{f"training/{k}": v for k, v in train_metrics.items()},
+                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        log.log(record, "eval/episode_success")
         if args.save_buffer:  # first, so a checkpoint never names a buffer that is not there yet
             save_buffer(run_path, carry["buffer"], epoch)
-        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
-        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
-
-    last5 = eval_history[-5:]
-    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
-               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
-    with open(metrics_file, "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    if args.track:
-        wandb.summary.update(summary)
-        wandb.finish()
-    print(json.dumps(summary))
+        save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
+    log.finish(env_steps)

@@ -2,7 +2,6 @@
 1 vs 2 devices, depth 1024, the CLI's one-line errors."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -40,6 +39,12 @@ def _lines(run_path):
         return [json.loads(line) for line in f]
 
 
+def _load(run_path):
+    import crl_deep
+
+    return crl_deep.load_checkpoint(str(run_path))
+
+
 def _stable(line):
     return {k: v for k, v in line.items() if k not in VOLATILE}
 
@@ -68,8 +73,8 @@ def test_tiny_run_writes_config_metrics_checkpoint_buffer(reference_run):
     assert summary == lines[-1]
     assert summary["eval/episode_success_last5"] == pytest.approx(
         np.mean([m["eval/episode_success"] for m in lines[:-1]]))
-    with open(reference_run / "checkpoint.pkl", "rb") as f:
-        ckpt = pickle.load(f)
+    ckpt = _load(reference_run)
+    assert ckpt["header"]["script"] == "crl_deep" and ckpt["header"]["depths"]["depth"] == 8
     assert ckpt["epoch"] == 2 and ckpt["env_steps"] == 320 and ckpt["args"]["depth"] == 8
     assert set(ckpt["params"]) == {"actor", "sa_encoder", "g_encoder"}
     data = np.load(reference_run / "buffer.npz")
@@ -84,14 +89,13 @@ def test_same_seed_is_deterministic_and_resume_after_sigkill_continues_exactly(r
     run_path = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(*TINY, "--run-dir", str(tmp_path), "--run-name", "killed", "--save-buffer"),
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not (run_path / "checkpoint.pkl").exists():
+    while proc.poll() is None and not (run_path / "checkpoint.msgpack").exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = not (run_path / "summary.json").exists()  # False only if this process was starved
     if killed:
-        with open(run_path / "checkpoint.pkl", "rb") as f:
-            assert pickle.load(f)["epoch"] in (0, 1)  # a whole checkpoint, never a torn one
+        assert _load(run_path)["epoch"] in (0, 1)  # a whole checkpoint, never a torn one
         resumed = _run("--resume", str(run_path))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = _lines(run_path), _lines(reference_run)
@@ -123,8 +127,7 @@ def test_depth_1024_compiles_and_trains_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = _lines(tmp_path / "deep")[:-1]
     assert line["env_steps"] == 30 and np.isfinite(line["training/critic_loss"])
-    with open(tmp_path / "deep" / "checkpoint.pkl", "rb") as f:
-        blocks = pickle.load(f)["params"]["actor"]["params"]["tower"]["blocks"]
+    blocks = _load(tmp_path / "deep")["params"]["actor"]["params"]["tower"]["blocks"]
     assert blocks["Dense_0"]["kernel"].shape == (256, 16, 16)
 
 

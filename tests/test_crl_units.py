@@ -177,10 +177,11 @@ def test_sgd_step_updates_and_hyperspherical_norm_keeps_unit_columns():
     dims = C.Dims(4, (0, 1), 2)
     args = C.Args(depth=4, width=8, repr_dim=6, batch_size=8, hyperspherical_norm=True)
     nets = C.build_networks(args, 6, 2, 2)
-    state = C.init_train_state(jax.random.PRNGKey(0), nets, args, dims)
+    optimizers = C.make_optimizers(args)
+    state = C.init_train_state(jax.random.PRNGKey(0), nets, optimizers, args, dims)
     key = jax.random.PRNGKey(1)
     batch = {"state": jax.random.normal(key, (8, 4)), "action": jnp.zeros((8, 2)), "goal": jnp.ones((8, 2))}
-    new, metrics = jax.jit(lambda s, b, k: C.sgd_step(s, b, k, nets, args))(state, batch, key)
+    new, metrics = jax.jit(lambda s, b, k: C.sgd_step(s, b, k, nets, optimizers, args))(state, batch, key)
     assert all(bool(jnp.isfinite(v)) for v in metrics.values())
     assert float(new["log_alpha"]) != 0.0
     kernel = new["params"]["sa_encoder"]["params"]["tower"]["blocks"]["Dense_2"]["kernel"]
