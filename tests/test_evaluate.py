@@ -68,6 +68,9 @@ def test_bad_inputs_fail_with_one_line(crl_run, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"script": "qmap", "args": {}}))
     with pytest.raises(ValueError, match="names script 'qmap'"):
         evaluate.load_policy(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": {}}))
+    with pytest.raises(ValueError, match="checkpoint"):  # the script's own loader says what is wrong
+        evaluate.load_policy(str(tmp_path))
     with pytest.raises(ValueError, match="observations 31 / actions 8; the run's policy takes 13 / 2"):
         evaluate.evaluate(str(crl_run), env_id="ant")
     with pytest.raises(ValueError, match="unknown env 'nope'"):

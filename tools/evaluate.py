@@ -27,8 +27,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-SCRIPTS = ("crl_deep", "sac_her", "td3_her", "gcbc", "offline_crl")
-
 
 @dataclass
 class Policy:
@@ -43,7 +41,7 @@ class Policy:
     epoch: int
     env_steps: int
 
-    # tools.agent.rollout's interface (a policy with its params bound, swappable for traced ones)
+    # params bound, swappable for traced ones (jit a function of the params, not of constants)
     def with_params(self, params) -> "Policy":
         return dataclasses.replace(self, params=params)
 
@@ -58,8 +56,9 @@ def run_script(run_path: str) -> str:
         raise ValueError(f"{run_path}: no config.json (not a run folder)")
     with open(cfg_path) as f:
         script = json.load(f).get("script")
-    if script not in SCRIPTS:
-        raise ValueError(f"{run_path}: config.json names script {script!r}; this tool evaluates {', '.join(SCRIPTS)}")
+    if script not in POLICY_BUILDERS:
+        raise ValueError(f"{run_path}: config.json names script {script!r}; this tool evaluates "
+                         f"{', '.join(POLICY_BUILDERS)}")
     return script
 
 
@@ -72,13 +71,13 @@ def load_policy(run_path: str) -> Policy:
     module = importlib.import_module(script)  # the scripts sit at the repository root
     try:
         ckpt = module.load_checkpoint(run_path)  # whatever the format, the script knows it
+    except SystemExit as e:  # the scripts' one-line "error: ..." for a missing or bad checkpoint
+        raise ValueError(str(e.code).removeprefix("error: ")) from None
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{run_path}: no readable checkpoint ({e})") from None
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
-    build = {"crl_deep": _crl_deep, "sac_her": _actor_first, "td3_her": _actor_first, "gcbc": _gcbc,
-             "offline_crl": _offline_crl}[script]
-    act = build(module, args)
+    act = POLICY_BUILDERS[script](module, args)
     return Policy(run_path=run_path, script=script, module=module, args=args, act=act,
                   params=ckpt["params"]["actor"], epoch=int(ckpt["epoch"]), env_steps=int(ckpt.get("env_steps", 0)))
 
@@ -109,7 +108,6 @@ def _gcbc(module, args):
 def _offline_crl(module, args):
     import numpy as np
 
-    actor = None
     if module.is_our_env(args.env):
         env = _train_env(args)
         state_dim, action_dim = env.state_dim, env.action_size
@@ -118,6 +116,11 @@ def _offline_crl(module, args):
         state_dim, action_dim = int(np.prod(probe.observation_space.shape)), int(probe.action_space.shape[0])
     actor = module.make_networks(args, action_dim)[2]
     return lambda params, obs: module.policy_action(actor, params, obs[..., :state_dim], obs[..., state_dim:])
+
+
+# script -> builder(module, args) -> act(params, obs); a new training script adds its entry here
+POLICY_BUILDERS = {"crl_deep": _crl_deep, "sac_her": _actor_first, "td3_her": _actor_first, "gcbc": _gcbc,
+                   "offline_crl": _offline_crl}
 
 
 # --- what the script's own evaluation after epoch `epoch` used ---
