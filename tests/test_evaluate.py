@@ -99,25 +99,35 @@ BASELINE_TINY = ["--env", "reacher", "--depth", "4", "--width", "16", "--num-env
                  "--num-epochs", "2", "--seed", "5"]
 
 
+def random_dataset(path, state_dim, action_dim):
+    """An OGBench-format dataset of random steps: 4 trajectories of 50."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    terminals = np.zeros(200, np.float32)
+    terminals[49::50] = 1
+    np.savez(path, observations=rng.normal(size=(200, state_dim)).astype(np.float32),
+             actions=rng.uniform(-1, 1, size=(200, action_dim)).astype(np.float32), terminals=terminals)
+    return str(path)
+
+
+OFFLINE_TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--train-steps", "40", "--eval-every", "20",
+                "--seed", "2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script, argv", [
     ("sac_her", BASELINE_TINY),
     ("td3_her", BASELINE_TINY),
     ("gcbc", ["--mode", "online", *BASELINE_TINY]),
-    ("offline_crl", None),
-])
+    ("offline_crl", ["--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10", *OFFLINE_TINY]),
+    ("offline_crl", ["--env", "pointmaze-medium-navigate-v0", "--eval-episodes", "2", "--eval-episode-length", "20",
+                     *OFFLINE_TINY]),  # evaluated by the script's OGBench loop
+], ids=["sac_her", "td3_her", "gcbc", "offline_crl", "offline_crl_ogbench"])
 def test_every_script_repeats_its_logged_evaluation(tmp_path, script, argv):
-    if script == "offline_crl":  # on one of our envs, from a dataset of random reacher steps
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        terminals = np.zeros(200, np.float32)
-        terminals[49::50] = 1
-        np.savez(tmp_path / "d.npz", observations=rng.normal(size=(200, 10)).astype(np.float32),
-                 actions=rng.uniform(-1, 1, size=(200, 2)).astype(np.float32), terminals=terminals)
-        argv = ["--dataset", str(tmp_path / "d.npz"), "--env", "reacher", "--eval-episodes", "3",
-                "--eval-episode-length", "10", "--width", "32", "--repr-dim", "16", "--batch-size", "32",
-                "--train-steps", "40", "--eval-every", "20", "--seed", "2"]
+    if script == "offline_crl":
+        sizes = (10, 2) if argv[1] == "reacher" else (2, 2)
+        argv = ["--dataset", random_dataset(tmp_path / "d.npz", *sizes), *argv]
     run = train(tmp_path, script, *argv)
     result = evaluate.evaluate(str(run))
     assert result["script"] == script

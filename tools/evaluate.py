@@ -169,7 +169,10 @@ def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = No
         if video:
             raise ValueError("--video renders envs/ ids only; this run is evaluated on OGBench")
         module, a = policy.module, policy.args
-        eval_envs = [module.make_ogbench_env(env_id, setup["episode_length"]) for _ in range(episodes)]
+        try:
+            eval_envs = [module.make_ogbench_env(env_id, setup["episode_length"]) for _ in range(episodes)]
+        except Exception as e:  # gymnasium raises several types for unknown names
+            raise ValueError(f"--env {env_id!r}: not an OGBench env ({type(e).__name__}: {e})") from None
         act = jax.jit(lambda params, obs, goals: policy.act(params, jax.numpy.concatenate([obs, goals], -1)))
         metrics = module.evaluate_ogbench(eval_envs, lambda o, g: act(policy.params, o, g),
                                           a.seed if seed is None else seed)
