@@ -14,13 +14,15 @@ import dataclasses
 import json
 import math
 import os
-import pickle
+import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,15 @@ class Args:
     """Dense layers inside the residual blocks of the actor and each critic (a positive multiple of 4)"""
     width: int = 256
     """hidden width of every Dense layer of the towers"""
+    layer_norm: bool = True
+    """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
+    activation: Literal["swish", "relu"] = "swish"
+    """hidden activation (relu only as the paper's ablation)"""
+    remat: bool = False
+    """recompute each residual block in the backward pass (least memory, one extra forward pass);
+    without it only the blocks' matmul outputs are kept and LayerNorm/swish are recomputed"""
+    scan_unroll: int = 1
+    """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     batch_size: int = 256
     """transitions per SGD step"""
     num_envs: int = 512
@@ -65,6 +76,8 @@ class Args:
     """Adam learning rate of actor, critics and temperature"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
+    target_entropy: Optional[float] = None
+    """entropy the temperature steers the policy towards; default -0.5 * action size (the paper's code)"""
     her_strategy: Literal["future", "final"] = "future"
     """hindsight goal: a uniform later step of the episode, or its last stored step"""
     her_ratio: float = 0.8
@@ -84,7 +97,8 @@ class Args:
     run_name: Optional[str] = None
     """default: {env}__sac_her__d{depth}__s{seed}__{unix time}"""
     resume: Optional[str] = None
-    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+    """continue the run stored in this folder with its own settings (flags given again must agree, except
+    --track, --wandb-*)"""
 
 
 SCRIPT = "sac_her"
@@ -92,52 +106,101 @@ SCRIPT = "sac_her"
 # ----------------------------------------------------------------------------------------------------
 # Networks: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip)
 # ----------------------------------------------------------------------------------------------------
-LECUN_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# --- shared block: tower (identical in every script; tests/test_copies.py) ---
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
+# "lecun_uniform"), bias 0.
+kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def activation_fn(name: str):
+    return {"swish": nn.swish, "relu": nn.relu}[name]
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> swish], then the block input is added back."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
+
+    Called as a scan body: (carry, unused) -> (carry, None). When the 'intermediates' collection is
+    mutable it records the mean L2 norm of the residual branch (before the add); otherwise the norm
+    is not even traced, so it costs nothing.
+    """
 
     width: int
+    layer_norm: bool
+    activation: str
 
     @nn.compact
     def __call__(self, x, _):
         h = x
         for _ in range(4):
-            h = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(h)))
+            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = activation_fn(self.activation)(h)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
         return x + h, None
 
 
-class ResidualTower(nn.Module):
-    """Dense -> LayerNorm -> swish, then depth/4 residual blocks scanned over stacked params.
+class Tower(nn.Module):
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
 
-    nn.scan keeps compile time flat in depth (one traced block whatever the number of blocks)."""
-
-    width: int
     depth: int
+    width: int
+    layer_norm: bool = True
+    activation: str = "swish"
+    remat: bool = False
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, x):
-        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(x)))
-        blocks = nn.scan(ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=self.depth // 4)
-        x, _ = blocks(self.width, name="blocks")(x, None)
+        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
+        x = activation_fn(self.activation)(x)
+        # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
+        # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
+        # depth 16 up than saving every intermediate, which the scan must stack per block). A single
+        # block (depth 4) stacks nothing, so it saves everything. --remat keeps only the block input and
+        # recomputes the whole block (one extra forward pass, least memory).
+        if self.remat:
+            block = nn.remat(ResidualBlock, prevent_cse=False)
+        elif self.depth > 4:
+            block = nn.remat(ResidualBlock, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        else:
+            block = ResidualBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=self.depth // 4,
+            unroll=self.scan_unroll,
+        )
+        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
         return x
+
+
+def make_tower(args, depth: int) -> Tower:
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+
+# --- end shared block: tower ---
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class Actor(nn.Module):
     """Tanh-squashed Gaussian policy pi(a | state, goal); returns (mean, log_std) before the squash."""
 
-    action_dim: int
-    width: int
-    depth: int
+    tower: Tower
+    action_size: int
 
     @nn.compact
     def __call__(self, obs):
-        h = ResidualTower(self.width, self.depth)(obs)
-        mean = nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h)
-        raw = nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h)
+        h = self.tower(obs)
+        mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h)
+        raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1.0)
         return mean, log_std
 
@@ -145,26 +208,24 @@ class Actor(nn.Module):
 class QNetwork(nn.Module):
     """Q(state, goal, action) -> scalar."""
 
-    width: int
-    depth: int
+    tower: Tower
 
     @nn.compact
     def __call__(self, obs, action):
-        h = ResidualTower(self.width, self.depth)(jnp.concatenate([obs, action], axis=-1))
-        return nn.Dense(1, kernel_init=LECUN_UNIFORM)(h)[..., 0]
+        h = self.tower(jnp.concatenate([obs, action], axis=-1))
+        return nn.Dense(1, kernel_init=kernel_init, name="head")(h)[..., 0]
 
 
 class TwinQ(nn.Module):
-    """Two independent Q networks evaluated in one vmapped call; returns [2, batch]."""
+    """Two independent Q networks (own towers) evaluated in one vmapped call; returns [2, batch]."""
 
-    width: int
-    depth: int
+    tower: Tower
 
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(QNetwork, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=2)
-        return twin(self.width, self.depth, name="q")(obs, action)
+        return twin(self.tower.clone(parent=None), name="q")(obs, action)
 
 
 def sample_action(mean, log_std, key):
@@ -347,7 +408,7 @@ def sgd_step(train_state, batch, key, nets, optimizer, args, target_entropy):
 
 def build_networks(args: Args, action_size: int):
     """(actor, twin critic) at --depth / --width (tools may import this)."""
-    return Actor(action_size, args.width, args.depth), TwinQ(args.width, args.depth)
+    return Actor(make_tower(args, args.depth), action_size), TwinQ(make_tower(args, args.depth))
 
 
 def deterministic_action(actor, actor_params, obs):
@@ -417,7 +478,7 @@ def prefill(carry: dict, env, dims: dict, args: Args, num_unrolls: int) -> dict:
 def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_train_steps: int,
                 batch_sharding=None):
     """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps)."""
-    target_entropy = -0.5 * dims["action_size"]
+    target_entropy = -0.5 * dims["action_size"] if args.target_entropy is None else args.target_entropy
 
     def sgd(train_state_and_buffer, key):
         train_state, buffer = train_state_and_buffer
@@ -444,14 +505,14 @@ def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_t
     return carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Input checks, files, checkpoints
-# ----------------------------------------------------------------------------------------------------
-def fail(message: str):
-    """Bad input: one line "error: ..." on stderr (exit code 1), before anything is compiled."""
-    raise SystemExit(f"error: {message}")
+def epoch_metrics(metrics: dict) -> dict:
+    """Host floats of an epoch's (mean) metrics."""
+    return {k: float(v) for k, v in metrics.items()}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Input checks, the run's state on disk
+# ----------------------------------------------------------------------------------------------------
 def prefill_unrolls(args: Args) -> int:
     return -(-args.min_replay_size // args.unroll_length)
 
@@ -474,86 +535,22 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if args.eval_env is not None and args.eval_env not in env_ids:
         fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
-    if args.depth <= 0 or args.depth % 4:
-        fail(f"--depth must be a positive multiple of 4 (got {args.depth})")
-    for name in ("width", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                 "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if not 0.0 < args.discount < 1.0:
-        fail(f"--discount must be in (0, 1) (got {args.discount})")
-    if not 0.0 < args.tau <= 1.0:
-        fail(f"--tau must be in (0, 1] (got {args.tau})")
-    if not 0.0 <= args.her_ratio <= 1.0:
-        fail(f"--her-ratio must be in [0, 1] (got {args.her_ratio})")
-    if args.learning_rate <= 0:
-        fail(f"--learning-rate must be positive (got {args.learning_rate})")
-    if args.min_replay_size > args.replay_size:
-        fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
-    if args.unroll_length > args.replay_size:
-        fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+    check_common(args)
     if args.num_envs % num_devices:
         fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
-        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
-             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
-def write_atomic(path: str, data: bytes):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def to_numpy(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
-    """checkpoint.pkl: params as nested dicts of numpy arrays; targets, optimisers, env state as leaves."""
-    train_state = to_numpy(carry["train_state"])
-    rest = {k: v for k, v in train_state.items() if k != "params"}
-    checkpoint = {
-        "script": SCRIPT,
-        "args": dataclasses.asdict(args),
-        "params": train_state["params"],
-        "epoch": epoch,
-        "env_steps": env_steps,
-        "wall_time": wall_time,
-        "_opt_state_leaves": jax.tree_util.tree_leaves(rest),
-        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry["env_state"])),
-        "_key": np.asarray(jax.device_get(carry["key"])),
-    }
-    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads checkpoint.pkl (path: the file or its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
-    out["python"] = sys.version.split()[0]
-    return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def checkpoint_state(carry: dict) -> dict:
+    """What a checkpoint holds: the network params, the rest of the train state (targets, optimizer
+    states), the env state and the key. The replay buffer is not saved: a resume refills it."""
+    train_state = carry["train_state"]
+    return {"params": train_state["params"], "train_state": {k: v for k, v in train_state.items() if k != "params"},
+            "env_state": carry["env_state"], "key": carry["key"]}
 
 
 def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
@@ -573,56 +570,305 @@ def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
     }
 
 
-# ----------------------------------------------------------------------------------------------------
-# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
-# ----------------------------------------------------------------------------------------------------
-if __name__ == "__main__":
+# --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
+# The host side of a run: bad-input errors, the run folder (config.json, metrics.jsonl, summary.json,
+# checkpoint.msgpack), --resume, wandb and the progress bar. Each script defines SCRIPT and Args.
+# Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
+                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common(args):
+    """The range checks every script shares, by flag name (each Args has a subset of these flags)."""
+    config = dataclasses.asdict(args)
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = config.get(name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"{flag(name)} must be a positive multiple of 4 (got {value})")
+    for name, value in config.items():
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (name in POSITIVE_FLAGS or name.endswith("_lr") or name == "learning_rate") and not value > 0:
+            fail(f"{flag(name)} must be positive (got {value})")
+        if name in NON_NEGATIVE_FLAGS and not value >= 0:
+            fail(f"{flag(name)} must be non-negative (got {value})")
+        if name == "discount" and not 0.0 < value < 1.0:
+            fail(f"--discount must be in (0, 1) (got {value})")
+        if name == "tau" and not 0.0 < value <= 1.0:
+            fail(f"--tau must be in (0, 1] (got {value})")
+        if name == "her_ratio" and not 0.0 <= value <= 1.0:
+            fail(f"--her-ratio must be in [0, 1] (got {value})")
+    if "replay_size" in config and config.get("mode", "online") == "online":
+        if args.min_replay_size > args.replay_size:
+            fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.replay_size:
+            fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.episode_length:
+            fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
+        if args.batch_size > args.num_envs * args.min_replay_size:
+            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+
+
+def write_atomic(path: str, data: bytes):
+    """Never a partial file at `path`: write a temp file, fsync it, rename it over, fsync the folder."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    """Args from the command line. With --resume RUN: the run's own args; flags given again must
+    agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
     import tyro
 
-    args = tyro.cli(Args)
-    resume_path = args.resume
-    if resume_path is not None:
-        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
-            fail(f"--resume {resume_path}: no checkpoint.pkl there")
-        checkpoint = load_checkpoint(resume_path)
-        if checkpoint.get("script") != SCRIPT:
-            fail(f"--resume {resume_path}: not a {SCRIPT} run")
-        args = Args(**{**checkpoint["args"], "resume": resume_path})
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    header, _ = read_checkpoint(args.resume, header_only=True)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(header["args"]) - fields)
+    if unknown:
+        fail(f"{checkpoint_path(args.resume)}: the run has flags this {SCRIPT}.py lacks: {', '.join(unknown)}")
+    saved = Args(**header["args"])
+    given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
+    changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
+    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
+                 for n in changed if n not in RUN_FLAGS]
+    if conflicts:
+        fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
+    applied = [n for n in changed if n != "resume"]
+    if applied:
+        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+              file=sys.stderr)
+    return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
+
+def open_run(args, extra_config: Optional[dict] = None) -> str:
+    """The run folder: the --resume one, or a new one holding config.json."""
+    if args.resume is not None:
+        return os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+    name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    path = os.path.join(args.run_dir, name)
+    if any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_FILE, "checkpoint.pkl")):
+        fail(f"{path} already holds a run; use --resume {path}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
+                  "versions": versions(), "git_commit": git_commit()}
+        write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
+    return path
+
+
+def checkpoint_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint(path: str, header_only: bool = False):
+    """(header, payload bytes) of a checkpoint file or run folder; one line naming the file if it is
+    missing, truncated, garbage, of an old format or written by another script."""
+    file = checkpoint_path(path)
+    old = os.path.join(path, "checkpoint.pkl")
+    if not os.path.isfile(file):
+        if os.path.isfile(old):
+            fail(f"{old}: an old-format (pickle) checkpoint; this {SCRIPT}.py reads only {CHECKPOINT_FILE}")
+        fail(f"{file}: no checkpoint there")
+    with open(file, "rb") as f:
+        first_line = f.readline(1 << 20)
+        payload = b"" if header_only else f.read()
+    if first_line.startswith(b"\x80"):
+        fail(f"{file}: an old-format (pickle) checkpoint, not loaded (pickles can run code)")
+    try:
+        header = json.loads(first_line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{file}: not a {CHECKPOINT_FILE} (no '{CHECKPOINT_FORMAT}' header line)")
+    if header.get("version") != CHECKPOINT_VERSION:
+        fail(f"{file}: checkpoint format version {header.get('version')}; this {SCRIPT}.py reads {CHECKPOINT_VERSION}")
+    if header.get("script") != SCRIPT:
+        fail(f"{file}: written by {header.get('script')}.py, not by {SCRIPT}.py")
+    if not header_only and len(payload) != header["payload_bytes"]:
+        fail(f"{file}: truncated ({len(payload)} of {header['payload_bytes']} payload bytes)")
+    if not header_only and zlib.crc32(payload) != header["payload_crc32"]:
+        fail(f"{file}: corrupted (payload checksum mismatch)")
+    return header, payload
+
+
+def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    if jax.process_index() != 0:
+        return
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    config = dataclasses.asdict(args)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
+              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
+              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (file or run folder) as {"header", "args", "epoch", "env_steps", "wall_time",
+    "params", "state"}: "state" is everything saved (nested dicts of numpy arrays), "params" its
+    network parameters. Stops with one line if the file is not a good checkpoint of this script."""
+    header, payload = read_checkpoint(path)
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:  # msgpack raises several types on a bad payload
+        fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
+    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
+            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+
+
+def restore_state(template, saved: dict, path: str):
+    """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
+    try:
+        restored = flax.serialization.from_state_dict(template, saved)
+        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
+    if not all(jax.tree_util.tree_leaves(same)):
+        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+    return restored
+
+
+class RunLog:
+    """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
+
+    On --resume, lines of epochs after the checkpoint's are dropped first."""
+
+    def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
+        self.args, self.run_path = args, run_path
+        self.path = os.path.join(run_path, "metrics.jsonl")
+        self.writer = jax.process_index() == 0
+        lines = []
+        if args.resume is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+            if self.writer:
+                write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
+        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        run_name = os.path.basename(os.path.normpath(run_path))
+        self.wandb = None
+        if args.track and self.writer:
+            import wandb
+
+            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                                    resume="allow", config=dataclasses.asdict(args))
+        from tqdm import tqdm
+
+        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                           dynamic_ncols=True, disable=not self.writer)
+
+    def check_finite(self, train_metrics: dict, epoch: int):
+        """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            self.epochs.close()
+            file = os.path.join(self.run_path, CHECKPOINT_FILE)
+            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                         if os.path.isfile(file) else "no checkpoint was written yet")
+            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+    def log(self, record: dict, headline: str):
+        """Appends the epoch's record (and sends it to wandb at step env_steps)."""
+        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["env_steps"])
+        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+
+    def finish(self, env_steps: int) -> dict:
+        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
+        last5 = self.eval_history[-5:]
+        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
+                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+            print(json.dumps(summary))
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        return summary
+
+
+# --- end shared block: scaffold ---
+
+# ----------------------------------------------------------------------------------------------------
+# Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
+# ----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = parse_args()
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
-    eval_env_id = args.eval_env or envs.eval_variant(args.env)
-    if resume_path is None:
-        run_name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
-        run_path = os.path.join(args.run_dir, run_name)
-        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            fail(f"{run_path} already holds a run; use --resume {run_path}")
-        os.makedirs(run_path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), "versions": versions(),
-                  "git_commit": git_commit()}
-        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
-    else:
-        run_path = resume_path
-        run_name = os.path.basename(os.path.normpath(run_path))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_path = open_run(args)
 
-    # ---- environments, networks, state ----
+    # ---- setup: environments, networks, optimizer, the initial state, the compiled epoch ----
     raw_env = envs.make(args.env)
-    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length,
-                                 cached_reset=args.cached_reset)
-    eval_env = envs.make(eval_env_id)
+    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
     dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
             "action_size": raw_env.action_size, "goal_reach_thresh": float(raw_env.goal_reach_thresh)}
     nets = build_networks(args, raw_env.action_size)
     optimizer = optax.adam(args.learning_rate)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     num_train_steps = train_steps_per_epoch(args)
     env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
-    prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
-
-    key = jax.random.PRNGKey(args.seed)
-    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+    key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
     @jax.jit
     def initial_carry(k_init, k_reset, key):
@@ -634,90 +880,48 @@ if __name__ == "__main__":
             "key": key,
         }
 
-    carry = initial_carry(k_init, k_reset, key)
-    shardings = carry_shardings(carry, mesh, args.num_envs)
+    carry_shapes = initial_carry.eval_shape(k_init, k_reset, key)
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
-    if resume_path is not None:  # the replay buffer is not saved: it is refilled by the prefill below
-        rest = {k: v for k, v in carry["train_state"].items() if k != "params"}
-        rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
-        carry["train_state"] = {"params": checkpoint["params"], **rest}
-        carry["env_state"] = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
-        carry["key"] = checkpoint["_key"]
+    carry = initial_carry(k_init, k_reset, key)
+    if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
+        saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
+        carry = {"train_state": {"params": saved["params"], **saved["train_state"]}, "buffer": carry["buffer"],
+                 "env_state": saved["env_state"], "key": saved["key"]}
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     carry = jax.device_put(carry, shardings)
-
     compile_start = time.time()
     epoch_fn = jax.jit(
-        lambda c: train_epoch(c, env, nets, optimizer, dims, args, num_train_steps, batch_sharding),
+        lambda c: train_epoch(c, env, nets, optimizer, dims, args, num_train_steps,
+                              NamedSharding(mesh, PartitionSpec("data"))),
         in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     ).lower(carry).compile()
     compile_seconds = time.time() - compile_start
-    prefill_fn = jax.jit(lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),
-                         in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)
-
-    @jax.jit
-    def evaluate_policy(actor_params, key):
-        act = lambda obs: deterministic_action(nets[0], actor_params, obs)  # noqa: E731
-        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
-
+    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
+        eval_env, lambda obs: deterministic_action(nets[0], actor_params, obs), key, args.num_eval_envs,
+        args.episode_length))
     start_time = time.time() - wall_offset
-    carry = prefill_fn(carry)
-    if resume_path is None:
-        env_steps += prefill_steps
+    carry = jax.jit(lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),  # a resume refills it too
+                    in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+    if checkpoint is None:
+        env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
-                   resume="allow", config=dataclasses.asdict(args))
-    from tqdm import tqdm
-
-    metrics_file = os.path.join(run_path, "metrics.jsonl")
-    eval_history: list[dict] = []
-    if resume_path is not None and os.path.isfile(metrics_file):
-        with open(metrics_file) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
-        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
-        write_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in lines).encode())
-
-    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
-                    desc=run_name, dynamic_ncols=True)
-    for epoch in progress:
+    # ---- the loop: one jitted epoch (collect + update), then evaluate, log, checkpoint ----
+    log = RunLog(args, run_path, start_epoch, args.num_epochs)
+    for epoch in log.epochs:
         epoch_start = time.time()
         carry, train_metrics = epoch_fn(carry)
-        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        train_metrics = epoch_metrics(jax.device_get(train_metrics))
         epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch
-        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
-        if bad:
-            progress.close()
-            print(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped. The last good checkpoint "
-                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
-            raise SystemExit(1)
+        log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
-        eval_history.append(eval_metrics)
         record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
                   "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
                   **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.track:
-            wandb.log(record, step=env_steps)
-        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
-        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
-
-    last5 = eval_history[-5:]
-    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
-               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
-    with open(metrics_file, "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    if args.track:
-        wandb.summary.update(summary)
-        wandb.finish()
-    print(json.dumps(summary))
+                  **{f"training/{k}": v for k, v in train_metrics.items()},
+                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        log.log(record, "eval/episode_success")
+        save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
+    log.finish(env_steps)

@@ -1,7 +1,6 @@
 """sac_her.py: HER relabelling inside one episode, TD targets and target updates by hand, runs end to end."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -137,7 +136,7 @@ def test_residual_tower_params_scale_with_depth_not_compile_structure():
     p12 = nets12[0].init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
     block = 4 * (16 * 16 + 16 + 2 * 16)  # 4 x (Dense kernel + bias + LayerNorm scale/bias)
     assert count(p12) - count(p4) == 2 * block
-    assert p12["params"]["ResidualTower_0"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 16)  # stacked for nn.scan
+    assert p12["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 16)  # stacked for nn.scan
 
 
 def run_script(*flags, check=True, full_optimization=False):
@@ -179,8 +178,8 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path):
     checkpoint = sac_her.load_checkpoint(str(run))
     assert set(checkpoint["params"]) == {"actor", "critic"} and checkpoint["epoch"] == 1
     # Pretend the run stopped after epoch 0: resume must redo epoch 1 only and finish the summary.
-    checkpoint["epoch"], checkpoint["env_steps"] = 0, rows[0]["env_steps"]
-    (run / "checkpoint.pkl").write_bytes(pickle.dumps(checkpoint))
+    sac_her.save_checkpoint(str(run), sac_her.Args(**checkpoint["args"]), checkpoint["state"], 0, rows[0]["env_steps"],
+                            rows[0]["wall_time"])
     (run / "summary.json").unlink()
     run_script("--resume", str(run))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -69,7 +69,7 @@ def test_actor_and_targets_move_only_every_policy_delay_steps():
     assert not np.allclose(leaf(ts2["params"]["critic"]), leaf(ts1["params"]["critic"]))
     np.testing.assert_array_equal(leaf(ts2["params"]["actor"]), leaf(ts1["params"]["actor"]))
     np.testing.assert_array_equal(leaf(ts2["target_params"]["critic"]), leaf(ts1["target_params"]["critic"]))
-    assert np.isnan(float(m2["actor_loss"])) and int(ts2["step"]) == 2
+    assert float(m1["actor_updates"]) == 1 and float(m2["actor_updates"]) == 0 and int(ts2["step"]) == 2
     assert not np.allclose(critic0, leaf(ts2["params"]["critic"]))
 
 
@@ -103,6 +103,17 @@ def test_tiny_run_writes_outputs_and_a_checkpoint(tmp_path):
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["env_steps"] == 200
     assert np.isfinite(rows[0]["training/actor_loss"]) and "eval/episode_success" in rows[1]
     checkpoint = td3_her.load_checkpoint(str(run))
-    assert checkpoint["script"] == "td3_her" and set(checkpoint["params"]) == {"actor", "critic"}
+    assert checkpoint["header"]["script"] == "td3_her" and set(checkpoint["params"]) == {"actor", "critic"}
     assert int(checkpoint["epoch"]) == 1 and checkpoint["args"]["policy_delay"] == 2
     # --resume shares its code with sac_her.py, whose test covers it (one subprocess run less here).
+
+
+def test_epoch_metrics_average_actor_loss_over_actor_steps_only_and_keep_a_nan():
+    steps = {"critic_loss": jnp.array([[1.0, 3.0]]), "actor_loss": jnp.array([[2.0, 0.0]]),
+             "actor_updates": jnp.array([[1.0, 0.0]]), "her_fraction": jnp.array([[0.5, 0.5]])}
+    out = td3_her.epoch_metrics(td3_her.reduce_metrics(steps))
+    assert out == {"critic_loss": 2.0, "actor_loss": 2.0, "actor_updates": 1.0, "her_fraction": 0.5}
+    no_actor = td3_her.epoch_metrics(td3_her.reduce_metrics({**steps, "actor_updates": jnp.zeros((1, 2))}))
+    assert "actor_loss" not in no_actor  # an epoch without an actor update logs no actor loss, not NaN
+    nan = td3_her.epoch_metrics(td3_her.reduce_metrics({**steps, "actor_loss": jnp.array([[jnp.nan, 0.0]])}))
+    assert np.isnan(nan["actor_loss"])  # a real NaN is not averaged away
