@@ -16,18 +16,22 @@ import dataclasses
 import json
 import math
 import os
-import pickle
+import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,15 @@ class Args:
     """Dense layers inside the residual blocks of the policy (a positive multiple of 4)"""
     width: int = 256
     """hidden width of every Dense layer of the tower"""
+    layer_norm: bool = True
+    """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
+    activation: Literal["swish", "relu"] = "swish"
+    """hidden activation (relu only as the paper's ablation)"""
+    remat: bool = False
+    """recompute each residual block in the backward pass (least memory, one extra forward pass);
+    without it only the blocks' matmul outputs are kept and LayerNorm/swish are recomputed"""
+    scan_unroll: int = 1
+    """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     batch_size: int = 256
     """(state, action, goal) samples per SGD step"""
     learning_rate: float = 3e-4
@@ -85,9 +98,10 @@ class Args:
     run_dir: str = "runs"
     """folder that holds one sub-folder per run"""
     run_name: Optional[str] = None
-    """default: {env}__gcbc_{mode}__d{depth}__s{seed}__{unix time}"""
+    """default: {env}__gcbc__d{depth}__s{seed}__{unix time}"""
     resume: Optional[str] = None
-    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+    """continue the run stored in this folder with its own settings (flags given again must agree, except
+    --track, --wandb-*)"""
 
 
 SCRIPT = "gcbc"
@@ -96,58 +110,108 @@ SCRIPT = "gcbc"
 # ----------------------------------------------------------------------------------------------------
 # Network: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip)
 # ----------------------------------------------------------------------------------------------------
-LECUN_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# --- shared block: tower (identical in every script; tests/test_copies.py) ---
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
+# "lecun_uniform"), bias 0.
+kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def activation_fn(name: str):
+    return {"swish": nn.swish, "relu": nn.relu}[name]
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> swish], then the block input is added back."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
+
+    Called as a scan body: (carry, unused) -> (carry, None). When the 'intermediates' collection is
+    mutable it records the mean L2 norm of the residual branch (before the add); otherwise the norm
+    is not even traced, so it costs nothing.
+    """
 
     width: int
+    layer_norm: bool
+    activation: str
 
     @nn.compact
     def __call__(self, x, _):
         h = x
         for _ in range(4):
-            h = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(h)))
+            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = activation_fn(self.activation)(h)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
         return x + h, None
 
 
-class ResidualTower(nn.Module):
-    """Dense -> LayerNorm -> swish, then depth/4 residual blocks scanned over stacked params
-    (compile time flat in depth)."""
+class Tower(nn.Module):
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
 
-    width: int
     depth: int
+    width: int
+    layer_norm: bool = True
+    activation: str = "swish"
+    remat: bool = False
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, x):
-        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(x)))
-        blocks = nn.scan(ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=self.depth // 4)
-        x, _ = blocks(self.width, name="blocks")(x, None)
+        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
+        x = activation_fn(self.activation)(x)
+        # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
+        # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
+        # depth 16 up than saving every intermediate, which the scan must stack per block). A single
+        # block (depth 4) stacks nothing, so it saves everything. --remat keeps only the block input and
+        # recomputes the whole block (one extra forward pass, least memory).
+        if self.remat:
+            block = nn.remat(ResidualBlock, prevent_cse=False)
+        elif self.depth > 4:
+            block = nn.remat(ResidualBlock, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        else:
+            block = ResidualBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=self.depth // 4,
+            unroll=self.scan_unroll,
+        )
+        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
         return x
+
+
+def make_tower(args, depth: int) -> Tower:
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+
+# --- end shared block: tower ---
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class GaussianPolicy(nn.Module):
     """pi(a | state, goal) = N(mean, diag(std^2)), mean = tanh(.) in the action box, log_std in [-5, 2]."""
 
-    action_dim: int
-    width: int
-    depth: int
+    tower: Tower
+    action_size: int
 
     @nn.compact
     def __call__(self, obs):
-        h = ResidualTower(self.width, self.depth)(obs)
-        mean = jnp.tanh(nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h))
-        raw = nn.Dense(self.action_dim, kernel_init=LECUN_UNIFORM)(h)
+        h = self.tower(obs)
+        mean = jnp.tanh(nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h))
+        raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1.0)
         return mean, log_std
 
 
 def build_networks(args: Args, action_size: int) -> GaussianPolicy:
     """The policy at --depth / --width (tools may import this)."""
-    return GaussianPolicy(action_size, args.width, args.depth)
+    return GaussianPolicy(make_tower(args, args.depth), action_size)
 
 
 def gaussian_log_prob(mean, log_std, action):
@@ -228,6 +292,15 @@ def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
     traj_end = ends[np.searchsorted(ends, np.arange(n))]
     return {"observations": obs[:n].astype(np.float32), "actions": np.clip(actions[:n], -1, 1).astype(np.float32),
             "traj_end": traj_end.astype(np.int32)}
+
+
+def device_dataset(dataset: dict) -> dict:
+    """The arrays the jitted sampler reads, with the rows that have a later row in their trajectory."""
+    anchor_rows = np.flatnonzero(dataset["traj_end"] > np.arange(len(dataset["traj_end"])))
+    print(f"dataset: {len(dataset['traj_end'])} rows, {len(np.unique(dataset['traj_end']))} trajectories",
+          file=sys.stderr)
+    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
+            "traj_end": jnp.asarray(dataset["traj_end"]), "anchor_rows": jnp.asarray(anchor_rows, jnp.int32)}
 
 
 def sample_offline_batch(data, key, batch_size: int, goal_indices, goal_sampling: str, discount: float):
@@ -371,13 +444,8 @@ def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: i
 
 
 # ----------------------------------------------------------------------------------------------------
-# Input checks, files, checkpoints
+# Input checks, the run's state on disk
 # ----------------------------------------------------------------------------------------------------
-def fail(message: str):
-    """Bad input: one line "error: ..." on stderr (exit code 1), before anything is compiled."""
-    raise SystemExit(f"error: {message}")
-
-
 def prefill_unrolls(args: Args) -> int:
     return -(-args.min_replay_size // args.unroll_length)
 
@@ -409,67 +477,108 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
         fail(f"--dataset {args.dataset!r} does not exist")
     if args.mode == "online" and args.dataset:
         fail("--dataset is only read by --mode offline")
-    if args.depth <= 0 or args.depth % 4:
-        fail(f"--depth must be a positive multiple of 4 (got {args.depth})")
-    for name in ("width", "batch_size", "train_steps", "num_epochs", "num_envs", "num_eval_envs", "episode_length",
-                 "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if not 0.0 < args.discount < 1.0:
-        fail(f"--discount must be in (0, 1) (got {args.discount})")
-    if args.learning_rate <= 0:
-        fail(f"--learning-rate must be positive (got {args.learning_rate})")
+    check_common(args)
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
-    if args.mode == "online":
+    if args.mode == "online" and args.num_envs % num_devices:
+        fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
+    if train_steps_per_epoch(args) < 1:
+        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
+        fail(f"--train-steps {args.train_steps} is below --num-epochs {args.num_epochs}" if args.mode == "offline" else
+             f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
+
+
+def checkpoint_state(carry: dict) -> dict:
+    """What a checkpoint holds: the policy params, the optimizer state, the key and (online) the env
+    state. The online replay buffer is not saved: a resume refills it."""
+    return {"params": carry["train_state"]["params"], "opt_state": carry["train_state"]["opt_state"],
+            "key": carry["key"], **({"env_state": carry["env_state"]} if "env_state" in carry else {})}
+
+
+def carry_shardings(carry: dict, mesh, num_envs: int):
+    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out = {k: jax.tree_util.tree_map(lambda _: replicated, v) for k, v in carry.items()}
+    if "env_state" in carry:
+        by_env = NamedSharding(mesh, PartitionSpec("data"))
+        out["env_state"] = jax.tree_util.tree_map(
+            lambda x: by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated, carry["env_state"])
+        out["buffer"] = {k: NamedSharding(mesh, PartitionSpec(None, "data")) if v.ndim >= 2 else replicated
+                         for k, v in carry["buffer"].items()}
+    return out
+
+
+# --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
+# The host side of a run: bad-input errors, the run folder (config.json, metrics.jsonl, summary.json,
+# checkpoint.msgpack), --resume, wandb and the progress bar. Each script defines SCRIPT and Args.
+# Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
+                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common(args):
+    """The range checks every script shares, by flag name (each Args has a subset of these flags)."""
+    config = dataclasses.asdict(args)
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = config.get(name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"{flag(name)} must be a positive multiple of 4 (got {value})")
+    for name, value in config.items():
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (name in POSITIVE_FLAGS or name.endswith("_lr") or name == "learning_rate") and not value > 0:
+            fail(f"{flag(name)} must be positive (got {value})")
+        if name in NON_NEGATIVE_FLAGS and not value >= 0:
+            fail(f"{flag(name)} must be non-negative (got {value})")
+        if name == "discount" and not 0.0 < value < 1.0:
+            fail(f"--discount must be in (0, 1) (got {value})")
+        if name == "tau" and not 0.0 < value <= 1.0:
+            fail(f"--tau must be in (0, 1] (got {value})")
+        if name == "her_ratio" and not 0.0 <= value <= 1.0:
+            fail(f"--her-ratio must be in [0, 1] (got {value})")
+    if "replay_size" in config and config.get("mode", "online") == "online":
         if args.min_replay_size > args.replay_size:
             fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
         if args.unroll_length > args.replay_size:
             fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
-        if args.num_envs % num_devices:
-            fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
-    if train_steps_per_epoch(args) < 1:
-        fail(f"--train-steps {args.train_steps} is below --num-epochs {args.num_epochs}" if args.mode == "offline" else
-             f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
-             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+        if args.unroll_length > args.episode_length:
+            fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
+        if args.batch_size > args.num_envs * args.min_replay_size:
+            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
 
 
 def write_atomic(path: str, data: bytes):
+    """Never a partial file at `path`: write a temp file, fsync it, rename it over, fsync the folder."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def to_numpy(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def save_checkpoint(run_path: str, carry: dict, args: Args, epoch: int, env_steps: int, wall_time: float):
-    """checkpoint.pkl: params as nested dicts of numpy arrays; optimiser and env state as leaves."""
-    train_state = to_numpy(carry["train_state"])
-    checkpoint = {
-        "script": SCRIPT,
-        "args": dataclasses.asdict(args),
-        "params": train_state["params"],
-        "epoch": epoch,
-        "env_steps": env_steps,
-        "wall_time": wall_time,
-        "_opt_state_leaves": jax.tree_util.tree_leaves(train_state["opt_state"]),
-        "_env_state_leaves": jax.tree_util.tree_leaves(to_numpy(carry.get("env_state"))),
-        "_key": np.asarray(jax.device_get(carry["key"])),
-    }
-    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads checkpoint.pkl (path: the file or its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def versions() -> dict:
@@ -488,38 +597,198 @@ def git_commit() -> str:
         return "unknown"
 
 
-def carry_shardings(carry: dict, mesh, num_envs: int):
-    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
+def parse_args(argv=None):
+    """Args from the command line. With --resume RUN: the run's own args; flags given again must
+    agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
+    import tyro
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    out = {k: jax.tree_util.tree_map(lambda _: replicated, v) for k, v in carry.items()}
-    if "env_state" in carry:
-        by_env = NamedSharding(mesh, PartitionSpec("data"))
-        out["env_state"] = jax.tree_util.tree_map(
-            lambda x: by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated, carry["env_state"])
-        out["buffer"] = {k: NamedSharding(mesh, PartitionSpec(None, "data")) if v.ndim >= 2 else replicated
-                         for k, v in carry["buffer"].items()}
-    return out
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    header, _ = read_checkpoint(args.resume, header_only=True)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(header["args"]) - fields)
+    if unknown:
+        fail(f"{checkpoint_path(args.resume)}: the run has flags this {SCRIPT}.py lacks: {', '.join(unknown)}")
+    saved = Args(**header["args"])
+    given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
+    changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
+    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
+                 for n in changed if n not in RUN_FLAGS]
+    if conflicts:
+        fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
+    applied = [n for n in changed if n != "resume"]
+    if applied:
+        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+              file=sys.stderr)
+    return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
+
+def open_run(args, extra_config: Optional[dict] = None) -> str:
+    """The run folder: the --resume one, or a new one holding config.json."""
+    if args.resume is not None:
+        return os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+    name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    path = os.path.join(args.run_dir, name)
+    if any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_FILE, "checkpoint.pkl")):
+        fail(f"{path} already holds a run; use --resume {path}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
+                  "versions": versions(), "git_commit": git_commit()}
+        write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
+    return path
+
+
+def checkpoint_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint(path: str, header_only: bool = False):
+    """(header, payload bytes) of a checkpoint file or run folder; one line naming the file if it is
+    missing, truncated, garbage, of an old format or written by another script."""
+    file = checkpoint_path(path)
+    old = os.path.join(path, "checkpoint.pkl")
+    if not os.path.isfile(file):
+        if os.path.isfile(old):
+            fail(f"{old}: an old-format (pickle) checkpoint; this {SCRIPT}.py reads only {CHECKPOINT_FILE}")
+        fail(f"{file}: no checkpoint there")
+    with open(file, "rb") as f:
+        first_line = f.readline(1 << 20)
+        payload = b"" if header_only else f.read()
+    if first_line.startswith(b"\x80"):
+        fail(f"{file}: an old-format (pickle) checkpoint, not loaded (pickles can run code)")
+    try:
+        header = json.loads(first_line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{file}: not a {CHECKPOINT_FILE} (no '{CHECKPOINT_FORMAT}' header line)")
+    if header.get("version") != CHECKPOINT_VERSION:
+        fail(f"{file}: checkpoint format version {header.get('version')}; this {SCRIPT}.py reads {CHECKPOINT_VERSION}")
+    if header.get("script") != SCRIPT:
+        fail(f"{file}: written by {header.get('script')}.py, not by {SCRIPT}.py")
+    if not header_only and len(payload) != header["payload_bytes"]:
+        fail(f"{file}: truncated ({len(payload)} of {header['payload_bytes']} payload bytes)")
+    if not header_only and zlib.crc32(payload) != header["payload_crc32"]:
+        fail(f"{file}: corrupted (payload checksum mismatch)")
+    return header, payload
+
+
+def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    if jax.process_index() != 0:
+        return
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    config = dataclasses.asdict(args)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
+              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
+              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (file or run folder) as {"header", "args", "epoch", "env_steps", "wall_time",
+    "params", "state"}: "state" is everything saved (nested dicts of numpy arrays), "params" its
+    network parameters. Stops with one line if the file is not a good checkpoint of this script."""
+    header, payload = read_checkpoint(path)
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:  # msgpack raises several types on a bad payload
+        fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
+    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
+            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+
+
+def restore_state(template, saved: dict, path: str):
+    """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
+    try:
+        restored = flax.serialization.from_state_dict(template, saved)
+        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
+    if not all(jax.tree_util.tree_leaves(same)):
+        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+    return restored
+
+
+class RunLog:
+    """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
+
+    On --resume, lines of epochs after the checkpoint's are dropped first."""
+
+    def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
+        self.args, self.run_path = args, run_path
+        self.path = os.path.join(run_path, "metrics.jsonl")
+        self.writer = jax.process_index() == 0
+        lines = []
+        if args.resume is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+            if self.writer:
+                write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
+        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        run_name = os.path.basename(os.path.normpath(run_path))
+        self.wandb = None
+        if args.track and self.writer:
+            import wandb
+
+            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                                    resume="allow", config=dataclasses.asdict(args))
+        from tqdm import tqdm
+
+        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                           dynamic_ncols=True, disable=not self.writer)
+
+    def check_finite(self, train_metrics: dict, epoch: int):
+        """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            self.epochs.close()
+            file = os.path.join(self.run_path, CHECKPOINT_FILE)
+            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                         if os.path.isfile(file) else "no checkpoint was written yet")
+            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+    def log(self, record: dict, step: int, headline: str):
+        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
+        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+
+    def finish(self, env_steps: int) -> dict:
+        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
+        last5 = self.eval_history[-5:]
+        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
+                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+            print(json.dumps(summary))
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        return summary
+
+
+# --- end shared block: scaffold ---
 
 # ----------------------------------------------------------------------------------------------------
-# Main: set up, then one host iteration per epoch (evaluate, log, checkpoint)
+# Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import tyro
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    args = tyro.cli(Args)
-    resume_path = args.resume
-    if resume_path is not None:
-        if not os.path.isfile(os.path.join(resume_path, "checkpoint.pkl")):
-            fail(f"--resume {resume_path}: no checkpoint.pkl there")
-        checkpoint = load_checkpoint(resume_path)
-        if checkpoint.get("script") != SCRIPT:
-            fail(f"--resume {resume_path}: not a {SCRIPT} run")
-        args = Args(**{**checkpoint["args"], "resume": resume_path})
-
+    args = parse_args()
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
@@ -531,130 +800,68 @@ if __name__ == "__main__":
             dataset = load_dataset(args.dataset, raw_env.state_dim, raw_env.action_size)
         except ValueError as e:
             fail(str(e))
-    eval_env_id = args.eval_env or envs.eval_variant(args.env)
-    if resume_path is None:
-        run_name = args.run_name or f"{args.env}__{SCRIPT}_{args.mode}__d{args.depth}__s{args.seed}__{int(time.time())}"
-        run_path = os.path.join(args.run_dir, run_name)
-        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            fail(f"{run_path} already holds a run; use --resume {run_path}")
-        os.makedirs(run_path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), "versions": versions(),
-                  "git_commit": git_commit()}
-        write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
-    else:
-        run_path = resume_path
-        run_name = os.path.basename(os.path.normpath(run_path))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_path = open_run(args)
 
-    # ---- data, networks, state ----
-    eval_env = envs.make(eval_env_id)
+    # ---- setup: data or environments, the policy, the optimizer, the initial state, the compiled epoch ----
+    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
     policy = build_networks(args, raw_env.action_size)
     optimizer = optax.adam(args.learning_rate)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     num_train_steps = train_steps_per_epoch(args)
-    key = jax.random.PRNGKey(args.seed)
-    key, k_init, k_reset, k_eval_base = jax.random.split(key, 4)
+    key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
     params = {"actor": policy.init(k_init, jnp.zeros((1, raw_env.observation_size)))}
     carry = {"train_state": {"params": params, "opt_state": optimizer.init(params["actor"])}, "key": key}
     if args.mode == "online":
         env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
         carry["env_state"] = jax.jit(env.reset)(jax.random.split(k_reset, args.num_envs))
         carry["buffer"] = buffer_init(args.replay_size, args.num_envs, raw_env.state_dim, raw_env.action_size)
+        epoch_body = partial(online_epoch, env=env, policy=policy, optimizer=optimizer, dims=dims, args=args,
+                             num_train_steps=num_train_steps, batch_sharding=NamedSharding(mesh, PartitionSpec("data")))
         env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
-        prefill_steps = prefill_unrolls(args) * args.unroll_length * args.num_envs
     else:
-        anchor_rows = np.flatnonzero(dataset["traj_end"] > np.arange(len(dataset["traj_end"])))
-        data = {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
-                "traj_end": jnp.asarray(dataset["traj_end"]), "anchor_rows": jnp.asarray(anchor_rows, jnp.int32)}
-        env_steps_per_epoch = prefill_steps = 0
-        print(f"dataset {args.dataset}: {len(dataset['traj_end'])} rows, "
-              f"{len(np.unique(dataset['traj_end']))} trajectories", file=sys.stderr)
+        data = device_dataset(dataset)
+        epoch_body = partial(offline_epoch, data=data, policy=policy, optimizer=optimizer, dims=dims, args=args,
+                             sgd_steps=num_train_steps)
+        env_steps_per_epoch = 0
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
-    if resume_path is not None:  # the online replay buffer is not saved: it is refilled by the prefill below
-        carry["train_state"] = {"params": checkpoint["params"], "opt_state": jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(carry["train_state"]["opt_state"]), checkpoint["_opt_state_leaves"])}
-        if args.mode == "online":
-            carry["env_state"] = jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(carry["env_state"]), checkpoint["_env_state_leaves"])
-        carry["key"] = checkpoint["_key"]
+    if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
+        saved = restore_state(checkpoint_state(carry), checkpoint["state"], args.resume)
+        carry.update(train_state={"params": saved["params"], "opt_state": saved["opt_state"]}, key=saved["key"])
+        carry.update({"env_state": saved["env_state"]} if args.mode == "online" else {})
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     shardings = carry_shardings(carry, mesh, args.num_envs)
     carry = jax.device_put(carry, shardings)
-
     compile_start = time.time()
-    if args.mode == "online":
-        epoch_body = lambda c: online_epoch(c, env, policy, optimizer, dims, args, num_train_steps, batch_sharding)  # noqa: E731
-    else:
-        epoch_body = lambda c: offline_epoch(c, data, policy, optimizer, dims, args, num_train_steps)  # noqa: E731
     epoch_fn = jax.jit(epoch_body, in_shardings=(shardings,),
                        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                        donate_argnums=0).lower(carry).compile()
     compile_seconds = time.time() - compile_start
-
-    @jax.jit
-    def evaluate_policy(actor_params, key):
-        act = lambda obs: deterministic_action(policy, actor_params, obs)  # noqa: E731
-        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
-
+    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
+        eval_env, lambda obs: deterministic_action(policy, actor_params, obs), key, args.num_eval_envs,
+        args.episode_length))
     start_time = time.time() - wall_offset
-    if args.mode == "online":
+    if args.mode == "online":  # a resume refills the buffer too
         carry = jax.jit(lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args)),
                         in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
-        if resume_path is None:
-            env_steps += prefill_steps
+        env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs if checkpoint is None else 0
 
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=run_name,
-                   resume="allow", config=dataclasses.asdict(args))
-    from tqdm import tqdm
-
-    metrics_file = os.path.join(run_path, "metrics.jsonl")
-    eval_history: list[dict] = []
-    if resume_path is not None and os.path.isfile(metrics_file):
-        with open(metrics_file) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
-        eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
-        write_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in lines).encode())
-
-    progress = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs,
-                    desc=run_name, dynamic_ncols=True)
-    for epoch in progress:
+    # ---- the loop: one jitted epoch (collect +) update, then evaluate, log, checkpoint ----
+    log = RunLog(args, run_path, start_epoch, args.num_epochs)
+    for epoch in log.epochs:
         epoch_start = time.time()
         carry, train_metrics = epoch_fn(carry)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch
-        if not math.isfinite(train_metrics["bc_loss"]):
-            progress.close()
-            print(f"error: non-finite bc_loss in epoch {epoch}; stopped. The last good checkpoint "
-                  f"is {os.path.join(run_path, 'checkpoint.pkl')} (epoch {epoch - 1})", file=sys.stderr)
-            raise SystemExit(1)
+        log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        eval_metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}
-        eval_history.append(eval_metrics)
-        record = {"epoch": epoch, "env_steps": env_steps, "sgd_steps": (epoch + 1) * num_train_steps *
-                  (args.sgd_steps_per_train_step if args.mode == "online" else 1),
-                  "wall_time": time.time() - start_time,
+        sgd_steps = (epoch + 1) * num_train_steps * (args.sgd_steps_per_train_step if args.mode == "online" else 1)
+        record = {"epoch": epoch, "env_steps": env_steps, "sgd_steps": sgd_steps, "wall_time": time.time() - start_time,
                   "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
                   **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.track:
-            wandb.log(record, step=env_steps if args.mode == "online" else record["sgd_steps"])
-        save_checkpoint(run_path, carry, args, epoch, env_steps, record["wall_time"])
-        progress.set_postfix(loss=f"{train_metrics['bc_loss']:.3f}", success=f"{eval_metrics['eval/episode_success']:.1f}")
-
-    last5 = eval_history[-5:]
-    summary = {"summary": True, "epochs": len(eval_history), "env_steps": env_steps,
-               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
-    with open(metrics_file, "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    if args.track:
-        wandb.summary.update(summary)
-        wandb.finish()
-    print(json.dumps(summary))
+                  **{f"training/{k}": v for k, v in train_metrics.items()},
+                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        log.log(record, env_steps if args.mode == "online" else sgd_steps, "eval/episode_success")
+        save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
+    log.finish(env_steps)

@@ -825,14 +825,14 @@ class RunLog:
                          if os.path.isfile(file) else "no checkpoint was written yet")
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
-    def log(self, record: dict, headline: str):
-        """Appends the epoch's record (and sends it to wandb at step env_steps)."""
+    def log(self, record: dict, step: int, headline: str):
+        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
         self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(record, step=record["env_steps"])
+            self.wandb.log(record, step=step)
         self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
 
     def finish(self, env_steps: int) -> dict:
@@ -929,6 +929,6 @@ if __name__ == "__main__":
                   **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
                   **{f"training/{k}": v for k, v in train_metrics.items()},
                   **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
-        log.log(record, "eval/episode_success")
+        log.log(record, env_steps, "eval/episode_success")
         save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
     log.finish(env_steps)

@@ -2,7 +2,6 @@
 learning check: offline GCBC imitates a scripted reacher demonstrator."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -153,9 +152,9 @@ def test_tiny_offline_run_writes_outputs_and_resumes(tmp_path):
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["sgd_steps"] == 20
     assert "training/bc_loss" in rows[0] and "eval/episode_success" in rows[0]
     checkpoint = gcbc.load_checkpoint(str(run))
-    assert checkpoint["script"] == "gcbc" and set(checkpoint["params"]) == {"actor"}
-    checkpoint["epoch"] = 0  # as if stopped after epoch 0
-    (run / "checkpoint.pkl").write_bytes(pickle.dumps(checkpoint))
+    assert checkpoint["header"]["script"] == "gcbc" and set(checkpoint["params"]) == {"actor"}
+    gcbc.save_checkpoint(str(run), gcbc.Args(**checkpoint["args"]), checkpoint["state"], 0, 0, 1.0)  # as if stopped
+
     (run / "summary.json").unlink()
     run_script("--resume", str(run))
     assert [r.get("epoch") for r in read_rows(run)] == [0, 1, None] and (run / "summary.json").exists()
