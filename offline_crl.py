@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import pickle
+import re
 import subprocess
 import sys
 import time
+import zlib
+from functools import partial
 from typing import Literal, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 
 @dataclasses.dataclass
@@ -51,6 +54,15 @@ class Args:
     """depth of the actor (default: --depth)"""
     width: int = 512
     """width of every hidden layer (OGBench default 512)"""
+    layer_norm: bool = True
+    """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
+    activation: Literal["swish", "relu"] = "swish"
+    """hidden activation (relu only as the paper's ablation)"""
+    remat: bool = False
+    """recompute each residual block in the backward pass (least memory, one extra forward pass);
+    without it only the blocks' matmul outputs are kept and LayerNorm/swish are recomputed"""
+    scan_unroll: int = 1
+    """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     repr_dim: int = 512
     """size of the representations phi(s, a) and psi(g)"""
     batch_size: int = 1024
@@ -63,12 +75,14 @@ class Args:
     """value goals are s_{t+k} with P(k) ~ discount^k (default 0.99; 0.995 for giant and humanoid mazes)"""
     alpha: Optional[float] = None
     """behaviour-cloning weight of the actor loss (default: 0.1 antmaze and our envs, 0.03 pointmaze, 0.003 explore)"""
-    energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine"] = "scaled_dot"
-    """critic logit f(s,a,g): -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim) (OGBench), cosine"""
+    energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine", "mrn"] = "scaled_dot"
+    """critic energy f(s,a,g): -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim) (OGBench), cosine,
+    or the MRN quasimetric (-d)"""
     loss: Literal["binary_nce", "fwd_infonce", "bwd_infonce", "sym_infonce"] = "binary_nce"
     """critic loss: sigmoid cross-entropy against the identity (OGBench) or InfoNCE over rows/columns/both"""
-    logsumexp_coef: float = 0.1
-    """weight of mean(logsumexp^2) added to the InfoNCE losses (unused by binary_nce)"""
+    logsumexp_coef: Optional[float] = None
+    """weight of the penalty mean_i(logsumexp_j logits[i, j])^2 added to the critic loss (default: 0.1 for the
+    InfoNCE losses, 0 for binary_nce as in OGBench)"""
     cold_init: bool = False
     """initialise the final layer of phi and psi 100x smaller (the paper's cold-init ablation)"""
     seed: int = 0
@@ -84,12 +98,12 @@ class Args:
     run_name: Optional[str] = None
     """run folder name (default: {env}__offline_crl__d{depth}__s{seed}__{unix time})"""
     resume: Optional[str] = None
-    """checkpoint.pkl (or its run folder) of an interrupted run to continue, with that run's arguments"""
+    """checkpoint.msgpack (or its run folder) of an interrupted run to continue with its own settings (flags
+    given again must agree, except --track, --wandb-*)"""
 
 
 SCRIPT = "offline_crl"
 COLD_INIT_SCALE = 1e-4  # variance factor of the cold-init head: weights 100x smaller
-L2_EPS = 1e-6  # inside the sqrt of the L2 energy: finite gradient where phi == psi
 
 
 def is_our_env(name: str) -> bool:
@@ -98,12 +112,18 @@ def is_our_env(name: str) -> bool:
 
 
 def default_alpha(env_name: str) -> float:
-    """OGBench's per-dataset BC weights for CRL (spec section 7)."""
+    """OGBench's per-dataset BC weights for its CRL agent."""
     if "explore" in env_name:
         return 0.003
     if env_name.startswith("pointmaze"):
         return 0.03
     return 0.1
+
+
+def resolved_logsumexp_coef(args: Args) -> float:
+    if args.logsumexp_coef is not None:
+        return args.logsumexp_coef
+    return 0.0 if args.loss == "binary_nce" else 0.1
 
 
 def default_discount(env_name: str) -> float:
@@ -112,35 +132,19 @@ def default_discount(env_name: str) -> float:
 
 def check_args(args: Args) -> None:
     """Rejects bad input before anything is compiled (one line on stderr, exit code 1)."""
-    problems = []
-    if args.resume is None:
-        if not args.dataset:
-            problems.append("--dataset PATH.npz is required")
-        elif not os.path.isfile(args.dataset):
-            problems.append(f"--dataset {args.dataset!r} does not exist")
-        if not args.env:
-            problems.append("--env is required (an OGBench env name or one of our envs/ ids)")
-    elif not os.path.exists(args.resume):
-        problems.append(f"--resume path {args.resume!r} does not exist")
-    for name in ("depth", "critic_depth", "actor_depth"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 4):
-            problems.append(f"--{name.replace('_', '-')} must be a positive multiple of 4, got {value}")
-    for name in ("train_steps", "eval_every", "eval_episodes", "width", "repr_dim", "batch_size"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.dataset:
+        fail("--dataset PATH.npz is required")
+    if not os.path.isfile(args.dataset):
+        fail(f"--dataset {args.dataset!r} does not exist")
+    if not args.env:
+        fail("--env is required (an OGBench env name or one of our envs/ ids)")
+    check_common(args)
     if args.batch_size < 2:
-        problems.append("--batch-size must be at least 2 (the other rows are the negatives)")
-    if args.eval_every > 0 and args.train_steps % args.eval_every:
-        problems.append(f"--train-steps ({args.train_steps}) must be a multiple of --eval-every ({args.eval_every})")
-    if args.discount is not None and not 0.0 < args.discount < 1.0:
-        problems.append(f"--discount must be in (0, 1), got {args.discount}")
-    if args.alpha is not None and args.alpha < 0:
-        problems.append(f"--alpha must be >= 0, got {args.alpha}")
-    if args.eval_episode_length is not None and args.eval_episode_length <= 0:
-        problems.append(f"--eval-episode-length must be positive, got {args.eval_episode_length}")
-    if problems:
-        raise SystemExit("error: " + problems[0])
+        fail("--batch-size must be at least 2 (the other rows are the negatives)")
+    if args.train_steps % args.eval_every:
+        fail(f"--train-steps ({args.train_steps}) must be a multiple of --eval-every ({args.eval_every})")
+    if args.energy == "mrn" and args.repr_dim % 2:
+        fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,102 +226,178 @@ def sample_batch(data: dict, key, batch_size: int, discount: float) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Networks: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip)
 # ----------------------------------------------------------------------------------------------------
-LECUN_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# --- shared block: tower (identical in every script; tests/test_copies.py) ---
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
+# "lecun_uniform"), bias 0.
+kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def activation_fn(name: str):
+    return {"swish": nn.swish, "relu": nn.relu}[name]
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> swish], then add the block input. Signature fits nn.scan."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
+
+    Called as a scan body: (carry, unused) -> (carry, None). When the 'intermediates' collection is
+    mutable it records the mean L2 norm of the residual branch (before the add); otherwise the norm
+    is not even traced, so it costs nothing.
+    """
 
     width: int
+    layer_norm: bool
+    activation: str
 
     @nn.compact
     def __call__(self, x, _):
-        skip = x
-        for _layer in range(4):
-            x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(x)))
-        return x + skip, None
+        h = x
+        for _ in range(4):
+            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            if self.layer_norm:
+                h = nn.LayerNorm()(h)
+            h = activation_fn(self.activation)(h)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
+        return x + h, None
 
 
-class ResidualTower(nn.Module):
-    """Dense(width) -> LN -> swish, depth/4 residual blocks (nn.scan over stacked params: compile
-    time does not grow with depth), then a linear head."""
+class Tower(nn.Module):
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
 
-    width: int
     depth: int
+    width: int
+    layer_norm: bool = True
+    activation: str = "swish"
+    remat: bool = False
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
+        x = activation_fn(self.activation)(x)
+        # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
+        # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
+        # depth 16 up than saving every intermediate, which the scan must stack per block). A single
+        # block (depth 4) stacks nothing, so it saves everything. --remat keeps only the block input and
+        # recomputes the whole block (one extra forward pass, least memory).
+        if self.remat:
+            block = nn.remat(ResidualBlock, prevent_cse=False)
+        elif self.depth > 4:
+            block = nn.remat(ResidualBlock, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        else:
+            block = ResidualBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=self.depth // 4,
+            unroll=self.scan_unroll,
+        )
+        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
+        return x
+
+
+def make_tower(args, depth: int) -> Tower:
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+
+# --- end shared block: tower ---
+
+
+class Encoder(nn.Module):
+    """The tower, then a linear Dense(out_dim) head: phi(s, a), psi(g), or the actor's mean."""
+
+    tower: Tower
     out_dim: int
     head_init_scale: float = 1 / 3
 
     @nn.compact
     def __call__(self, x):
-        x = nn.swish(nn.LayerNorm()(nn.Dense(self.width, kernel_init=LECUN_UNIFORM)(x)))
-        blocks = nn.scan(ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=self.depth // 4)
-        x, _ = blocks(self.width, name="blocks")(x, None)
         head_init = nn.initializers.variance_scaling(self.head_init_scale, "fan_in", "uniform")
-        return nn.Dense(self.out_dim, kernel_init=head_init, name="head")(x)
+        return nn.Dense(self.out_dim, kernel_init=head_init, name="head")(self.tower(x))
 
 
 def make_networks(args: Args, action_dim: int):
     """(sa_encoder phi(concat[s, a]), g_encoder psi(g), actor mean(concat[s, g]))."""
     critic_depth = args.critic_depth or args.depth
     head_scale = COLD_INIT_SCALE / 3 if args.cold_init else 1 / 3
-    sa_encoder = ResidualTower(args.width, critic_depth, args.repr_dim, head_scale)
-    g_encoder = ResidualTower(args.width, critic_depth, args.repr_dim, head_scale)
-    actor = ResidualTower(args.width, args.actor_depth or args.depth, action_dim)
+    sa_encoder = Encoder(make_tower(args, critic_depth), args.repr_dim, head_scale)
+    g_encoder = Encoder(make_tower(args, critic_depth), args.repr_dim, head_scale)
+    actor = Encoder(make_tower(args, args.actor_depth or args.depth), action_dim)
     return sa_encoder, g_encoder, actor
 
 
 # ----------------------------------------------------------------------------------------------------
 # Energies and losses
 # ----------------------------------------------------------------------------------------------------
-def energy_matrix(phi, psi, energy: str):
-    """L[i, j] = f(phi_i, psi_j) for every pair of rows; [B, B] memory (no [B, B, latent] tensor)."""
-    if energy in ("l2", "l2_squared"):
-        sq = jnp.sum(phi**2, -1)[:, None] + jnp.sum(psi**2, -1)[None, :] - 2 * phi @ psi.T
-        sq = jnp.maximum(sq, 0.0)
-        return -sq if energy == "l2_squared" else -jnp.sqrt(sq + L2_EPS)
-    if energy == "dot":
-        return phi @ psi.T
-    if energy == "scaled_dot":
-        return phi @ psi.T / jnp.sqrt(phi.shape[-1])
-    if energy == "cosine":
-        unit = lambda z: z / jnp.sqrt(jnp.sum(z**2, -1, keepdims=True) + 1e-12)  # per row
-        return unit(phi) @ unit(psi).T
-    raise ValueError(f"unknown energy {energy!r}")
+# --- shared block: energies (identical in every script; tests/test_copies.py) ---
+SQRT_EPS = 1e-6  # inside every square root: finite gradients at zero distance and zero norm
 
 
-def energy_pairs(phi, psi, energy: str):
-    """f(phi_i, psi_i) for matching rows only: [B]."""
-    if energy in ("l2", "l2_squared"):
-        sq = jnp.sum((phi - psi) ** 2, -1)
-        return -sq if energy == "l2_squared" else -jnp.sqrt(sq + L2_EPS)
-    if energy == "dot":
-        return jnp.sum(phi * psi, -1)
-    if energy == "scaled_dot":
-        return jnp.sum(phi * psi, -1) / jnp.sqrt(phi.shape[-1])
-    if energy == "cosine":
-        unit = lambda z: z / jnp.sqrt(jnp.sum(z**2, -1, keepdims=True) + 1e-12)
-        return jnp.sum(unit(phi) * unit(psi), -1)
-    raise ValueError(f"unknown energy {energy!r}")
+def energy_rowwise(sa_repr, g_repr, kind: str):
+    """Energy f(phi, psi) of matching rows: [..., D] x [..., D] -> [...] (broadcasting)."""
+    if kind == "l2":
+        return -jnp.sqrt(jnp.sum((sa_repr - g_repr) ** 2, axis=-1) + SQRT_EPS)
+    if kind == "l2_squared":
+        return -jnp.sum((sa_repr - g_repr) ** 2, axis=-1)
+    if kind == "dot":
+        return jnp.sum(sa_repr * g_repr, axis=-1)
+    if kind == "scaled_dot":  # OGBench's CRL critic: dot / sqrt(D)
+        return jnp.sum(sa_repr * g_repr, axis=-1) / math.sqrt(sa_repr.shape[-1])
+    if kind == "cosine":  # each row normalised on its own
+        return jnp.sum(_unit_rows(sa_repr) * _unit_rows(g_repr), axis=-1)
+    if kind == "mrn":  # MRN quasimetric: symmetric L2 half + asymmetric max-ReLU half, energy = -d
+        half = sa_repr.shape[-1] // 2
+        sym = jnp.sqrt(jnp.sum((sa_repr[..., :half] - g_repr[..., :half]) ** 2, axis=-1) + SQRT_EPS)
+        asym = jnp.max(jax.nn.relu(sa_repr[..., half:] - g_repr[..., half:]), axis=-1)
+        return -(sym + asym)
+    raise ValueError(f"unknown energy {kind!r}")
 
 
-def contrastive_loss(logits, loss: str, logsumexp_coef: float):
-    """Critic loss on the [B, B] logit matrix whose diagonal holds the positive pairs."""
+def energy(sa_repr, g_repr, kind: str):
+    """Logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j)); the diagonal is `energy_rowwise`.
+
+    Products go through one matmul ([B, B] memory). Distances are taken on the differences, exact
+    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there), which builds [B, B, D].
+    """
+    if kind in ("dot", "scaled_dot", "cosine"):
+        if kind == "cosine":
+            sa_repr, g_repr = _unit_rows(sa_repr), _unit_rows(g_repr)
+        logits = jnp.matmul(sa_repr, g_repr.T, precision=jax.lax.Precision.HIGHEST)
+        return logits / math.sqrt(sa_repr.shape[-1]) if kind == "scaled_dot" else logits
+    return energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
+
+
+def _unit_rows(x):
+    return x / jnp.sqrt(jnp.sum(x**2, axis=-1, keepdims=True) + SQRT_EPS)
+
+
+def contrastive_loss(logits, kind: str, logsumexp_coef: float):
+    """Critic loss on logits [B, B] whose diagonal holds the positive pairs.
+
+    fwd_infonce: softmax over goals (rows); bwd_infonce: over state-actions (columns);
+    sym_infonce: fwd + bwd; binary_nce: sigmoid cross-entropy against the identity, averaged over
+    all B^2 entries. Every variant adds logsumexp_coef * mean_i(logsumexp_j logits[i, j])^2.
+    """
     diag = jnp.diagonal(logits)
-    if loss == "binary_nce":
-        labels = jnp.eye(logits.shape[0])
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-    lse_rows = jax.nn.logsumexp(logits, axis=1)  # over goals, per (s, a): forward
-    lse_cols = jax.nn.logsumexp(logits, axis=0)  # over (s, a), per goal: backward
-    forward = -jnp.mean(diag - lse_rows) + logsumexp_coef * jnp.mean(lse_rows**2)
-    backward = -jnp.mean(diag - lse_cols) + logsumexp_coef * jnp.mean(lse_cols**2)
-    if loss == "fwd_infonce":
-        return forward
-    if loss == "bwd_infonce":
-        return backward
-    if loss == "sym_infonce":
-        return 0.5 * (forward + backward)
-    raise ValueError(f"unknown loss {loss!r}")
+    lse_rows = jax.nn.logsumexp(logits, axis=1)
+    if kind == "fwd_infonce":
+        loss = -jnp.mean(diag - lse_rows)
+    elif kind == "bwd_infonce":
+        loss = -jnp.mean(diag - jax.nn.logsumexp(logits, axis=0))
+    elif kind == "sym_infonce":
+        loss = -jnp.mean(diag - lse_rows) - jnp.mean(diag - jax.nn.logsumexp(logits, axis=0))
+    elif kind == "binary_nce":
+        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.eye(logits.shape[0])))
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return loss + logsumexp_coef * jnp.mean(lse_rows**2)
+
+
+# --- end shared block: energies ---
 
 
 def gaussian_log_prob(mean, actions):
@@ -342,8 +422,8 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
         sa = jnp.concatenate([batch["observations"], batch["actions"]], -1)
         phi = sa_encoder.apply(critic_params["sa_encoder"], sa)
         psi = g_encoder.apply(critic_params["g_encoder"], batch["value_goals"])
-        logits = energy_matrix(phi, psi, args.energy)
-        loss = contrastive_loss(logits, args.loss, args.logsumexp_coef)
+        logits = energy(phi, psi, args.energy)
+        loss = contrastive_loss(logits, args.loss, resolved_logsumexp_coef(args))
         eye = jnp.eye(logits.shape[0])
         metrics = {"critic_loss": loss,
                    "categorical_accuracy": jnp.mean(jnp.argmax(logits, 1) == jnp.arange(logits.shape[0])),
@@ -357,7 +437,7 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
         q_actions = jnp.clip(mean, -1.0, 1.0)
         phi = sa_encoder.apply(critic_params["sa_encoder"], jnp.concatenate([obs, q_actions], -1))
         psi = g_encoder.apply(critic_params["g_encoder"], goals)
-        q = energy_pairs(phi, psi, args.energy)
+        q = energy_rowwise(phi, psi, args.energy)
         loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["actions"], alpha)
         return loss, {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q),
                       "bc_mse": jnp.mean((mean - batch["actions"]) ** 2)}
@@ -420,146 +500,9 @@ def evaluate_ogbench(eval_envs, act, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files
+# The update, the jitted epoch, evaluation setup
 # ----------------------------------------------------------------------------------------------------
-def versions() -> dict:
-    import brax
-    import flax
-    import jaxlib
-    import mujoco
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "brax": brax.__version__, "mujoco": mujoco.__version__,
-            "python": sys.version.split()[0]}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-
-
-def to_numpy(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads checkpoint.pkl (or the one inside a run folder) into a dict of numpy arrays / scalars."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
-def save_checkpoint(path, args, train_state, key, epoch, train_steps, wall_time) -> None:
-    ts = to_numpy(train_state)
-    write_atomic(path, pickle.dumps({
-        "script": SCRIPT, "args": dataclasses.asdict(args), "epoch": epoch, "env_steps": train_steps,
-        "train_steps": train_steps, "wall_time": wall_time,
-        "params": {"actor": ts["actor"], "sa_encoder": ts["critic"]["sa_encoder"],
-                   "g_encoder": ts["critic"]["g_encoder"]},
-        "opt_state_leaves": {k: jax.tree_util.tree_leaves(ts[k]) for k in ("critic_opt", "actor_opt")},
-        "key": np.asarray(key)}))
-
-
-def restore_train_state(checkpoint: dict, template: dict) -> dict:
-    """The train state of a checkpoint, with a freshly initialised one giving the tree shapes."""
-    params = checkpoint["params"]
-    ts = {"actor": params["actor"], "critic": {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}}
-    for k, leaves in checkpoint["opt_state_leaves"].items():
-        ts[k] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template[k]), leaves)
-    return jax.tree_util.tree_map(jnp.asarray, ts)
-
-
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check_args(args)
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get("script") != SCRIPT:
-            raise SystemExit(f"error: --resume {args.resume!r} is not an {SCRIPT} checkpoint")
-        run_path = os.path.dirname(os.path.abspath(
-            os.path.join(args.resume, "checkpoint.pkl") if os.path.isdir(args.resume) else args.resume))
-        args = Args(**{**checkpoint["args"], "resume": args.resume})
-        check_args(args)
-
-    # --- data and evaluation env: everything that can be wrong is checked before any compilation ---
-    try:
-        dataset = load_dataset(args.dataset)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else None
-    val_dataset = None
-    if val_path and os.path.isfile(val_path):
-        try:
-            val_dataset = load_dataset(val_path)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
-    ours = is_our_env(args.env)
-    if ours:
-        import envs
-        eval_env = envs.make(envs.eval_variant(args.env))
-        if obs_dim != eval_env.state_dim or action_dim != eval_env.action_size:
-            raise SystemExit(f"error: dataset has observations of size {obs_dim} and actions of size {action_dim}; "
-                             f"env {args.env!r} has state_dim {eval_env.state_dim}, action_size {eval_env.action_size}")
-        goal_indices = np.asarray(eval_env.goal_indices)
-    else:
-        try:
-            probe_env = make_ogbench_env(args.env, args.eval_episode_length)
-        except Exception as e:  # gymnasium raises several types for unknown names
-            raise SystemExit(f"error: --env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
-        env_obs, env_act = probe_env.observation_space.shape, probe_env.action_space.shape
-        if env_obs != (obs_dim,) or env_act != (action_dim,):
-            raise SystemExit(f"error: dataset has observations of size {obs_dim} and actions of size {action_dim}; "
-                             f"OGBench env {args.env!r} has {env_obs[0]} and {env_act[0]}")
-        goal_indices = np.arange(obs_dim)  # OGBench goals are full observations
-    if val_dataset is not None and (val_dataset["observations"].shape[1] != obs_dim
-                                    or val_dataset["actions"].shape[1] != action_dim):
-        raise SystemExit(f"error: {val_path}: observation/action sizes differ from {args.dataset}")
-    alpha = default_alpha(args.env) if args.alpha is None else args.alpha
-    discount = default_discount(args.env) if args.discount is None else args.discount
-
-    if checkpoint is None:
-        run_name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
-        run_path = os.path.join(args.run_dir, run_name)
-        if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-            raise SystemExit(f"error: run folder {run_path!r} already holds a checkpoint; "
-                             "use --resume or another --run-name")
-        os.makedirs(run_path, exist_ok=True)
-        write_atomic(os.path.join(run_path, "config.json"), json.dumps(
-            {"script": SCRIPT, "args": dataclasses.asdict(args), "resolved": {"alpha": alpha, "discount": discount},
-             "versions": versions(), "git_commit": git_commit()}, indent=2).encode())
-
-    # --- networks, optimiser, jitted update epoch ---
-    data = make_device_dataset(dataset, goal_indices)
-    val_data = make_device_dataset(val_dataset, goal_indices) if val_dataset is not None else None
-    goal_dim = len(goal_indices)
-    sa_encoder, g_encoder, actor = make_networks(args, action_dim)
-    actor_optimizer, critic_optimizer = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
-    critic_loss_fn, actor_loss_fn = make_losses(args, sa_encoder, g_encoder, actor, alpha)
-    key = jax.random.PRNGKey(args.seed)
-    key, k_init = jax.random.split(key)
-    train_state = init_train_state(k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim,
-                                   actor_optimizer, critic_optimizer)
-    start_epoch, train_steps_done, wall_offset = 0, 0, 0.0
-    if checkpoint is not None:
-        train_state = restore_train_state(checkpoint, train_state)
-        key = jnp.asarray(checkpoint["key"])
-        start_epoch, train_steps_done = checkpoint["epoch"] + 1, checkpoint["train_steps"]
-        wall_offset = checkpoint["wall_time"]
-    print(f"{SCRIPT}: {len(data['transition_rows'])} transitions, "
-          f"{int(dataset['terminals'].sum())} trajectories; params critic "
-          f"{param_count(train_state['critic'])}, actor {param_count(train_state['actor'])}", flush=True)
-
+def make_update(critic_loss_fn, actor_loss_fn, critic_optimizer, actor_optimizer):
     def update(train_state, batch):
         """One gradient step of critic and actor, both from the same (pre-update) critic."""
         (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
@@ -573,88 +516,415 @@ if __name__ == "__main__":
                        "critic_opt": critic_opt, "actor_opt": actor_opt}
         return train_state, {**critic_metrics, **actor_metrics}
 
-    def train_epoch(train_state, data, key):
-        """`data` is an argument, not a closure: closed-over arrays would be baked into the program."""
-        def step(train_state, k):
-            return update(train_state, sample_batch(data, k, args.batch_size, discount))
-        train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
-        return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
+    return update
 
-    train_epoch = jax.jit(train_epoch, donate_argnums=(0,))
+
+def train_epoch(train_state, data, key, update, steps: int, batch_size: int, discount: float):
+    """`steps` gradient steps. `data` is an argument, not a closure: closed-over arrays would be baked
+    into the program."""
+
+    def step(train_state, k):
+        return update(train_state, sample_batch(data, k, batch_size, discount))
+
+    train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, steps))
+    return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+def load_inputs(args: Args):
+    """The dataset, its -val twin (or None), the goal indices and the evaluation env (one of our envs/
+    or a first OGBench env), all checked against each other before anything compiles."""
+    try:
+        dataset = load_dataset(args.dataset)
+        val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else ""
+        val_dataset = load_dataset(val_path) if os.path.isfile(val_path) else None
+    except ValueError as e:
+        fail(str(e))
+    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    if is_our_env(args.env):
+        import envs
+
+        eval_env = envs.make(envs.eval_variant(args.env))
+        env_sizes, goal_indices = (eval_env.state_dim, eval_env.action_size), np.asarray(eval_env.goal_indices)
+    else:
+        try:
+            eval_env = make_ogbench_env(args.env, args.eval_episode_length)
+        except Exception as e:  # gymnasium raises several types for unknown names
+            fail(f"--env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
+        env_sizes = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0])
+        goal_indices = np.arange(obs_dim)  # OGBench goals are full observations
+    if env_sizes != (obs_dim, action_dim):
+        fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
+             f"has {env_sizes[0]} and {env_sizes[1]}")
+    if val_dataset is not None and (val_dataset["observations"].shape[1], val_dataset["actions"].shape[1]) != env_sizes:
+        fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
+    return dataset, val_dataset, goal_indices, eval_env
+
+
+def make_evaluator(args: Args, actor, eval_env):
+    """(actor_params, key) -> eval metrics: envs.evaluate for our envs, OGBench's 5 tasks otherwise."""
+    if is_our_env(args.env):
+        import envs
+
+        state_dim = eval_env.state_dim
+        return jax.jit(lambda params, key: envs.evaluate(
+            eval_env, lambda obs: policy_action(actor, params, obs[:, :state_dim], obs[:, state_dim:]), key,
+            args.eval_episodes, args.eval_episode_length or 1000))
+    eval_envs = [eval_env] + [make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
+    policy = jax.jit(lambda params, obs, goals: policy_action(actor, params, obs, goals))
+    return lambda params, key: evaluate_ogbench(eval_envs, lambda o, g: policy(params, o, g), args.seed)
+
+
+def checkpoint_state(train_state: dict, key) -> dict:
+    """What a checkpoint holds: the three networks' params, both optimizer states, the key."""
+    return {"params": {"actor": train_state["actor"], **train_state["critic"]},
+            "critic_opt": train_state["critic_opt"], "actor_opt": train_state["actor_opt"], "key": key}
+
+
+def train_state_of(saved: dict) -> dict:
+    """The inverse of checkpoint_state (without the key)."""
+    params = saved["params"]
+    return {"actor": params["actor"], "critic": {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]},
+            "critic_opt": saved["critic_opt"], "actor_opt": saved["actor_opt"]}
+
+
+# --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
+# The host side of a run: bad-input errors, the run folder (config.json, metrics.jsonl, summary.json,
+# checkpoint.msgpack), --resume, wandb and the progress bar. Each script defines SCRIPT and Args.
+# Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
+                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common(args):
+    """The range checks every script shares, by flag name (each Args has a subset of these flags)."""
+    config = dataclasses.asdict(args)
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = config.get(name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"{flag(name)} must be a positive multiple of 4 (got {value})")
+    for name, value in config.items():
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (name in POSITIVE_FLAGS or name.endswith("_lr") or name == "learning_rate") and not value > 0:
+            fail(f"{flag(name)} must be positive (got {value})")
+        if name in NON_NEGATIVE_FLAGS and not value >= 0:
+            fail(f"{flag(name)} must be non-negative (got {value})")
+        if name == "discount" and not 0.0 < value < 1.0:
+            fail(f"--discount must be in (0, 1) (got {value})")
+        if name == "tau" and not 0.0 < value <= 1.0:
+            fail(f"--tau must be in (0, 1] (got {value})")
+        if name == "her_ratio" and not 0.0 <= value <= 1.0:
+            fail(f"--her-ratio must be in [0, 1] (got {value})")
+    if "replay_size" in config and config.get("mode", "online") == "online":
+        if args.min_replay_size > args.replay_size:
+            fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.replay_size:
+            fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.episode_length:
+            fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
+        if args.batch_size > args.num_envs * args.min_replay_size:
+            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+
+
+def write_atomic(path: str, data: bytes):
+    """Never a partial file at `path`: write a temp file, fsync it, rename it over, fsync the folder."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "brax", "mujoco")}
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    """Args from the command line. With --resume RUN: the run's own args; flags given again must
+    agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    header, _ = read_checkpoint(args.resume, header_only=True)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(header["args"]) - fields)
+    if unknown:
+        fail(f"{checkpoint_path(args.resume)}: the run has flags this {SCRIPT}.py lacks: {', '.join(unknown)}")
+    saved = Args(**header["args"])
+    given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
+    changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
+    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
+                 for n in changed if n not in RUN_FLAGS]
+    if conflicts:
+        fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
+    applied = [n for n in changed if n != "resume"]
+    if applied:
+        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+              file=sys.stderr)
+    return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
+
+
+def open_run(args, extra_config: Optional[dict] = None) -> str:
+    """The run folder: the --resume one, or a new one holding config.json."""
+    if args.resume is not None:
+        return os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+    name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    path = os.path.join(args.run_dir, name)
+    if any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_FILE, "checkpoint.pkl")):
+        fail(f"{path} already holds a run; use --resume {path}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
+                  "versions": versions(), "git_commit": git_commit()}
+        write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
+    return path
+
+
+def checkpoint_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint(path: str, header_only: bool = False):
+    """(header, payload bytes) of a checkpoint file or run folder; one line naming the file if it is
+    missing, truncated, garbage, of an old format or written by another script."""
+    file = checkpoint_path(path)
+    old = os.path.join(path, "checkpoint.pkl")
+    if not os.path.isfile(file):
+        if os.path.isfile(old):
+            fail(f"{old}: an old-format (pickle) checkpoint; this {SCRIPT}.py reads only {CHECKPOINT_FILE}")
+        fail(f"{file}: no checkpoint there")
+    with open(file, "rb") as f:
+        first_line = f.readline(1 << 20)
+        payload = b"" if header_only else f.read()
+    if first_line.startswith(b"\x80"):
+        fail(f"{file}: an old-format (pickle) checkpoint, not loaded (pickles can run code)")
+    try:
+        header = json.loads(first_line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{file}: not a {CHECKPOINT_FILE} (no '{CHECKPOINT_FORMAT}' header line)")
+    if header.get("version") != CHECKPOINT_VERSION:
+        fail(f"{file}: checkpoint format version {header.get('version')}; this {SCRIPT}.py reads {CHECKPOINT_VERSION}")
+    if header.get("script") != SCRIPT:
+        fail(f"{file}: written by {header.get('script')}.py, not by {SCRIPT}.py")
+    if not header_only and len(payload) != header["payload_bytes"]:
+        fail(f"{file}: truncated ({len(payload)} of {header['payload_bytes']} payload bytes)")
+    if not header_only and zlib.crc32(payload) != header["payload_crc32"]:
+        fail(f"{file}: corrupted (payload checksum mismatch)")
+    return header, payload
+
+
+def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    if jax.process_index() != 0:
+        return
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    config = dataclasses.asdict(args)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
+              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
+              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (file or run folder) as {"header", "args", "epoch", "env_steps", "wall_time",
+    "params", "state"}: "state" is everything saved (nested dicts of numpy arrays), "params" its
+    network parameters. Stops with one line if the file is not a good checkpoint of this script."""
+    header, payload = read_checkpoint(path)
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:  # msgpack raises several types on a bad payload
+        fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
+    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
+            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+
+
+def restore_state(template, saved: dict, path: str):
+    """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
+    try:
+        restored = flax.serialization.from_state_dict(template, saved)
+        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
+    if not all(jax.tree_util.tree_leaves(same)):
+        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+    return restored
+
+
+class RunLog:
+    """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
+
+    On --resume, lines of epochs after the checkpoint's are dropped first."""
+
+    def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
+        self.args, self.run_path = args, run_path
+        self.path = os.path.join(run_path, "metrics.jsonl")
+        self.writer = jax.process_index() == 0
+        lines = []
+        if args.resume is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+            if self.writer:
+                write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
+        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        run_name = os.path.basename(os.path.normpath(run_path))
+        self.wandb = None
+        if args.track and self.writer:
+            import wandb
+
+            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                                    resume="allow", config=dataclasses.asdict(args))
+        from tqdm import tqdm
+
+        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                           dynamic_ncols=True, disable=not self.writer)
+
+    def check_finite(self, train_metrics: dict, epoch: int):
+        """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            self.epochs.close()
+            file = os.path.join(self.run_path, CHECKPOINT_FILE)
+            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                         if os.path.isfile(file) else "no checkpoint was written yet")
+            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+    def log(self, record: dict, step: int, headline: str):
+        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
+        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+
+    def finish(self, env_steps: int) -> dict:
+        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
+        last5 = self.eval_history[-5:]
+        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
+                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+            print(json.dumps(summary))
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        return summary
+
+
+# --- end shared block: scaffold ---
+
+# ----------------------------------------------------------------------------------------------------
+# Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
+# ----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = parse_args()
+    check_args(args)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    dataset, val_dataset, goal_indices, eval_env = load_inputs(args)
+    alpha = default_alpha(args.env) if args.alpha is None else args.alpha
+    discount = default_discount(args.env) if args.discount is None else args.discount
+    run_path = open_run(args, {"resolved": {"alpha": alpha, "discount": discount,
+                                            "logsumexp_coef": resolved_logsumexp_coef(args)}})
+
+    # ---- setup: data on device, networks, optimizers, losses, the train state, jitted functions ----
+    data = make_device_dataset(dataset, goal_indices)
+    val_data = make_device_dataset(val_dataset, goal_indices) if val_dataset is not None else None
+    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    sa_encoder, g_encoder, actor = make_networks(args, action_dim)
+    actor_optimizer, critic_optimizer = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
+    critic_loss_fn, actor_loss_fn = make_losses(args, sa_encoder, g_encoder, actor, alpha)
+    key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
+    train_state = init_train_state(k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, len(goal_indices),
+                                   actor_optimizer, critic_optimizer)
+    start_epoch, train_steps_done, wall_offset = 0, 0, 0.0
+    if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
+        saved = restore_state(checkpoint_state(train_state, key), checkpoint["state"], args.resume)
+        train_state, key = jax.tree_util.tree_map(jnp.asarray, train_state_of(saved)), jnp.asarray(saved["key"])
+        start_epoch, train_steps_done, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
+    print(f"{SCRIPT}: {len(data['transition_rows'])} transitions, {int(dataset['terminals'].sum())} trajectories; "
+          f"params critic {param_count(train_state['critic'])}, actor {param_count(train_state['actor'])}", flush=True)
+    update = make_update(critic_loss_fn, actor_loss_fn, critic_optimizer, actor_optimizer)
+    epoch_fn = jax.jit(partial(train_epoch, update=update, steps=args.eval_every, batch_size=args.batch_size,
+                               discount=discount), donate_argnums=(0,))
 
     @jax.jit
     def validation_metrics(train_state, val_data, key):
         """Losses on a batch of the -val twin: overfitting shows as a gap to training/."""
         batch = sample_batch(val_data, key, args.batch_size, discount)
-        _, critic_metrics = critic_loss_fn(train_state["critic"], batch)
-        _, actor_metrics = actor_loss_fn(train_state["actor"], train_state["critic"], batch)
-        return {**critic_metrics, **actor_metrics}
+        return {**critic_loss_fn(train_state["critic"], batch)[1],
+                **actor_loss_fn(train_state["actor"], train_state["critic"], batch)[1]}
 
-    if ours:
-        @jax.jit
-        def evaluate_ours(actor_params, key):
-            state_dim = eval_env.state_dim
-            act = lambda obs: policy_action(actor, actor_params, obs[:, :state_dim], obs[:, state_dim:])
-            return envs.evaluate(eval_env, act, key, args.eval_episodes, args.eval_episode_length or 1000)
-    else:
-        eval_envs = [probe_env] + [make_ogbench_env(args.env, args.eval_episode_length)
-                                   for _ in range(args.eval_episodes - 1)]
-        policy = jax.jit(lambda params, obs, goals: policy_action(actor, params, obs, goals))
+    evaluate = make_evaluator(args, actor, eval_env)
+    headline = "eval/episode_success" if is_our_env(args.env) else "eval/success"
 
-    wandb_run = None
-    if args.track:
-        import wandb
-        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                               name=os.path.basename(run_path), dir=run_path, resume="allow")
-
-    metrics_path = os.path.join(run_path, "metrics.jsonl")
-    eval_history = []
-    if checkpoint is not None and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = [r for r in rows if not r.get("summary") and r["epoch"] < start_epoch]
-        eval_history = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows]
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-    from tqdm import tqdm
-
-    num_epochs = args.train_steps // args.eval_every
-    start = time.time() - wall_offset
-    for epoch in tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=SCRIPT):
+    # ---- the loop: one jitted epoch of gradient steps, then evaluate, log, checkpoint ----
+    start_time = time.time() - wall_offset
+    log = RunLog(args, run_path, start_epoch, args.train_steps // args.eval_every)
+    for epoch in log.epochs:
         epoch_start = time.time()
         key, k_train, k_val, k_eval = jax.random.split(key, 4)
-        train_state, train_metrics = train_epoch(train_state, data, k_train)
-        jax.block_until_ready(train_state)
+        train_state, train_metrics = epoch_fn(train_state, data, k_train)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_time = time.time() - epoch_start
         train_steps_done += args.eval_every
-        if ours:
-            eval_metrics = evaluate_ours(train_state["actor"], k_eval)
-        else:
-            actor_params = train_state["actor"]
-            eval_metrics = evaluate_ogbench(eval_envs, lambda o, g: policy(actor_params, o, g), args.seed)
-        eval_metrics = {f"eval/{k}": float(v) for k, v in eval_metrics.items()}
-        eval_history.append(eval_metrics)
-        row = {"epoch": epoch, "env_steps": train_steps_done, "train_steps": train_steps_done,
-               "wall_time": time.time() - start, "sps": args.eval_every / epoch_time,
-               **{f"training/{k}": float(v) for k, v in train_metrics.items()}, **eval_metrics}
+        log.check_finite(train_metrics, epoch)
+        eval_metrics = evaluate(train_state["actor"], k_eval)
+        record = {"epoch": epoch, "env_steps": train_steps_done, "train_steps": train_steps_done,
+                  "wall_time": time.time() - start_time, "sps": args.eval_every / epoch_time,
+                  **{f"training/{k}": v for k, v in train_metrics.items()},
+                  **{f"eval/{k}": float(v) for k, v in eval_metrics.items()}}
         if val_data is not None:
-            val_metrics = validation_metrics(train_state, val_data, k_val)
-            row.update({f"validation/{k}": float(v) for k, v in val_metrics.items()})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(row, step=train_steps_done)
-        headline = "eval/episode_success" if ours else "eval/success"
-        tqdm.write(f"epoch {epoch} steps {train_steps_done} critic_loss {row['training/critic_loss']:.3f} "
-                   f"actor_loss {row['training/actor_loss']:.3f} {headline} {eval_metrics[headline]:.3f}")
-        save_checkpoint(os.path.join(run_path, "checkpoint.pkl"), args, train_state, key, epoch, train_steps_done,
-                        time.time() - start)
-
-    last5 = eval_history[-5:]
-    summary = {"summary": True, **{f"{k}_last5": float(np.mean([e[k] for e in last5])) for k in last5[0]}}
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    if wandb_run is not None:
-        wandb_run.summary.update(summary)
-        wandb_run.finish()
+            record.update({f"validation/{k}": float(v) for k, v in validation_metrics(train_state, val_data, k_val).items()})
+        log.log(record, train_steps_done, headline)
+        save_checkpoint(run_path, args, checkpoint_state(train_state, key), epoch, train_steps_done, record["wall_time"])
+    log.finish(train_steps_done)

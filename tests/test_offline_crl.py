@@ -3,7 +3,6 @@ dataset rolled out of an OGBench env and on one saved from our own env (crl_deep
 import json
 import math
 import os
-import pickle
 import runpy
 import subprocess
 import sys
@@ -152,32 +151,51 @@ def test_ddpg_bc_actor_loss_matches_a_hand_computation():
 def test_energies_and_contrastive_losses_by_hand():
     phi = jnp.array([[1.0, 0.0], [0.0, 2.0]])
     psi = jnp.array([[1.0, 0.0], [3.0, 0.0]])
-    np.testing.assert_allclose(oc.energy_matrix(phi, psi, "dot"), [[1, 3], [0, 0]])
-    np.testing.assert_allclose(oc.energy_matrix(phi, psi, "scaled_dot"), np.array([[1, 3], [0, 0]]) / math.sqrt(2))
-    np.testing.assert_allclose(oc.energy_matrix(phi, psi, "l2_squared"), [[0, -4], [-5, -13]], atol=1e-6)
-    np.testing.assert_allclose(oc.energy_matrix(phi, psi, "l2"), -np.sqrt(np.array([[0, 4], [5, 13]]) + oc.L2_EPS),
+    np.testing.assert_allclose(oc.energy(phi, psi, "dot"), [[1, 3], [0, 0]])
+    np.testing.assert_allclose(oc.energy(phi, psi, "scaled_dot"), np.array([[1, 3], [0, 0]]) / math.sqrt(2))
+    np.testing.assert_allclose(oc.energy(phi, psi, "l2_squared"), [[0, -4], [-5, -13]], atol=1e-6)
+    np.testing.assert_allclose(oc.energy(phi, psi, "l2"), -np.sqrt(np.array([[0, 4], [5, 13]]) + oc.SQRT_EPS),
                                rtol=1e-6)
-    np.testing.assert_allclose(oc.energy_matrix(phi, psi, "cosine"), [[1, 1], [0, 0]], atol=1e-6)
+    np.testing.assert_allclose(oc.energy(phi, psi, "cosine"), [[1, 1], [0, 0]], atol=1e-6)
     for energy in ("l2", "l2_squared", "dot", "scaled_dot", "cosine"):
-        np.testing.assert_allclose(oc.energy_pairs(phi, psi, energy), jnp.diagonal(oc.energy_matrix(phi, psi, energy)),
+        np.testing.assert_allclose(oc.energy_rowwise(phi, psi, energy), jnp.diagonal(oc.energy(phi, psi, energy)),
                                    rtol=1e-5, atol=1e-6)
     logits = jnp.array([[2.0, 0.0], [1.0, 0.0]])
     sp = lambda x: math.log1p(math.exp(x))  # softplus: -log sigmoid(-x)
     # binary NCE: positives -log sigmoid(l), negatives -log(1 - sigmoid(l)), mean over all 4 entries
     expected_bce = (sp(-2.0) + sp(0.0) + sp(1.0) + sp(-0.0)) / 4
-    assert float(oc.contrastive_loss(logits, "binary_nce", 0.1)) == pytest.approx(expected_bce, rel=1e-5)
+    assert float(oc.contrastive_loss(logits, "binary_nce", 0.0)) == pytest.approx(expected_bce, rel=1e-5)
     lse_rows = [math.log(math.exp(2) + 1), math.log(math.exp(1) + 1)]
     lse_cols = [math.log(math.exp(2) + math.exp(1)), math.log(2)]
-    fwd = -((2 - lse_rows[0]) + (0 - lse_rows[1])) / 2 + 0.1 * (lse_rows[0] ** 2 + lse_rows[1] ** 2) / 2
-    bwd = -((2 - lse_cols[0]) + (0 - lse_cols[1])) / 2 + 0.1 * (lse_cols[0] ** 2 + lse_cols[1] ** 2) / 2
-    assert float(oc.contrastive_loss(logits, "fwd_infonce", 0.1)) == pytest.approx(fwd, rel=1e-5)
-    assert float(oc.contrastive_loss(logits, "bwd_infonce", 0.1)) == pytest.approx(bwd, rel=1e-5)
-    assert float(oc.contrastive_loss(logits, "sym_infonce", 0.1)) == pytest.approx((fwd + bwd) / 2, rel=1e-5)
+    penalty = 0.1 * (lse_rows[0] ** 2 + lse_rows[1] ** 2) / 2  # always over rows (as crl_deep.py)
+    fwd = -((2 - lse_rows[0]) + (0 - lse_rows[1])) / 2
+    bwd = -((2 - lse_cols[0]) + (0 - lse_cols[1])) / 2
+    assert float(oc.contrastive_loss(logits, "binary_nce", 0.1)) == pytest.approx(expected_bce + penalty, rel=1e-5)
+    assert float(oc.contrastive_loss(logits, "fwd_infonce", 0.1)) == pytest.approx(fwd + penalty, rel=1e-5)
+    assert float(oc.contrastive_loss(logits, "bwd_infonce", 0.1)) == pytest.approx(bwd + penalty, rel=1e-5)
+    assert float(oc.contrastive_loss(logits, "sym_infonce", 0.1)) == pytest.approx(fwd + bwd + penalty, rel=1e-5)
+    # the default penalty weight: OGBench's binary NCE has none, the InfoNCE losses 0.1
+    assert oc.resolved_logsumexp_coef(oc.Args(loss="binary_nce")) == 0.0
+    assert oc.resolved_logsumexp_coef(oc.Args(loss="fwd_infonce")) == 0.1
+
+
+@pytest.mark.parametrize("kind", ["l2", "l2_squared", "dot", "scaled_dot", "cosine", "mrn"])
+def test_energies_and_losses_are_crl_deeps_on_a_fixed_batch(kind):
+    """Same names, same math: offline_crl.py and crl_deep.py give the same logits and critic losses."""
+    import crl_deep
+
+    rng = np.random.default_rng(0)
+    phi, psi = (jnp.asarray(rng.normal(size=(16, 8)), jnp.float32) for _ in range(2))
+    logits = oc.energy(phi, psi, kind)
+    np.testing.assert_array_equal(logits, crl_deep.energy(phi, psi, kind))
+    np.testing.assert_array_equal(oc.energy_rowwise(phi, psi, kind), crl_deep.energy_rowwise(phi, psi, kind))
+    for loss in ("fwd_infonce", "bwd_infonce", "sym_infonce", "binary_nce"):
+        assert float(oc.contrastive_loss(logits, loss, 0.1)) == float(crl_deep.contrastive_loss(logits, loss, 0.1))
 
 
 def test_l2_energy_gradient_is_finite_at_zero_distance():
     z = jnp.ones((3, 4))
-    grad = jax.grad(lambda p: jnp.sum(oc.energy_matrix(p, z, "l2")))(z)
+    grad = jax.grad(lambda p: jnp.sum(oc.energy(p, z, "l2")))(z)
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -202,7 +220,7 @@ def test_depth_flags_set_each_network_and_cold_init_shrinks_the_critic_heads():
     assert counts(depth=12) == tuple(c + 2 * block for c in base)
     assert counts(depth=4, critic_depth=8) == (base[0] + block, base[1] + block, base[2])
     assert counts(depth=4, actor_depth=16) == (base[0], base[1], base[2] + 3 * block)
-    deep_actor = shapes(depth=4, actor_depth=16)[2]["params"]["blocks"]["Dense_0"]["kernel"]
+    deep_actor = shapes(depth=4, actor_depth=16)[2]["params"]["tower"]["blocks"]["Dense_0"]["kernel"]
     assert deep_actor.shape == (4, 16, 16)  # stacked block params (nn.scan), not one module per block
     for flag in (True, False):
         args = oc.Args(dataset="x.npz", env=OGBENCH_ENV, width=64, repr_dim=256, cold_init=flag)
@@ -253,13 +271,11 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
     config = json.load(open(run / "config.json"))
     assert config["script"] == "offline_crl" and config["resolved"]["alpha"] == 0.03
     ckpt = oc.load_checkpoint(str(run))
-    assert ckpt["train_steps"] == 40 and ckpt["epoch"] == 1
-    assert ckpt["params"]["sa_encoder"]["params"]["blocks"]["Dense_0"]["kernel"].shape[0] == 2  # critic depth 8
-    assert ckpt["params"]["actor"]["params"]["blocks"]["Dense_0"]["kernel"].shape[0] == 1  # actor depth 4
+    assert ckpt["env_steps"] == 40 and ckpt["epoch"] == 1  # offline: env_steps counts gradient steps
+    assert ckpt["params"]["sa_encoder"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 2  # depth 8
+    assert ckpt["params"]["actor"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 1  # actor depth 4
     # an interrupted run: roll the checkpoint back to epoch 0 and drop the summary, then --resume
-    ckpt.update(epoch=0, train_steps=20, env_steps=20)
-    with open(run / "checkpoint.pkl", "wb") as f:
-        pickle.dump(ckpt, f)
+    oc.save_checkpoint(str(run), oc.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "offline_crl.py"), ["--resume", str(run)])
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
