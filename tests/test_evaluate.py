@@ -114,6 +114,9 @@ def random_dataset(path, state_dim, action_dim):
 OFFLINE_TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--train-steps", "40", "--eval-every", "20",
                 "--seed", "2"]
 
+QRL_OFFLINE_TINY = ["--width", "32", "--latent-dim", "16", "--batch-size", "32", "--train-steps", "40",
+                    "--eval-every", "20", "--seed", "2"]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, argv", [
@@ -123,10 +126,19 @@ OFFLINE_TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--tr
     ("offline_crl", ["--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10", *OFFLINE_TINY]),
     ("offline_crl", ["--env", "pointmaze-medium-navigate-v0", "--eval-episodes", "2", "--eval-episode-length", "20",
                      *OFFLINE_TINY]),  # evaluated by the script's OGBench loop
-], ids=["sac_her", "td3_her", "gcbc", "offline_crl", "offline_crl_ogbench"])
+    ("qrl", ["--mode", "online", "--env", "reacher", "--depth", "4", "--width", "16", "--latent-dim", "16",
+             "--batch-size", "16", "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "20",
+             "--unroll-length", "5", "--sgd-steps-per-train-step", "2", "--replay-size", "100",
+             "--min-replay-size", "10", "--num-epochs", "2", "--total-env-steps", "120", "--seed", "5"]),
+    ("qrl", ["--mode", "offline", "--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10",
+             *QRL_OFFLINE_TINY]),
+    ("qrl", ["--mode", "offline", "--env", "pointmaze-medium-navigate-v0", "--eval-episodes", "2",
+             "--eval-episode-length", "20", *QRL_OFFLINE_TINY]),
+], ids=["sac_her", "td3_her", "gcbc", "offline_crl", "offline_crl_ogbench", "qrl_online", "qrl_offline",
+        "qrl_offline_ogbench"])
 def test_every_script_repeats_its_logged_evaluation(tmp_path, script, argv):
-    if script == "offline_crl":
-        sizes = (10, 2) if argv[1] == "reacher" else (2, 2)
+    if script == "offline_crl" or "offline" in argv:  # a dataset of random steps
+        sizes = (10, 2) if "reacher" in argv else (2, 2)
         argv = ["--dataset", random_dataset(tmp_path / "d.npz", *sizes), *argv]
     run = train(tmp_path, script, *argv)
     result = evaluate.evaluate(str(run))

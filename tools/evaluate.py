@@ -5,13 +5,13 @@
     python -m tools.evaluate runs/<run> --video figures/rollout.mp4
 
 Loads the latest checkpoint of a run made by any training script (`config.json` names it:
-crl_deep, sac_her, td3_her, gcbc, offline_crl) through that script's own `load_checkpoint`, rebuilds
+crl_deep, sac_her, td3_her, gcbc, offline_crl, qrl) through that script's own `load_checkpoint`, rebuilds
 its policy network from the run's `Args` with the script's own constructors, and runs the
 deterministic policy exactly as the script evaluates after each epoch: `envs.evaluate` on the run's
 eval env (`--eval-env`, else the `_eval` variant of `--env`), one episode per eval env. With no
 options the key is the one the run used for that checkpoint's epoch, so the printed numbers are
 the ones `metrics.jsonl` logged for it; `--env`, `--episodes` or `--seed` evaluate afresh.
-offline_crl runs on OGBench envs are evaluated with the script's own OGBench loop (5 tasks).
+offline_crl and offline qrl runs on OGBench envs are evaluated with the script's own OGBench loop.
 
 `--video out.mp4` (or .gif) renders the best of the evaluated episodes (most steps at the goal)
 the way tools/video.py does; it needs an OpenGL backend (docs/tools.md).
@@ -105,22 +105,37 @@ def _gcbc(module, args):
     return lambda params, obs: module.deterministic_action(policy, params, obs)
 
 
-def _offline_crl(module, args):
+def _sizes(module, args):
+    """(state_dim, goal_indices, action_size) of the run's env: one of ours, or an OGBench env (goals
+    are then whole observations)."""
     import numpy as np
 
-    if module.is_our_env(args.env):
+    import envs
+
+    if args.env in envs.ENV_IDS:
         env = _train_env(args)
-        state_dim, action_dim = env.state_dim, env.action_size
-    else:  # OGBench: observations and goals are both full observations
-        probe = module.make_ogbench_env(args.env, args.eval_episode_length)
-        state_dim, action_dim = int(np.prod(probe.observation_space.shape)), int(probe.action_space.shape[0])
+        return env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size
+    probe = module.make_ogbench_env(args.env, args.eval_episode_length)
+    state_dim = int(np.prod(probe.observation_space.shape))
+    return state_dim, tuple(range(state_dim)), int(probe.action_space.shape[0])
+
+
+def _offline_crl(module, args):
+    state_dim, _, action_dim = _sizes(module, args)
     actor = module.make_networks(args, action_dim)[2]
     return lambda params, obs: module.policy_action(actor, params, obs[..., :state_dim], obs[..., state_dim:])
 
 
+def _qrl(module, args):
+    dims = module.Dims(*_sizes(module, args))
+    actor = module.build_networks(args, dims).actor
+    return lambda params, obs: module.policy_action(actor, params, obs[..., :dims.state_dim], obs[..., dims.state_dim:])
+
+
 # script -> builder(module, args) -> act(params, obs); a new training script adds its entry here
+# (and, if its evaluation key is derived differently, a case in run_eval_setup)
 POLICY_BUILDERS = {"crl_deep": _crl_deep, "sac_her": _actor_first, "td3_her": _actor_first, "gcbc": _gcbc,
-                   "offline_crl": _offline_crl}
+                   "offline_crl": _offline_crl, "qrl": _qrl}
 
 
 # --- what the script's own evaluation after epoch `epoch` used ---
@@ -132,9 +147,9 @@ def run_eval_setup(policy: Policy) -> dict:
     import envs
 
     a, epoch = policy.args, policy.epoch
-    if policy.script == "offline_crl":
+    if policy.script == "offline_crl" or (policy.script == "qrl" and a.mode == "offline"):
         length = a.eval_episode_length or 1000
-        if not policy.module.is_our_env(a.env):
+        if a.env not in envs.ENV_IDS:
             return {"env": a.env, "episodes": a.eval_episodes, "episode_length": a.eval_episode_length,
                     "ogbench_seed": a.seed}
         # key, k_init = split(PRNGKey(seed)); then per epoch: key, k_train, k_val, k_eval = split(key, 4)
@@ -142,9 +157,10 @@ def run_eval_setup(policy: Policy) -> dict:
         for _ in range(epoch + 1):
             key, _, _, k_eval = jax.random.split(key, 4)
         return {"env": envs.eval_variant(a.env), "episodes": a.eval_episodes, "episode_length": length, "key": k_eval}
-    # crl_deep, sac_her, td3_her, gcbc: key, k_init, k_reset, k_eval_base = split(PRNGKey(seed), 4);
-    # the evaluation after epoch e uses fold_in(k_eval_base, e)
-    k_eval_base = jax.random.split(jax.random.PRNGKey(a.seed), 4)[3]
+    if policy.script == "qrl":  # online: fold_in(PRNGKey(seed + 1), epoch)
+        k_eval_base = jax.random.PRNGKey(a.seed + 1)
+    else:  # crl_deep, sac_her, td3_her, gcbc: key, k_init, k_reset, k_eval_base = split(PRNGKey(seed), 4)
+        k_eval_base = jax.random.split(jax.random.PRNGKey(a.seed), 4)[3]
     return {"env": a.eval_env or envs.eval_variant(a.env), "episodes": a.num_eval_envs,
             "episode_length": a.episode_length, "key": jax.random.fold_in(k_eval_base, epoch)}
 
@@ -165,7 +181,7 @@ def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = No
     episodes = episodes or setup["episodes"]
     out = {"run": policy.run_path, "script": policy.script, "epoch": policy.epoch, "env_steps": policy.env_steps,
            "env": env_id, "episodes": episodes}
-    if "ogbench_seed" in setup:  # offline_crl on an OGBench env: the script's own loop
+    if "ogbench_seed" in setup:  # offline_crl / qrl on an OGBench env: the script's own loop
         if video:
             raise ValueError("--video renders envs/ ids only; this run is evaluated on OGBench")
         module, a = policy.module, policy.args
