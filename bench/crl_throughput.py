@@ -160,10 +160,11 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
     batch = {"state": jax.random.normal(key, (b, dims.state_dim)),
              "action": jax.random.uniform(key, (b, dims.action_size), minval=-1, maxval=1),
              "goal": jax.random.normal(key, (b, len(dims.goal_indices)))}
-    init = jax.jit(lambda k: C.init_train_state(k, nets, args, dims))
+    optimizers = C.make_optimizers(args)
+    init = jax.jit(lambda k: C.init_train_state(k, nets, optimizers, args, dims))
     # The batch is an argument, as in crl_deep (sampled from the buffer): closed over as a constant it
     # made XLA's compile 1.5x longer (depth 1024: 13.0 s vs 8.8 s).
-    step = jax.jit(lambda s, bt, k: C.sgd_step(s, bt, k, nets, args), donate_argnums=0)
+    step = jax.jit(lambda s, bt, k: C.sgd_step(s, bt, k, nets, optimizers, args), donate_argnums=0)
 
     def build_state():
         state = jax.block_until_ready(init(key))
@@ -218,14 +219,15 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
                   remat=variant == "remat", scan_unroll=scan_unroll(variant, depth))
     nets = C.build_networks(args, 0, 0, dims.action_size)
     key = jax.random.PRNGKey(0)
-    carry = jax.jit(lambda k: {"train_state": C.init_train_state(k, nets, args, dims),
+    optimizers = C.make_optimizers(args)
+    carry = jax.jit(lambda k: {"train_state": C.init_train_state(k, nets, optimizers, args, dims),
                                "buffer": C.buffer_init(args.replay_size, args.num_envs, dims.state_dim,
                                                        dims.action_size),
                                "env_state": env.reset(jax.random.split(k, args.num_envs)), "key": k})(key)
     carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, C.prefill_unrolls(args)),
                     donate_argnums=0)(carry)
     t = time.perf_counter()
-    epoch = jax.jit(lambda c: C.train_epoch(c, stepper, nets, args, dims, 1), donate_argnums=0)
+    epoch = jax.jit(lambda c: C.train_epoch(c, stepper, nets, optimizers, args, dims, 1), donate_argnums=0)
     compiled = epoch.lower(carry).compile()
     compile_s = time.perf_counter() - t
     (carry, _), _ = timed(compiled, carry)  # warm

@@ -90,7 +90,7 @@ def test_curves_cli_fails_with_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def maze_run(tmp_path_factory):
-    """A crl_deep run folder (config.json + checkpoint.pkl written by crl_deep's own functions) on
+    """A crl_deep run folder (config.json + checkpoint.msgpack written by crl_deep's own functions) on
     ant_u_maze with small freshly initialised networks: what a run leaves after its first epoch."""
     import jax
 
@@ -101,11 +101,11 @@ def maze_run(tmp_path_factory):
     env = envs.make(args.env)
     dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
     nets = crl_deep.build_networks(args, env.observation_size, len(dims.goal_indices), dims.action_size)
-    train_state = crl_deep.init_train_state(jax.random.PRNGKey(0), nets, args, dims)
+    train_state = crl_deep.init_train_state(jax.random.PRNGKey(0), nets, crl_deep.make_optimizers(args), args, dims)
     path = tmp_path_factory.mktemp("runs") / "tiny"
     path.mkdir()
     carry = {"train_state": train_state, "env_state": {}, "key": jax.random.PRNGKey(1)}
-    crl_deep.save_checkpoint(str(path), carry, args, 0, 1234, 0.0)
+    crl_deep.save_checkpoint(str(path), args, crl_deep.checkpoint_state(carry), 0, 1234, 0.0)
     (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": dataclasses.asdict(args)}))
     return str(path)
 
@@ -129,10 +129,13 @@ def test_agent_critic_is_the_negative_l2_distance(maze_run):
 def test_load_agent_rejects_other_scripts(tmp_path):
     from tools.agent import load_agent
 
-    (tmp_path / "checkpoint.pkl").write_bytes(b"")
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"")
     (tmp_path / "config.json").write_text(json.dumps({"script": "sac_her", "args": {}}))
     with pytest.raises(ValueError, match="crl_deep checkpoints only"):
         load_agent(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint.msgpack: not a checkpoint.msgpack"):
+        load_agent(str(tmp_path))  # the script's one-line error, as a ValueError
 
 
 def test_default_goal_is_the_far_end_of_the_corridor():

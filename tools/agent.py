@@ -8,13 +8,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 import dataclasses
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 @dataclass
@@ -58,11 +55,8 @@ class Agent:
 
 
 def load_agent(path: str) -> Agent:
-    """Loads a crl_deep run folder (or its checkpoint.pkl); ValueError with one line if it cannot."""
+    """Loads a crl_deep run folder (or its checkpoint.msgpack); ValueError with one line if it cannot."""
     run_path = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    ckpt_path = os.path.join(run_path, "checkpoint.pkl") if os.path.isdir(path) else path
-    if not os.path.isfile(ckpt_path):
-        raise ValueError(f"{path}: no checkpoint.pkl (expected a crl_deep run folder)")
     cfg_path = os.path.join(run_path, "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
@@ -70,7 +64,10 @@ def load_agent(path: str) -> Agent:
         if script != "crl_deep":
             raise ValueError(f"{path}: a {script} run; this tool reads crl_deep checkpoints only")
     module = importlib.import_module("crl_deep")
-    ckpt = module.load_checkpoint(ckpt_path)
+    try:
+        ckpt = module.load_checkpoint(path)
+    except SystemExit as e:  # the script's one-line error, "error: <file>: <what is wrong>"
+        raise ValueError(str(e.code).removeprefix("error: ")) from None
     fields = {f for f in module.Args.__dataclass_fields__}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
     import envs

@@ -1,7 +1,7 @@
 """Collector / learner experiment (paper Fig. 8): does depth help through exploration or capacity?
 
-    python tools/collector_learner.py --collector-depth 32 --learner-depths 4 32 --env ant_big_maze
-    python tools/collector_learner.py --plot runs/cl_d32_* runs/cl_d4_* --out figures/collector_learner.png
+    python -m tools.collector_learner --collector-depth 32 --learner-depths 4 32 --env ant_big_maze
+    python -m tools.collector_learner --plot runs/cl_d32_* runs/cl_d4_* --out figures/collector_learner.png
 
 One collector agent (CRL at `--collector-depth`) acts in the env and trains as in crl_deep.py.
 Learners of other depths never act: after every unroll they take the same number of SGD steps on
@@ -23,10 +23,7 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.runs import atomic_write, find_runs, save_figure  # noqa: E402
-from tools.agent import ROOT  # noqa: E402,F401  (puts the project root on sys.path)
+from tools.runs import atomic_write, find_runs, save_figure
 
 
 def agent_names(collector_depth: int, learner_depths: list[int]) -> list[str]:
@@ -50,7 +47,7 @@ def make_epoch_fn(crl, env, collector_nets, learner_nets, collector_args, learne
         batch = crl.buffer_sample(buffer, k_sample, args.batch_size, args.discount, dims.goal_indices)
         new_states, metrics = [], []
         for ts, nets, a, k in zip(states, [collector_nets] + learner_nets, [collector_args] + learner_args, k_agents):
-            ts, m = crl.sgd_step(ts, batch, k, nets, a)
+            ts, m = crl.sgd_step(ts, batch, k, nets, crl.make_optimizers(a), a)
             new_states.append(ts)
             metrics.append(m)
         return (new_states, buffer), metrics
@@ -110,7 +107,8 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
     # crl_deep.py's key schedule, so the collector is the run crl_deep.py makes with the same flags
     key, k_init, k_reset, k_eval = jax.random.split(jax.random.PRNGKey(base.seed), 4)
     k_inits = [k_init] + [jax.random.fold_in(k_init, i) for i in range(1, len(all_nets))]
-    agents = [crl.init_train_state(k, n, a, dims) for k, n, a in zip(k_inits, all_nets, [collector_args] + learner_args)]
+    agents = [crl.init_train_state(k, n, crl.make_optimizers(a), a, dims)
+              for k, n, a in zip(k_inits, all_nets, [collector_args] + learner_args)]
     carry = {"train_state": agents[0],
              "buffer": crl.buffer_init(base.replay_size, base.num_envs, dims.state_dim, dims.action_size),
              "env_state": jax.jit(env.reset)(jax.random.split(k_reset, base.num_envs)), "key": key}

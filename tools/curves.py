@@ -1,6 +1,6 @@
 """Learning curves and the score table from run folders on disk (no wandb needed).
 
-    python tools/curves.py runs/depth --group depth --out figures/depth_curves.png --table figures/depth_table
+    python -m tools.curves runs/depth --group depth --out figures/depth_curves.png --table figures/depth_table
 
 One panel per environment, one line per group (e.g. per depth): the mean over seeds of
 `eval/episode_success` against env steps, with a band of +-1 standard deviation over seeds (no band
@@ -19,9 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.runs import RunData, arg_value, atomic_write, find_runs, save_figure  # noqa: E402
+from tools.runs import RunData, arg_value, atomic_write, find_runs, save_figure
 
 
 def group_runs(runs: list[RunData], group_by: list[str], facet_by: str) -> dict:

@@ -6,8 +6,8 @@ Runs whose folder already holds `summary.json` (written by the scripts when a ru
 are skipped; a run interrupted after its first checkpoint continues with the script's `--resume`;
 so an interrupted grid is finished by running the same command again.
 
-    python tools/grid.py sweeps/depth.yaml --dry-run                  # list the runs, parse each Args
-    python tools/grid.py sweeps/depth.yaml --only env=ant_u4_maze --set num_epochs=2 --parallel 2
+    python -m tools.grid sweeps/depth.yaml --dry-run                  # list the runs, parse each Args
+    python -m tools.grid sweeps/depth.yaml --only env=ant_u4_maze --set num_epochs=2 --parallel 2
 
 `--set key=value` overrides a parameter for every run (tiny budgets for a smoke test). Overrides are
 not part of the run name: use a separate `--runs-dir` for smoke tests so they never count as the
@@ -133,7 +133,9 @@ def is_finished(runs_dir: str, run: Run) -> bool:
 
 def can_resume(runs_dir: str, run: Run) -> bool:
     """Interrupted after at least one checkpoint: the script's --resume continues it."""
-    return not is_finished(runs_dir, run) and os.path.exists(os.path.join(runs_dir, run.name, "checkpoint.pkl"))
+    # checkpoint.pkl: a run of the old format, which the script's --resume then names in a one-line error
+    return not is_finished(runs_dir, run) and any(
+        os.path.exists(os.path.join(runs_dir, run.name, name)) for name in ("checkpoint.msgpack", "checkpoint.pkl"))
 
 
 def command(sweep: Sweep, run: Run, runs_dir: str, python: str, extra: list[str], resume: bool = False) -> list[str]:

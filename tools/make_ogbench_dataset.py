@@ -1,7 +1,7 @@
 """Makes a small dataset in the exact OGBench format by rolling out an OGBench env here (the OGBench
 dataset host cannot be reached), plus its `-val.npz` twin.
 
-    python tools/make_ogbench_dataset.py --env pointmaze-medium-navigate-v0 --out data/pm.npz \
+    python -m tools.make_ogbench_dataset --env pointmaze-medium-navigate-v0 --out data/pm.npz \
         --policy noisy_oracle --num-trajectories 50 --trajectory-length 500
 
 File layout (as OGBench's): one row per visited state, trajectories back to back; `terminals` is 1 on

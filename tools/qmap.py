@@ -1,7 +1,7 @@
 """Q-value map over a maze (paper Fig. 9): the critic's value of reaching one goal from every torso
 position, with the walls drawn.
 
-    python tools/qmap.py runs/<run> [runs/<run2> ...] --out figures/qmap.png [--goal X Y]
+    python -m tools.qmap runs/<run> [runs/<run2> ...] --out figures/qmap.png [--goal X Y]
 
 For each grid point (x, y) the state is a reset state of the run's maze with the torso moved to
 (x, y); the action is the policy's deterministic action there; the value is the trained energy
@@ -18,10 +18,8 @@ import sys
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.agent import Agent, load_agent  # noqa: E402
-from tools.runs import save_figure  # noqa: E402
+from tools.agent import Agent, load_agent
+from tools.runs import save_figure
 
 
 def maze_path_distances(rows, start_cell) -> dict:

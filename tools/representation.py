@@ -1,6 +1,6 @@
 """State-action representations along a successful rollout (paper Fig. 10).
 
-    python tools/representation.py runs/<depth4 run> runs/<depth64 run> --out figures/representation.png
+    python -m tools.representation runs/<depth4 run> runs/<depth64 run> --out figures/representation.png
 
 For each run: roll out the deterministic policy in the run's evaluation env (`--num-envs` episodes),
 keep the episode that spent the most steps at the goal, and embed every step with the critic's
@@ -19,10 +19,8 @@ import sys
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.agent import Agent, best_episode, load_agent, rollout  # noqa: E402
-from tools.runs import save_figure  # noqa: E402
+from tools.agent import Agent, best_episode, load_agent, rollout
+from tools.runs import save_figure
 
 
 def pca_2d(x: np.ndarray, extra: np.ndarray | None = None):

@@ -1,6 +1,6 @@
 """L2 norm of each residual block's branch output (paper Fig. 17), per network.
 
-    python tools/residual_norms.py runs/<d32 run> runs/<d64 run> runs/<d256 run> --out figures/residual_norms.png
+    python -m tools.residual_norms runs/<d32 run> runs/<d64 run> runs/<d256 run> --out figures/residual_norms.png
 
 The batch is every live step of a short rollout of each run's own deterministic policy in its
 evaluation env (`--num-envs` x `--steps`): actor inputs concat[s, g], phi inputs concat[s, a],
@@ -18,10 +18,8 @@ import sys
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.agent import Agent, load_agent, rollout  # noqa: E402
-from tools.runs import save_figure  # noqa: E402
+from tools.agent import Agent, load_agent, rollout
+from tools.runs import save_figure
 
 NETWORKS = (("actor", "actor  pi(a | s, g)"), ("sa_encoder", "critic phi(s, a)"), ("g_encoder", "critic psi(g)"))
 

@@ -1,7 +1,7 @@
 """Rollout video of a checkpoint's deterministic policy, rendered headless (MP4 or GIF).
 
-    MUJOCO_GL=osmesa python tools/video.py runs/<run> --out figures/rollout.mp4
-    python tools/video.py runs/<run> --out figures/rollout.gif --steps 300 --every 3 --html figures/rollout.html
+    MUJOCO_GL=osmesa python -m tools.video runs/<run> --out figures/rollout.mp4
+    python -m tools.video runs/<run> --out figures/rollout.gif --steps 300 --every 3 --html figures/rollout.html
 
 Renders `--num-envs` episodes from fresh resets of the run's evaluation env (the `_eval` variant
 where one exists, or --env) and keeps the one that spent the most steps at the goal. The goal is
@@ -16,9 +16,7 @@ import json
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.render import setup_gl  # noqa: E402
+from tools.render import setup_gl
 
 try:
     setup_gl()  # before anything imports mujoco
@@ -27,9 +25,9 @@ except RuntimeError as e:  # no OpenGL backend: say how to get one, in one line
         sys.exit(f"error: {e}")
     raise
 
-from tools.agent import best_episode, load_agent, rollout  # noqa: E402
-from tools.render import render_frames, write_video  # noqa: E402
-from tools.runs import atomic_write  # noqa: E402
+from tools.agent import best_episode, load_agent, rollout
+from tools.render import render_frames, write_video
+from tools.runs import atomic_write
 
 
 def make_video(run: str, out: str, env_id: str | None = None, steps: int = 1000, every: int = 2,
@@ -81,7 +79,7 @@ def write_html(env, qpos_seq, path: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="crl_deep run folder (or its checkpoint.pkl)")
+    parser.add_argument("run", help="crl_deep run folder (or its checkpoint.msgpack)")
     parser.add_argument("--out", default="figures/rollout.mp4", help=".mp4 or .gif")
     parser.add_argument("--env", default=None, help="env id to roll out in; default: the run's eval env")
     parser.add_argument("--steps", type=int, default=1000, help="episode steps to roll out")
