@@ -6,12 +6,12 @@ with the paper's depth-scalable residual towers.
 
 The value is a learned quasimetric d(s, g) >= 0 (asymmetric, triangle inequality, d(x, x) = 0) between
 latents of a state encoder phi(s) and a goal encoder psi(g): an IQE head (or MRN). It is trained by
-constrained optimisation: push random (state, goal) pairs apart, maximise mean 100 softplus(5 - d/100)'s
-negative, subject to one-step distances d(s, s') <= 1 (mean(relu(d - 1)^2) <= eps), with a learned
+constrained optimisation: push random (state, goal) pairs apart (minimise mean 100 softplus(5 - d/100)),
+subject to one-step distances d(s, s') <= 1 (mean(relu(d - 1)^2) <= eps), with a learned
 Lagrange multiplier. A latent dynamics model phi(s) + T(phi(s), a) ~ phi(s') gives
-Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)), and the actor is trained DDPG+BC-style:
--Q / stop_grad(mean |Q|) - alpha * log pi(a_data | s, g) (offline; online alpha = 0 and exploration is
-Gaussian noise on the actor's mean). Offline defaults are OGBench's QRL agent's; see docs/qrl.md.
+Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)). The actor maximises Q / stop_grad(mean |Q|): offline
+DDPG+BC-style with -alpha * log pi(a_data | s, g) (OGBench's), online as a tanh-Gaussian policy with an
+entropy bonus (crl_deep.py's actor). Offline defaults are OGBench's QRL agent's; see docs/qrl.md.
 """
 from __future__ import annotations
 
@@ -67,14 +67,14 @@ class Args:
     critic_lr: float = 3e-4
     """Adam learning rate of the encoders, the dynamics model, the IQE mixing weight and the multiplier"""
     alpha: Optional[float] = None
-    """behaviour-cloning weight of the actor loss (default: online 0; offline 0.0003 pointmaze, else 0.003)"""
+    """offline: behaviour-cloning weight of the actor loss (default: 0.0003 pointmaze, else 0.003, as OGBench)"""
     actor_random_goal_prob: Optional[float] = None
     """probability that an actor goal is a random dataset state instead of a future one (default: offline
     stitch datasets 0.5, else 0, as OGBench)"""
     discount: float = 0.99
     """online: gamma of the geometric future actor-goal sampling (offline actor goals are uniform future)"""
-    exploration_noise: float = 0.2
-    """online: std of the Gaussian noise added to the actor's mean while collecting"""
+    temperature_lr: float = 3e-4
+    """online: Adam learning rate of the actor's entropy temperature log(beta) (target entropy -0.5 x action size)"""
     num_envs: int = 512
     """online: parallel training environments"""
     num_eval_envs: int = 128
@@ -237,23 +237,53 @@ class Dims(NamedTuple):
     action_size: int
 
 
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
 class Actor(nn.Module):
-    """Deterministic policy mu(s, g), the mean of OGBench's constant-std Gaussian actor. `squash` (online):
-    mu = tanh(.), as TD3's actor; without a BC term a linear mean drifts past the action box, where the
-    clipped action has no gradient and the actor stops learning."""
+    """Tanh-Gaussian policy pi(a | s, g): returns (mean, log_std), log_std squashed into [-5, 2]."""
 
     tower: Tower
     action_size: int
-    squash: bool = False
 
     @nn.compact
     def __call__(self, obs):
-        mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(self.tower(obs))
-        return jnp.tanh(mean) if self.squash else mean
+        h = self.tower(obs)
+        mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h)
+        raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1)
+        return mean, log_std
+
+
+def deterministic_action(actor: Actor, actor_params, obs):
+    """Evaluation action tanh(mean) for obs = concat[state, goal]."""
+    mean, _ = actor.apply(actor_params, obs)
+    return jnp.tanh(mean)
+
+
+def sample_action(mean, log_std, key):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+    std = jnp.exp(log_std)
+    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    action = jnp.tanh(pre_tanh)
+    gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+    log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
+    return action, log_prob
+
+
+class ConstantStdActor(nn.Module):
+    """Offline policy: the mean mu(s, g) of OGBench's constant-std (std 1) Gaussian actor."""
+
+    tower: Tower
+    action_size: int
+
+    @nn.compact
+    def __call__(self, obs):
+        return nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(self.tower(obs))
 
 
 class Networks(NamedTuple):
-    actor: Actor
+    actor: nn.Module  # online: Actor (tanh-Gaussian, entropy-regularised); offline: ConstantStdActor
     state_encoder: Encoder  # phi(s) -> latent
     goal_encoder: Optional[Encoder]  # psi(g) -> latent; None when goals are whole states (psi = phi)
     dynamics: Encoder  # T(concat[phi(s), a]) -> latent change
@@ -273,7 +303,7 @@ def build_networks(args: Args, dims: Dims) -> Networks:
         return Tower(depth, args.width, remat=args.remat)
 
     return Networks(
-        actor=Actor(tower(actor_depth), dims.action_size, squash=args.mode == "online"),
+        actor=(Actor if args.mode == "online" else ConstantStdActor)(tower(actor_depth), dims.action_size),
         state_encoder=Encoder(tower(critic_depth), args.latent_dim),
         goal_encoder=None if goals_are_states(dims) else Encoder(tower(critic_depth), args.latent_dim),
         dynamics=Encoder(tower(critic_depth), args.latent_dim),
@@ -283,6 +313,13 @@ def build_networks(args: Args, dims: Dims) -> Networks:
 def policy_action(actor, actor_params, observations, goals):
     """Deterministic action: the Gaussian mean clipped to the action box."""
     return jnp.clip(actor.apply(actor_params, jnp.concatenate([observations, goals], -1)), -1.0, 1.0)
+
+
+def evaluation_action(nets: Networks, actor_params, obs, state_dim: int):
+    """The deterministic policy for obs = concat[state, goal]: tanh(mean) online, clip(mean) offline."""
+    if isinstance(nets.actor, Actor):
+        return deterministic_action(nets.actor, actor_params, obs)
+    return policy_action(nets.actor, actor_params, obs[:, :state_dim], obs[:, state_dim:])
 
 
 def param_count(tree) -> int:
@@ -395,14 +432,31 @@ def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: 
     return loss, metrics
 
 
-def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args: Args):
-    """DDPG+BC with Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic."""
+def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args: Args, key=None, log_beta=None):
+    """Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic.
+
+    Offline (DDPG+BC): a = clip(mu(s, g)), loss -Q / stop_grad(mean |Q|) - alpha log N(a_data; mu, I).
+    Online (SAC-style, as crl_deep.py's actor): a ~ pi(. | s, g) reparameterised, loss -Q + beta log pi(a | s, g).
+    """
     state, goal = batch["state"], batch["actor_goal"]
-    mean = nets.actor.apply(actor_params, jnp.concatenate([state, goal], -1))
+    obs = jnp.concatenate([state, goal], -1)
     critic = jax.lax.stop_gradient(critic)
-    latent = nets.state_encoder.apply(critic["state_encoder"], state)
-    predicted = predict_next_latent(nets, critic, latent, jnp.clip(mean, -1.0, 1.0))
-    q = -distance(critic, predicted, encode_goals(nets, critic, goal), args)
+
+    def q_value(action):
+        latent = nets.state_encoder.apply(critic["state_encoder"], state)
+        predicted = predict_next_latent(nets, critic, latent, action)
+        return -distance(critic, predicted, encode_goals(nets, critic, goal), args)
+
+    if isinstance(nets.actor, Actor):
+        mean, log_std = nets.actor.apply(actor_params, obs)
+        action, log_prob = sample_action(mean, log_std, key)
+        q = q_value(action)
+        q_loss = -jnp.mean(q)  # not normalised: Q varies over actions by a small part of its size
+        loss = q_loss + jnp.exp(log_beta) * jnp.mean(log_prob)
+        return loss, {"actor_loss": loss, "q_loss": q_loss, "q_mean": jnp.mean(q), "entropy": -jnp.mean(log_prob),
+                      "log_prob": log_prob}
+    mean = nets.actor.apply(actor_params, obs)
+    q = q_value(jnp.clip(mean, -1.0, 1.0))
     loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["action"], args.alpha)
     return loss, {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q),
                   "bc_mse": jnp.mean((mean - batch["action"]) ** 2)}
@@ -421,21 +475,32 @@ def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
         critic["iqe_mix"] = jnp.zeros((), jnp.float32)  # sigmoid(0) = 0.5: half mean, half max
     actor = nets.actor.init(k_actor, jnp.zeros((1, dims.state_dim + goal_size)))
     actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
-    return {"actor": actor, "critic": critic, "actor_opt": actor_opt.init(actor), "critic_opt": critic_opt.init(critic)}
+    state = {"actor": actor, "critic": critic, "actor_opt": actor_opt.init(actor), "critic_opt": critic_opt.init(critic)}
+    if isinstance(nets.actor, Actor):  # online: the entropy temperature beta = exp(log_beta), starting at 1
+        state["log_beta"] = jnp.zeros((), jnp.float32)
+        state["temperature_opt"] = optax.adam(args.temperature_lr).init(state["log_beta"])
+    return state
 
 
-def sgd_step(train_state: dict, batch: dict, nets: Networks, args: Args, dims: Dims):
-    """One critic and one actor update, both from the same (pre-update) critic."""
+def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args, dims: Dims):
+    """One critic and one actor update (online also the temperature), all from the same pre-update critic."""
     actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
     (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
         train_state["critic"], batch, nets, args, dims)
     (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-        train_state["actor"], train_state["critic"], batch, nets, args)
+        train_state["actor"], train_state["critic"], batch, nets, args, key, train_state.get("log_beta"))
     critic_updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt"])
     actor_updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt"])
     new_state = {"critic": optax.apply_updates(train_state["critic"], critic_updates),
                  "actor": optax.apply_updates(train_state["actor"], actor_updates),
                  "critic_opt": critic_opt_state, "actor_opt": actor_opt_state}
+    if "log_beta" in train_state:  # beta rises while the entropy is below the target, as in crl_deep.py
+        entropy_gap = jax.lax.stop_gradient(-actor_metrics.pop("log_prob") + 0.5 * dims.action_size)
+        temperature_opt = optax.adam(args.temperature_lr)
+        grad = jax.grad(lambda log_beta: jnp.exp(log_beta) * jnp.mean(entropy_gap))(train_state["log_beta"])
+        updates, new_state["temperature_opt"] = temperature_opt.update(grad, train_state["temperature_opt"])
+        new_state["log_beta"] = optax.apply_updates(train_state["log_beta"], updates)
+        actor_metrics["beta"] = jnp.exp(train_state["log_beta"])
     return new_state, {**critic_metrics, **actor_metrics}
 
 
@@ -543,14 +608,16 @@ def buffer_sample_transitions(buffer: dict, key, batch_size: int, discount: floa
     }
 
 
-def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_length: int, state_dim: int,
-                   noise: float):
-    """Steps the batched env with mu(s, g) + N(0, noise^2), clipped to [-1, 1]; returns the new env state
-    and (state [T, E, state_dim], action [T, E, A], traj_id [T, E]) of the steps taken."""
+def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_length: int, state_dim: int):
+    """Steps the batched training env with the stochastic policy.
+
+    Returns the new env state and (state [T, E, state_dim], action [T, E, A], traj_id [T, E]) of the
+    steps taken (each state is the one the action was taken in).
+    """
 
     def step(env_state, key):
-        mean = actor.apply(actor_params, env_state.obs)
-        action = jnp.clip(mean + noise * jax.random.normal(key, mean.shape), -1.0, 1.0)
+        mean, log_std = actor.apply(actor_params, env_state.obs)
+        action, _ = sample_action(mean, log_std, key)
         record = (env_state.obs[:, :state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
         return env.step(env_state, action), record
 
@@ -562,7 +629,7 @@ def collect_and_insert(carry: dict, env, nets: Networks, args: Args, dims: Dims)
     key, k_collect = jax.random.split(carry["key"])
     env_state, states, actions, traj_ids = collect_unroll(
         env, nets.actor, carry["train_state"]["actor"], carry["env_state"], k_collect, args.unroll_length,
-        dims.state_dim, args.exploration_noise)
+        dims.state_dim)
     buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
     return {**carry, "key": key, "env_state": env_state, "buffer": buffer}
 
@@ -581,10 +648,11 @@ def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_t
         carry = collect_and_insert(carry, env, nets, args, dims)
         key, k_sgd = jax.random.split(carry["key"])
 
-        def sgd(train_state, k):
-            batch = buffer_sample_transitions(carry["buffer"], k, args.batch_size, args.discount,
+        def sgd(train_state, key):
+            k_sample, k_sgd = jax.random.split(key)
+            batch = buffer_sample_transitions(carry["buffer"], k_sample, args.batch_size, args.discount,
                                               dims.goal_indices, args.actor_random_goal_prob)
-            return sgd_step(train_state, batch, nets, args, dims)
+            return sgd_step(train_state, batch, k_sgd, nets, args, dims)
 
         train_state, metrics = jax.lax.scan(sgd, carry["train_state"],
                                             jax.random.split(k_sgd, args.sgd_steps_per_train_step))
@@ -682,7 +750,7 @@ def offline_epoch(train_state: dict, data: dict, key, nets: Networks, args: Args
 
     def step(train_state, k):
         return sgd_step(train_state, sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob),
-                        nets, args, dims)
+                        None, nets, args, dims)
 
     train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
     return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
@@ -782,7 +850,7 @@ def check_args(args: Args, env_ids=None):
                  "min_replay_size", "train_steps", "eval_every", "eval_episodes"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ("actor_lr", "critic_lr", "constraint_eps"):
+    for name in ("actor_lr", "critic_lr", "temperature_lr", "constraint_eps"):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     if args.quasimetric == "iqe" and args.latent_dim % args.iqe_component_dim:
@@ -795,8 +863,8 @@ def check_args(args: Args, env_ids=None):
         fail(f"--actor-random-goal-prob must be in [0, 1] (got {args.actor_random_goal_prob})")
     if not 0.0 < args.discount < 1.0:
         fail(f"--discount must be in (0, 1) (got {args.discount})")
-    if args.exploration_noise < 0:
-        fail(f"--exploration-noise must be >= 0 (got {args.exploration_noise})")
+    if args.mode == "online" and args.alpha:
+        fail("--alpha (behaviour cloning) is for --mode offline; the online actor is entropy-regularised")
     if args.eval_episode_length is not None and args.eval_episode_length <= 0:
         fail(f"--eval-episode-length must be positive (got {args.eval_episode_length})")
     if args.mode == "offline":
@@ -854,12 +922,13 @@ def git_commit() -> str:
 def save_checkpoint(run_path: str, args: Args, train_state: dict, key, epoch: int, env_steps: int,
                     wall_time: float, env_state=None):
     """checkpoint.pkl: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
-    ["iqe_mix"]} as numpy; the optimizer states (and online the env state) as leaves."""
+    ["iqe_mix"]} as numpy; the rest of the train state (optimizer states, online log_beta) and online the
+    env state as leaves."""
     ts = to_numpy(train_state)
     checkpoint = {
         "script": SCRIPT, "args": dataclasses.asdict(args), "epoch": epoch, "env_steps": env_steps,
         "wall_time": wall_time, "params": {"actor": ts["actor"], **ts["critic"]},
-        "_opt_state_leaves": jax.tree_util.tree_leaves((ts["actor_opt"], ts["critic_opt"])),
+        "_opt_state_leaves": jax.tree_util.tree_leaves({k: v for k, v in ts.items() if k not in ("actor", "critic")}),
         "_env_state_leaves": None if env_state is None else jax.tree_util.tree_leaves(to_numpy(env_state)),
         "_key": np.asarray(jax.device_get(key)),
     }
@@ -869,10 +938,9 @@ def save_checkpoint(run_path: str, args: Args, train_state: dict, key, epoch: in
 def restore_train_state(checkpoint: dict, template: dict) -> dict:
     """The train state of a checkpoint; a freshly initialised one gives the optimizer states' structure."""
     params = checkpoint["params"]
-    opt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure((template["actor_opt"], template["critic_opt"])),
-                                       checkpoint["_opt_state_leaves"])
-    ts = {"actor": params["actor"], "critic": {k: v for k, v in params.items() if k != "actor"},
-          "actor_opt": opt[0], "critic_opt": opt[1]}
+    rest = {k: v for k, v in template.items() if k not in ("actor", "critic")}
+    rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
+    ts = {"actor": params["actor"], "critic": {k: v for k, v in params.items() if k != "actor"}, **rest}
     return jax.tree_util.tree_map(jnp.array, ts)  # copies: the donated epoch must not alias numpy memory
 
 
@@ -971,7 +1039,7 @@ def setup_online(args: Args, checkpoint):
 
     @jax.jit
     def evaluate(actor_params, key):
-        act = lambda obs: policy_action(nets.actor, actor_params, obs[:, :dims.state_dim], obs[:, dims.state_dim:])
+        act = lambda obs: evaluation_action(nets, actor_params, obs, dims.state_dim)
         return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
 
     return carry, epoch_fn, evaluate, num_train_steps * args.num_envs * args.unroll_length, \
@@ -1037,7 +1105,7 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
     if args.env in envs.ENV_IDS:
         @jax.jit
         def evaluate_ours(actor_params, key):
-            act = lambda obs: policy_action(nets.actor, actor_params, obs[:, :dims.state_dim], obs[:, dims.state_dim:])
+            act = lambda obs: evaluation_action(nets, actor_params, obs, dims.state_dim)
             return envs.evaluate(env, act, key, args.eval_episodes, args.eval_episode_length or 1000)
 
         evaluate = lambda actor_params, key: jax.device_get(evaluate_ours(actor_params, key))

@@ -168,6 +168,29 @@ def test_actor_loss_matches_a_hand_computation_and_leaves_the_critic_alone():
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree_util.tree_leaves(critic_grad))
 
 
+def test_online_actor_loss_is_the_normalised_q_plus_the_entropy_bonus():
+    args = qrl.resolve(qrl.Args(env="reacher", width=8, latent_dim=8, iqe_component_dim=4))
+    nets = qrl.build_networks(args, TINY_DIMS)
+    ts = qrl.init_train_state(jax.random.PRNGKey(4), nets, args, TINY_DIMS)
+    _, _, _, batch = tiny_setup()
+    key, log_beta = jax.random.PRNGKey(5), jnp.asarray(-1.0)
+    loss, metrics = qrl.actor_loss_fn(ts["actor"], ts["critic"], batch, nets, args, key, log_beta)
+    obs = jnp.concatenate([batch["state"], batch["actor_goal"]], -1)
+    action, log_prob = qrl.sample_action(*nets.actor.apply(ts["actor"], obs), key)
+    critic = ts["critic"]
+    z = nets.state_encoder.apply(critic["state_encoder"], batch["state"])
+    z_pred = np.asarray(z + nets.dynamics.apply(critic["dynamics"], jnp.concatenate([z, action], -1)))
+    g = np.asarray(nets.goal_encoder.apply(critic["goal_encoder"], batch["actor_goal"]))
+    q = -np.array([iqe_by_hand(a, b, 4, 0.5) for a, b in zip(z_pred, g)])
+    expected = -np.mean(q) / np.mean(np.abs(q)) + math.exp(-1.0) * float(jnp.mean(log_prob))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert float(metrics["entropy"]) == pytest.approx(-float(jnp.mean(log_prob)), rel=1e-5)
+    # one SGD step moves log(beta) up when the entropy is below the target -0.5 x action size
+    new, step_metrics = qrl.sgd_step({**ts, "log_beta": jnp.asarray(0.0)}, batch, key, nets, args, TINY_DIMS)
+    below_target = -float(jnp.mean(log_prob)) < -0.5 * TINY_DIMS.action_size
+    assert (float(new["log_beta"]) > 0.0) == below_target and "log_prob" not in step_metrics
+
+
 def test_goal_encoder_is_shared_when_goals_are_whole_states_and_depth_flags_apply():
     args = qrl.Args(mode="offline", dataset="x.npz", env="e", width=16, latent_dim=8, depth=8, actor_depth=4)
     nets = qrl.build_networks(args, qrl.Dims(3, (0, 1, 2), 2))
@@ -220,6 +243,7 @@ def test_replay_batches_hold_transitions_of_one_episode():
     (dict(env="reacher", actor_random_goal_prob=1.5), "--actor-random-goal-prob must be in [0, 1]"),
     (dict(env="reacher", min_replay_size=1), "--min-replay-size must be at least 2"),
     (dict(env="reacher", dataset="d.npz"), "--dataset is for --mode offline"),
+    (dict(env="reacher", alpha=0.1), "--alpha (behaviour cloning) is for --mode offline"),
     (dict(mode="offline", env=OGBENCH_ENV), "--mode offline needs --dataset"),
     (dict(mode="offline", env=OGBENCH_ENV, dataset="d.npz", train_steps=10, eval_every=3), "multiple of --eval-every"),
 ])
@@ -297,8 +321,8 @@ def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
     assert [r.get("epoch") for r in rows[:-1]] == [0, 1] and [r["env_steps"] for r in rows[:-1]] == [80, 120]
     for r in rows[:-1]:
         assert 0.0 <= r["eval/episode_success"] <= 20 and r["eval/episode_length"] == 20
-        assert all(math.isfinite(r[f"training/{k}"]) for k in ("critic_loss", "actor_loss", "multiplier"))
-        assert r["training/bc_loss"] == 0.0  # online: no behaviour cloning by default
+        assert all(math.isfinite(r[f"training/{k}"]) for k in ("critic_loss", "actor_loss", "multiplier", "beta"))
+        assert "training/bc_loss" not in r  # online: entropy-regularised actor, no behaviour cloning
     summary = json.load(open(run / "summary.json"))
     assert summary["eval/episode_success_last5"] == pytest.approx(np.mean([r["eval/episode_success"] for r in rows[:-1]]))
     ckpt = qrl.load_checkpoint(str(run))
