@@ -249,3 +249,36 @@ def test_baselines_stop_at_the_nan_epoch_and_keep_the_last_good_checkpoint(name,
     flags = [*TINY[name], "--run-dir", str(tmp_path), "--run-name", "nan"]
     message = run_with_nan_after(name, STEPS_IN_EPOCH_0[name], flags, monkeypatch)
     assert_stopped_at_epoch_1(name, message, tmp_path / "nan")
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_a_partial_checkpoint(tmp_path):
+    """A child rewrites a ~24 MB checkpoint in a loop; SIGKILLed at random moments, the checkpoint it
+    leaves always loads whole (a stale checkpoint.msgpack.tmp may remain; it is never read)."""
+    import random
+    import signal
+    import time
+
+    child = f"""
+import sys, numpy as np
+sys.path.insert(0, {ROOT!r})
+import crl_deep as C
+args = C.Args(env="reacher")
+state = {{"params": {{"w": np.zeros((3_000_000,), np.float32)}}}}
+for epoch in range(10**6):
+    state["params"]["w"][:] = epoch
+    C.save_checkpoint({str(tmp_path)!r}, args, state, epoch, epoch, 0.0)
+    print(epoch, flush=True)
+"""
+    rng = random.Random(0)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    import crl_deep as C
+
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "0"  # one whole checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = C.load_checkpoint(str(tmp_path))
+        assert np.all(ckpt["params"]["w"] == ckpt["epoch"])
+    assert {p.name for p in tmp_path.iterdir()} <= {"checkpoint.msgpack", "checkpoint.msgpack.tmp"}
