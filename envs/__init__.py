@@ -2,6 +2,7 @@
 
     import envs
     env = envs.make("ant_u_maze")          # a brax PipelineEnv, obs = concat[state, goal]
+    state = env.reset_to(q, qd, goal)      # a reset's State from a given physical state and goal
     train_env = envs.wrap_for_training(env, episode_length=1000)
 
 Importing this package fixes the known brax 0.10.1 defects under mujoco 3.2.6 (see patches.py).

@@ -64,7 +64,8 @@ class Humanoid(PipelineEnv):
     substep = 0.003  # x 10 frames: control dt 0.03 s
     n_frames = 10
 
-    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0, true_inertia_obs: bool = False):
+    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0,
+                 true_inertia_obs: bool = False):
         if reset_noise_scale < 0:
             raise ValueError(f"reset_noise_scale must be >= 0, got {reset_noise_scale}")
         if not isinstance(true_inertia_obs, bool):

@@ -187,7 +187,8 @@ class HumanoidMaze(Humanoid):
     def __init__(self, maze: MazeSpec, *, backend: str = "spring", reset_noise_scale: float = 0.0,
                  true_inertia_obs: bool = False):
         self.maze = maze
-        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale, true_inertia_obs=true_inertia_obs)
+        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale,
+                         true_inertia_obs=true_inertia_obs)
 
     def _mjcf(self) -> str:
         return maze_mjcf(super()._mjcf(), self.maze, ())  # every humanoid geom already has contype 1
