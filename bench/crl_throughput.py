@@ -33,7 +33,6 @@ from typing import Literal
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tyro
 

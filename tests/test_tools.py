@@ -1,7 +1,6 @@
 """Figures and videos of tools/ from small run folders: curves, table, Q map, video."""
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest

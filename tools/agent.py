@@ -5,10 +5,10 @@ checkpoints are supported: the figures need its critic encoders phi(s, a) and ps
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
-import dataclasses
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ class Agent:
             f"actor d{a.actor_depth or a.depth} / critic d{a.critic_depth or a.depth}"
         return f"{depth}, w{a.width} ({os.path.basename(os.path.normpath(self.run_path))})"
 
-    def with_params(self, params) -> "Agent":
+    def with_params(self, params) -> Agent:
         """The same agent with other (e.g. traced) params: jit functions of params, not of constants."""
         return dataclasses.replace(self, params=params)
 

@@ -61,7 +61,7 @@ def make_env(name: str, trajectory_length: int):
         return ogbench.make_env_and_datasets(name, env_only=True, terminate_at_goal=False,
                                              max_episode_steps=trajectory_length + 1)
     except Exception as e:  # gymnasium raises several types for unknown names
-        raise SystemExit(f"error: cannot make OGBench env {name!r} ({e})")
+        raise SystemExit(f"error: cannot make OGBench env {name!r} ({e})") from None
 
 
 def free_cells(maze) -> list:
@@ -85,7 +85,7 @@ def rollout(env, args: Args, num_trajectories: int, seed: int) -> dict:
     is_maze = hasattr(maze, "maze_map")
     cells = free_cells(maze) if is_maze else None
     rows = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
-    for traj in range(num_trajectories):
+    for _ in range(num_trajectories):
         options = None
         if is_maze:
             start, goal = (cells[i] for i in rng.integers(len(cells), size=2))

@@ -13,7 +13,6 @@ corridors (so the wall lies between them).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np

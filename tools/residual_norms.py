@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -34,7 +33,8 @@ def residual_norms(agent: Agent, obs, actions, state_dim: int) -> dict:
               "g_encoder": obs[:, state_dim:]}
     out = {}
     for name, _ in NETWORKS:
-        apply = jax.jit(lambda p, x, net=getattr(agent.nets, name): net.apply(p, x, mutable=["intermediates"])[1])
+        net = getattr(agent.nets, name)
+        apply = jax.jit(lambda p, x, net=net: net.apply(p, x, mutable=["intermediates"])[1])
         (norms,) = apply(agent.params[name], inputs[name])["intermediates"]["tower"]["blocks"]["residual_norm"]
         out[name] = np.asarray(norms)
     return out
