@@ -1,6 +1,7 @@
 """Reacher: a two-link planar arm must bring its fingertip onto a target.
 
-State (10): cos(joint angles) (2), sin(joint angles) (2), fingertip xyz (3), fingertip velocity (3).
+State (10): cos(joint angles) (2), sin(joint angles) (2), fingertip xyz (3), fingertip velocity (3;
+as the paper's code computes it, with the fingertip offset in world axes, see `_observe`).
 Goal: fingertip xyz, i.e. state[4:7], commanded as the target body's position (its rest xyz moved
 by its two slide joints; under the spring pipeline it sags a few mm, as in the paper's code).
 Success: distance < 0.05.
@@ -89,7 +90,10 @@ class Reacher(PipelineEnv):
         link_pos = pipeline_state.x.pos[self._arm_link]
         offset = math.rotate(jnp.array(FINGERTIP_OFFSET), pipeline_state.x.rot[self._arm_link])
         link_vel, link_ang = pipeline_state.xd.vel[self._arm_link], pipeline_state.xd.ang[self._arm_link]
-        tip_vel = link_vel + jnp.cross(link_ang, offset)
+        # As the paper's code computes it: the fingertip offset enters the velocity in world axes, not
+        # rotated with the link (so this is the velocity of the point 0.11 m along world x from the
+        # link origin, moving with the link; the position above uses the rotated offset).
+        tip_vel = link_vel + jnp.cross(link_ang, jnp.array(FINGERTIP_OFFSET))
         # The goal is the target body's position, as the paper's code reads it: the spring pipeline's
         # soft joints let the body sag under gravity (z settles from 0.01 to 0.007 within ~10 steps).
         target = pipeline_state.x.pos[self._target_link]
