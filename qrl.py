@@ -138,9 +138,11 @@ def resolve(args: Args) -> Args:
     random_goal = args.actor_random_goal_prob
     if random_goal is None:
         random_goal = 0.5 if (not online and "stitch" in name) else 0.0
+    pick = lambda value, online_default, offline_default: value if value is not None else (  # noqa: E731
+        online_default if online else offline_default)
     return dataclasses.replace(
-        args, width=args.width or (256 if online else 512), latent_dim=args.latent_dim or (64 if online else 512),
-        batch_size=args.batch_size or (256 if online else 1024), alpha=alpha, actor_random_goal_prob=random_goal)
+        args, width=pick(args.width, 256, 512), latent_dim=pick(args.latent_dim, 64, 512),
+        batch_size=pick(args.batch_size, 256, 1024), alpha=alpha, actor_random_goal_prob=random_goal)
 
 
 # --------------------------------------------------------------------------------------------

@@ -266,6 +266,7 @@ def test_replay_batches_hold_transitions_of_one_episode():
     (dict(env="nope"), "unknown env 'nope'"),
     (dict(env="reacher", depth=6), "--depth must be a positive multiple of 4"),
     (dict(env="reacher", latent_dim=20), "--latent-dim 20 must be a multiple of --iqe-component-dim 8"),
+    (dict(env="reacher", width=0), "--width must be positive (got 0)"),
     (dict(env="reacher", quasimetric="mrn", latent_dim=7), "--latent-dim must be even"),
     (dict(env="reacher", constraint_eps=0.0), "--constraint-eps must be positive"),
     (dict(env="reacher", critic_lr=-1.0), "--critic-lr must be positive"),
