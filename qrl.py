@@ -13,6 +13,7 @@ Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)). The actor maximises Q / stop_gra
 DDPG+BC-style with -alpha * log pi(a_data | s, g) (OGBench's), online as a tanh-Gaussian policy with an
 entropy bonus (crl_deep.py's actor). Offline defaults are OGBench's QRL agent's; see docs/qrl.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,14 @@ class Args:
     """offline: OGBench: episodes per task (5 tasks); envs/ ids: number of evaluation envs"""
     eval_episode_length: Optional[int] = None
     """offline: cap on evaluation episode length (default: the env's own limit; 1000 for envs/ ids)"""
+    layer_norm: bool = True
+    """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
+    activation: Literal["swish", "relu"] = "swish"
+    """hidden activation (relu only as the paper's ablation)"""
     remat: bool = False
     """recompute each residual block in the backward pass (least memory, one extra forward pass)"""
+    scan_unroll: int = 1
+    """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     seed: int = 0
     """random seed"""
     track: bool = False
@@ -138,18 +145,29 @@ def resolve(args: Args) -> Args:
     random_goal = args.actor_random_goal_prob
     if random_goal is None:
         random_goal = 0.5 if (not online and "stitch" in name) else 0.0
-    pick = lambda value, online_default, offline_default: value if value is not None else (  # noqa: E731
-        online_default if online else offline_default)
+    pick = lambda value, online_default, offline_default: (
+        value
+        if value is not None
+        # noqa: E731
+        else (online_default if online else offline_default)
+    )
     return dataclasses.replace(
-        args, width=pick(args.width, 256, 512), latent_dim=pick(args.latent_dim, 64, 512),
-        batch_size=pick(args.batch_size, 256, 1024), alpha=alpha, actor_random_goal_prob=random_goal)
+        args,
+        width=pick(args.width, 256, 512),
+        latent_dim=pick(args.latent_dim, 64, 512),
+        batch_size=pick(args.batch_size, 256, 1024),
+        alpha=alpha,
+        actor_random_goal_prob=random_goal,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Networks: crl_deep.py's residual tower (copied unchanged), heads for QRL
 # --------------------------------------------------------------------------------------------
 
-# Every Dense: variance scaling 1/3, fan_in, uniform (the reference's "lecun_uniform"), bias 0.
+# --- shared block: tower (identical in every script; tests/test_copies.py) ---
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
+# "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
@@ -218,6 +236,14 @@ class Tower(nn.Module):
         )
         x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
         return x
+
+
+def make_tower(args, depth: int) -> Tower:
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+
+
+# --- end shared block: tower ---
 
 
 class Encoder(nn.Module):
@@ -302,7 +328,7 @@ def build_networks(args: Args, dims: Dims) -> Networks:
     critic_depth = args.critic_depth or args.depth
 
     def tower(depth):
-        return Tower(depth, args.width, remat=args.remat)
+        return make_tower(args, depth)
 
     return Networks(
         actor=(Actor if args.mode == "online" else ConstantStdActor)(tower(actor_depth), dims.action_size),
@@ -423,12 +449,20 @@ def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: 
     multiplier = jax.nn.softplus(critic["multiplier"])
     value_loss, (push, violation) = dual_value_loss(d_far, d_step, multiplier, args.constraint_eps)
     predicted = predict_next_latent(nets, critic, latent, batch["action"])
-    dynamics_loss = 0.5 * jnp.mean(distance(critic, predicted, next_latent, args)
-                                   + distance(critic, next_latent, predicted, args))
+    dynamics_loss = 0.5 * jnp.mean(
+        distance(critic, predicted, next_latent, args) + distance(critic, next_latent, predicted, args)
+    )
     loss = value_loss + dynamics_loss
-    metrics = {"critic_loss": loss, "push_loss": push, "constraint_violation": violation,
-               "dynamics_loss": dynamics_loss, "multiplier": multiplier, "d_far_mean": jnp.mean(d_far),
-               "d_step_mean": jnp.mean(d_step), "d_step_max": jnp.max(d_step)}
+    metrics = {
+        "critic_loss": loss,
+        "push_loss": push,
+        "constraint_violation": violation,
+        "dynamics_loss": dynamics_loss,
+        "multiplier": multiplier,
+        "d_far_mean": jnp.mean(d_far),
+        "d_step_mean": jnp.mean(d_step),
+        "d_step_max": jnp.max(d_step),
+    }
     if args.quasimetric == "iqe":
         metrics["iqe_mix"] = jax.nn.sigmoid(critic["iqe_mix"])
     return loss, metrics
@@ -455,29 +489,46 @@ def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args:
         q = q_value(action)
         q_loss = -jnp.mean(q)  # not normalised: Q varies over actions by a small part of its size
         loss = q_loss + jnp.exp(log_beta) * jnp.mean(log_prob)
-        return loss, {"actor_loss": loss, "q_loss": q_loss, "q_mean": jnp.mean(q), "entropy": -jnp.mean(log_prob),
-                      "log_prob": log_prob}
+        return loss, {
+            "actor_loss": loss,
+            "q_loss": q_loss,
+            "q_mean": jnp.mean(q),
+            "entropy": -jnp.mean(log_prob),
+            "log_prob": log_prob,
+        }
     mean = nets.actor.apply(actor_params, obs)
     q = q_value(jnp.clip(mean, -1.0, 1.0))
     loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["action"], args.alpha)
-    return loss, {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q),
-                  "bc_mse": jnp.mean((mean - batch["action"]) ** 2)}
+    return loss, {
+        "actor_loss": loss,
+        "q_loss": q_loss,
+        "bc_loss": bc_loss,
+        "q_mean": jnp.mean(q),
+        "bc_mse": jnp.mean((mean - batch["action"]) ** 2),
+    }
 
 
 def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
     k_actor, k_state, k_goal, k_dyn = jax.random.split(key, 4)
     goal_size = len(dims.goal_indices)
-    critic = {"state_encoder": nets.state_encoder.init(k_state, jnp.zeros((1, dims.state_dim))),
-              "dynamics": nets.dynamics.init(k_dyn, jnp.zeros((1, args.latent_dim + dims.action_size))),
-              # softplus(raw) = MULTIPLIER_INIT
-              "multiplier": jnp.asarray(math.log(math.expm1(MULTIPLIER_INIT)), jnp.float32)}
+    critic = {
+        "state_encoder": nets.state_encoder.init(k_state, jnp.zeros((1, dims.state_dim))),
+        "dynamics": nets.dynamics.init(k_dyn, jnp.zeros((1, args.latent_dim + dims.action_size))),
+        # softplus(raw) = MULTIPLIER_INIT
+        "multiplier": jnp.asarray(math.log(math.expm1(MULTIPLIER_INIT)), jnp.float32),
+    }
     if nets.goal_encoder is not None:
         critic["goal_encoder"] = nets.goal_encoder.init(k_goal, jnp.zeros((1, goal_size)))
     if args.quasimetric == "iqe":
         critic["iqe_mix"] = jnp.zeros((), jnp.float32)  # sigmoid(0) = 0.5: half mean, half max
     actor = nets.actor.init(k_actor, jnp.zeros((1, dims.state_dim + goal_size)))
     actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
-    state = {"actor": actor, "critic": critic, "actor_opt": actor_opt.init(actor), "critic_opt": critic_opt.init(critic)}
+    state = {
+        "actor": actor,
+        "critic": critic,
+        "actor_opt": actor_opt.init(actor),
+        "critic_opt": critic_opt.init(critic),
+    }
     if isinstance(nets.actor, Actor):  # online: the entropy temperature beta = exp(log_beta), starting at 1
         state["log_beta"] = jnp.zeros((), jnp.float32)
         state["temperature_opt"] = optax.adam(args.temperature_lr).init(state["log_beta"])
@@ -488,14 +539,19 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args, di
     """One critic and one actor update (online also the temperature), all from the same pre-update critic."""
     actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
     (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-        train_state["critic"], batch, nets, args, dims)
+        train_state["critic"], batch, nets, args, dims
+    )
     (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-        train_state["actor"], train_state["critic"], batch, nets, args, key, train_state.get("log_beta"))
+        train_state["actor"], train_state["critic"], batch, nets, args, key, train_state.get("log_beta")
+    )
     critic_updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt"])
     actor_updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt"])
-    new_state = {"critic": optax.apply_updates(train_state["critic"], critic_updates),
-                 "actor": optax.apply_updates(train_state["actor"], actor_updates),
-                 "critic_opt": critic_opt_state, "actor_opt": actor_opt_state}
+    new_state = {
+        "critic": optax.apply_updates(train_state["critic"], critic_updates),
+        "actor": optax.apply_updates(train_state["actor"], actor_updates),
+        "critic_opt": critic_opt_state,
+        "actor_opt": actor_opt_state,
+    }
     if "log_beta" in train_state:  # beta rises while the entropy is below the target, as in crl_deep.py
         entropy_gap = jax.lax.stop_gradient(-actor_metrics.pop("log_prob") + 0.5 * dims.action_size)
         temperature_opt = optax.adam(args.temperature_lr)
@@ -574,8 +630,9 @@ def sample_goal_offsets(key, horizon, discount: float):
     return jnp.clip(k, 1, horizon).astype(jnp.int32)
 
 
-def buffer_sample_transitions(buffer: dict, key, batch_size: int, discount: float, goal_indices,
-                              random_goal_prob: float, tries: int = 4) -> dict:
+def buffer_sample_transitions(
+    buffer: dict, key, batch_size: int, discount: float, goal_indices, random_goal_prob: float, tries: int = 4
+) -> dict:
     """A QRL batch from the ring: (s, a, s') of one episode, an actor goal from the same episode's
     geometric future (or, with probability random_goal_prob, a random stored state's goal) and a random
     goal (any stored step of any env) for the push-apart term.
@@ -630,16 +687,23 @@ def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_lengt
 def collect_and_insert(carry: dict, env, nets: Networks, args: Args, dims: Dims) -> dict:
     key, k_collect = jax.random.split(carry["key"])
     env_state, states, actions, traj_ids = collect_unroll(
-        env, nets.actor, carry["train_state"]["actor"], carry["env_state"], k_collect, args.unroll_length,
-        dims.state_dim)
+        env,
+        nets.actor,
+        carry["train_state"]["actor"],
+        carry["env_state"],
+        k_collect,
+        args.unroll_length,
+        dims.state_dim,
+    )
     buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
     return {**carry, "key": key, "env_state": env_state, "buffer": buffer}
 
 
 def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unrolls: int) -> dict:
     """Fills the buffer with `num_unrolls` unrolls of the initial policy (no updates)."""
-    carry, _ = jax.lax.scan(lambda c, _: (collect_and_insert(c, env, nets, args, dims), None), carry, None,
-                            length=num_unrolls)
+    carry, _ = jax.lax.scan(
+        lambda c, _: (collect_and_insert(c, env, nets, args, dims), None), carry, None, length=num_unrolls
+    )
     return carry
 
 
@@ -652,12 +716,19 @@ def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_t
 
         def sgd(train_state, key):
             k_sample, k_sgd = jax.random.split(key)
-            batch = buffer_sample_transitions(carry["buffer"], k_sample, args.batch_size, args.discount,
-                                              dims.goal_indices, args.actor_random_goal_prob)
+            batch = buffer_sample_transitions(
+                carry["buffer"],
+                k_sample,
+                args.batch_size,
+                args.discount,
+                dims.goal_indices,
+                args.actor_random_goal_prob,
+            )
             return sgd_step(train_state, batch, k_sgd, nets, args, dims)
 
-        train_state, metrics = jax.lax.scan(sgd, carry["train_state"],
-                                            jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+        train_state, metrics = jax.lax.scan(
+            sgd, carry["train_state"], jax.random.split(k_sgd, args.sgd_steps_per_train_step)
+        )
         return {**carry, "train_state": train_state, "key": key}, jax.tree_util.tree_map(jnp.mean, metrics)
 
     carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
@@ -682,8 +753,10 @@ def load_dataset(path: str) -> dict:
         raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
     obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
     if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1:
-        raise ValueError(f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
-                         f"{obs.shape}, {actions.shape}, {terminals.shape}")
+        raise ValueError(
+            f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
+            f"{obs.shape}, {actions.shape}, {terminals.shape}"
+        )
     lengths = {"observations": len(obs), "actions": len(actions), "terminals": len(terminals)}
     for k in ("qpos", "qvel"):
         if k in raw:
@@ -699,8 +772,11 @@ def load_dataset(path: str) -> dict:
     if len(ends) == 0 or np.max(np.diff(np.concatenate([[-1], ends]))) < 2:
         raise ValueError(f"{path}: no complete trajectory (a terminal row after at least one transition)")
     n = ends[-1] + 1
-    return {"observations": obs[:n].astype(np.float32), "actions": actions[:n].astype(np.float32),
-            "terminals": terminals[:n].astype(np.float32)}
+    return {
+        "observations": obs[:n].astype(np.float32),
+        "actions": actions[:n].astype(np.float32),
+        "terminals": terminals[:n].astype(np.float32),
+    }
 
 
 def index_trajectories(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -716,9 +792,13 @@ def index_trajectories(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def make_device_dataset(dataset: dict, goal_indices: np.ndarray) -> dict:
     """The arrays the jitted sampler reads (goals are precomputed: goal = state[goal_indices])."""
     transition_rows, traj_end = index_trajectories(dataset["terminals"])
-    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
-            "goals": jnp.asarray(dataset["observations"][:, goal_indices]),
-            "transition_rows": jnp.asarray(transition_rows), "traj_end": jnp.asarray(traj_end)}
+    return {
+        "observations": jnp.asarray(dataset["observations"]),
+        "actions": jnp.asarray(dataset["actions"]),
+        "goals": jnp.asarray(dataset["observations"][:, goal_indices]),
+        "transition_rows": jnp.asarray(transition_rows),
+        "traj_end": jnp.asarray(traj_end),
+    }
 
 
 def sample_indices(data: dict, key, batch_size: int, discount: float):
@@ -742,17 +822,27 @@ def sample_offline_batch(data: dict, key, batch_size: int, random_goal_prob: flo
     t, t_next, _, future = sample_indices(data, k_rows, batch_size, 0.99)  # the geometric goal is unused
     random_rows = jax.random.randint(k_random, (2, batch_size), 0, data["goals"].shape[0])
     actor_goal = jnp.where(jax.random.uniform(k_mix, (batch_size,)) < random_goal_prob, random_rows[1], future)
-    return {"state": data["observations"][t], "action": data["actions"][t],
-            "next_state": data["observations"][t_next], "actor_goal": data["goals"][actor_goal],
-            "random_goal": data["goals"][random_rows[0]]}
+    return {
+        "state": data["observations"][t],
+        "action": data["actions"][t],
+        "next_state": data["observations"][t_next],
+        "actor_goal": data["goals"][actor_goal],
+        "random_goal": data["goals"][random_rows[0]],
+    }
 
 
 def offline_epoch(train_state: dict, data: dict, key, nets: Networks, args: Args, dims: Dims):
     """`eval_every` gradient steps. `data` is an argument: closed-over arrays would be baked into the program."""
 
     def step(train_state, k):
-        return sgd_step(train_state, sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob),
-                        None, nets, args, dims)
+        return sgd_step(
+            train_state,
+            sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob),
+            None,
+            nets,
+            args,
+            dims,
+        )
 
     train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
     return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
@@ -765,6 +855,7 @@ def offline_epoch(train_state: dict, data: dict, key, nets: Networks, args: Args
 
 def make_ogbench_env(name: str, episode_length: Optional[int]):
     import ogbench
+
     kwargs = {} if episode_length is None else {"max_episode_steps": episode_length}
     return ogbench.make_env_and_datasets(name, env_only=True, **kwargs)
 
@@ -847,9 +938,24 @@ def check_args(args: Args, env_ids=None):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 4):
             fail(f"--{name.replace('_', '-')} must be a positive multiple of 4 (got {value})")
-    for name in ("width", "latent_dim", "iqe_component_dim", "batch_size", "num_envs", "num_eval_envs",
-                 "episode_length", "num_epochs", "unroll_length", "sgd_steps_per_train_step", "replay_size",
-                 "min_replay_size", "train_steps", "eval_every", "eval_episodes"):
+    for name in (
+        "width",
+        "latent_dim",
+        "iqe_component_dim",
+        "batch_size",
+        "scan_unroll",
+        "num_envs",
+        "num_eval_envs",
+        "episode_length",
+        "num_epochs",
+        "unroll_length",
+        "sgd_steps_per_train_step",
+        "replay_size",
+        "min_replay_size",
+        "train_steps",
+        "eval_every",
+        "eval_episodes",
+    ):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     for name in ("actor_lr", "critic_lr", "temperature_lr", "constraint_eps"):
@@ -880,8 +986,11 @@ def check_args(args: Args, env_ids=None):
     if args.min_replay_size < 2:
         fail("--min-replay-size must be at least 2 (a transition needs a stored next step)")
     if train_steps_per_epoch(args) < 1:
-        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least "
-             f"{prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length}")
+        needed = (
+            prefill_unrolls(args) * args.unroll_length * args.num_envs
+            + args.num_epochs * args.num_envs * args.unroll_length
+        )
+        fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
 def write_atomic(path: str, data: bytes):
@@ -915,21 +1024,31 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def save_checkpoint(run_path: str, args: Args, train_state: dict, key, epoch: int, env_steps: int,
-                    wall_time: float, env_state=None):
+def save_checkpoint(
+    run_path: str, args: Args, train_state: dict, key, epoch: int, env_steps: int, wall_time: float, env_state=None
+):
     """checkpoint.pkl: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
     ["iqe_mix"]} as numpy; the rest of the train state (optimizer states, online log_beta) and online the
     env state as leaves."""
     ts = to_numpy(train_state)
     checkpoint = {
-        "script": SCRIPT, "args": dataclasses.asdict(args), "epoch": epoch, "env_steps": env_steps,
-        "wall_time": wall_time, "params": {"actor": ts["actor"], **ts["critic"]},
+        "script": SCRIPT,
+        "args": dataclasses.asdict(args),
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "params": {"actor": ts["actor"], **ts["critic"]},
         "_opt_state_leaves": jax.tree_util.tree_leaves({k: v for k, v in ts.items() if k not in ("actor", "critic")}),
         "_env_state_leaves": None if env_state is None else jax.tree_util.tree_leaves(to_numpy(env_state)),
         "_key": np.asarray(jax.device_get(key)),
@@ -969,8 +1088,13 @@ def create_run_dir(args: Args, argv_args: Args, run_path: str):
     if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
         fail(f"{run_path} already holds a run; use --resume {run_path}")
     os.makedirs(run_path, exist_ok=True)
-    config = {"script": SCRIPT, "args": dataclasses.asdict(argv_args), "resolved": dataclasses.asdict(args),
-              "versions": versions(), "git_commit": git_commit()}
+    config = {
+        "script": SCRIPT,
+        "args": dataclasses.asdict(argv_args),
+        "resolved": dataclasses.asdict(args),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
     write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
 
 
@@ -991,15 +1115,22 @@ def check_finite(train_metrics: dict, epoch: int, run_path: str):
     bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
     if bad:
         checkpoint_file = os.path.join(run_path, "checkpoint.pkl")
-        last_good = (f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
-                     if os.path.isfile(checkpoint_file) else "no checkpoint was written yet")
+        last_good = (
+            f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
+            if os.path.isfile(checkpoint_file)
+            else "no checkpoint was written yet"
+        )
         raise SystemExit(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
 
 def write_summary(run_path: str, eval_history: list, epochs: int, env_steps: int) -> dict:
     last5 = eval_history[-5:]
-    summary = {"summary": True, "epochs": epochs, "env_steps": env_steps,
-               **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+    summary = {
+        "summary": True,
+        "epochs": epochs,
+        "env_steps": env_steps,
+        **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+    }
     with open(os.path.join(run_path, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(summary) + "\n")
     write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -1026,15 +1157,19 @@ def setup_online(args: Args, checkpoint):
 
     @jax.jit
     def initial_carry(k_init, k_reset, key):
-        return {"train_state": init_train_state(k_init, nets, args, dims),
-                "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
-                "env_state": env.reset(jax.random.split(k_reset, args.num_envs)), "key": key}
+        return {
+            "train_state": init_train_state(k_init, nets, args, dims),
+            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
+            "key": key,
+        }
 
     carry = initial_carry(k_init, k_reset, key)
     if checkpoint is not None:  # the buffer is refilled by the restored policy
         carry["train_state"] = restore_train_state(checkpoint, carry["train_state"])
         carry["env_state"] = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(carry["env_state"]), [jnp.array(x) for x in checkpoint["_env_state_leaves"]])
+            jax.tree_util.tree_structure(carry["env_state"]), [jnp.array(x) for x in checkpoint["_env_state_leaves"]]
+        )
         carry["key"] = jnp.array(checkpoint["_key"])
     carry = jax.jit(lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args)), donate_argnums=0)(carry)
     epoch_fn = jax.jit(lambda c: online_epoch(c, env, nets, args, dims, num_train_steps), donate_argnums=0)
@@ -1044,8 +1179,15 @@ def setup_online(args: Args, checkpoint):
         act = lambda obs: evaluation_action(nets, actor_params, obs, dims.state_dim)
         return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
 
-    return carry, epoch_fn, evaluate, num_train_steps * args.num_envs * args.unroll_length, \
-        prefill_unrolls(args) * args.unroll_length * args.num_envs, dims, nets
+    return (
+        carry,
+        epoch_fn,
+        evaluate,
+        num_train_steps * args.num_envs * args.unroll_length,
+        prefill_unrolls(args) * args.unroll_length * args.num_envs,
+        dims,
+        nets,
+    )
 
 
 def load_offline_data(args: Args):
@@ -1064,8 +1206,10 @@ def load_offline_data(args: Args):
     if args.env in envs.ENV_IDS:
         env = envs.make(envs.eval_variant(args.env))
         if obs_dim != env.state_dim or action_dim != env.action_size:
-            fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
-                 f"has state_dim {env.state_dim}, action_size {env.action_size}")
+            fail(
+                f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
+                f"has state_dim {env.state_dim}, action_size {env.action_size}"
+            )
         goal_indices = tuple(int(i) for i in env.goal_indices)
     else:
         try:
@@ -1074,11 +1218,14 @@ def load_offline_data(args: Args):
             fail(f"--env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
         env_obs, env_act = env.observation_space.shape, env.action_space.shape
         if env_obs != (obs_dim,) or env_act != (action_dim,):
-            fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; "
-                 f"OGBench env {args.env!r} has {env_obs[0]} and {env_act[0]}")
+            fail(
+                f"dataset has observations of size {obs_dim} and actions of size {action_dim}; "
+                f"OGBench env {args.env!r} has {env_obs[0]} and {env_act[0]}"
+            )
         goal_indices = tuple(range(obs_dim))  # OGBench goals are whole observations
-    if val_dataset is not None and (val_dataset["observations"].shape[1] != obs_dim
-                                    or val_dataset["actions"].shape[1] != action_dim):
+    if val_dataset is not None and (
+        val_dataset["observations"].shape[1] != obs_dim or val_dataset["actions"].shape[1] != action_dim
+    ):
         fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
     return dataset, val_dataset, env, Dims(obs_dim, goal_indices, action_dim)
 
@@ -1105,6 +1252,7 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
     import envs
 
     if args.env in envs.ENV_IDS:
+
         @jax.jit
         def evaluate_ours(actor_params, key):
             act = lambda obs: evaluation_action(nets, actor_params, obs, dims.state_dim)
@@ -1112,10 +1260,13 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
 
         evaluate = lambda actor_params, key: jax.device_get(evaluate_ours(actor_params, key))
     else:
-        eval_envs = [env] + [make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
+        eval_envs = [env] + [
+            make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)
+        ]
         policy = jax.jit(lambda params, obs, goals: policy_action(nets.actor, params, obs, goals))
         evaluate = lambda actor_params, key: evaluate_ogbench(
-            eval_envs, lambda o, g: policy(actor_params, o, g), args.seed)
+            eval_envs, lambda o, g: policy(actor_params, o, g), args.seed
+        )
     return train_state, key, data, val_data, epoch, validation, evaluate, nets
 
 
@@ -1138,23 +1289,33 @@ if __name__ == "__main__":
         num_epochs, k_eval_base = args.num_epochs, jax.random.PRNGKey(args.seed + 1)
     else:
         train_state, key, data, val_data, epoch_fn, validation, evaluate, nets = setup_offline(
-            args, checkpoint, *offline_inputs)
+            args, checkpoint, *offline_inputs
+        )
         steps_per_epoch, num_epochs = args.eval_every, args.train_steps // args.eval_every
-    params = (carry["train_state"] if online else train_state)
-    print(f"{SCRIPT} ({args.mode}): params critic {param_count(params['critic'])}, actor {param_count(params['actor'])}",
-          flush=True)
+    params = carry["train_state"] if online else train_state
+    print(
+        f"{SCRIPT} ({args.mode}): params critic {param_count(params['critic'])}, actor {param_count(params['actor'])}",
+        flush=True,
+    )
     if args.track:
         import wandb
 
         wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                   resume="allow", config=dataclasses.asdict(args))
+        wandb.init(
+            project=args.wandb_project,
+            entity=args.wandb_entity,
+            name=run_name,
+            id=wandb_id,
+            resume="allow",
+            config=dataclasses.asdict(args),
+        )
     from tqdm import tqdm
 
     metrics_file = os.path.join(run_path, "metrics.jsonl")
     eval_history = read_metrics_history(metrics_file, start_epoch) if checkpoint is not None else []
-    progress = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                    dynamic_ncols=True)
+    progress = tqdm(
+        range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name, dynamic_ncols=True
+    )
     for epoch in progress:
         epoch_start = time.time()
         if online:
@@ -1170,18 +1331,36 @@ if __name__ == "__main__":
         k_eval = jax.random.fold_in(k_eval_base, epoch) if online else k_eval
         eval_metrics = {f"eval/{k}": float(v) for k, v in evaluate(train_state["actor"], k_eval).items()}
         eval_history.append(eval_metrics)
-        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
-                  "sps": steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
-                  **{f"training/{k}": v for k, v in train_metrics.items()}, **eval_metrics}
+        record = {
+            "epoch": epoch,
+            "env_steps": env_steps,
+            "wall_time": time.time() - start_time,
+            "sps": steps_per_epoch / epoch_seconds,
+            "epoch_seconds": epoch_seconds,
+            **{f"training/{k}": v for k, v in train_metrics.items()},
+            **eval_metrics,
+        }
         if not online and val_data is not None:
-            record.update({f"validation/{k}": float(v)
-                           for k, v in jax.device_get(validation(train_state, val_data, k_val)).items()})
+            record.update(
+                {
+                    f"validation/{k}": float(v)
+                    for k, v in jax.device_get(validation(train_state, val_data, k_val)).items()
+                }
+            )
         with open(metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         if args.track:
             wandb.log(record, step=env_steps)
-        save_checkpoint(run_path, args, train_state, carry["key"] if online else key, epoch, env_steps,
-                        record["wall_time"], carry["env_state"] if online else None)
+        save_checkpoint(
+            run_path,
+            args,
+            train_state,
+            carry["key"] if online else key,
+            epoch,
+            env_steps,
+            record["wall_time"],
+            carry["env_state"] if online else None,
+        )
         headline = "eval/episode_success" if "eval/episode_success" in eval_metrics else "eval/success"
         progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics[headline]:.3f}")
 

@@ -1,5 +1,6 @@
 """qrl.py: the quasimetrics (by brute force and by their axioms), the losses by hand on a tiny batch, the
 replay sampler, bad input, tiny online and offline runs with --resume, and (slow) learning on reacher."""
+
 import dataclasses
 import json
 import math
@@ -47,8 +48,9 @@ def union_length(intervals):
 
 
 def iqe_by_hand(x, y, component_dim, mix):
-    components = [union_length([(x[j], y[j]) for j in range(c, c + component_dim)])
-                  for c in range(0, len(x), component_dim)]
+    components = [
+        union_length([(x[j], y[j]) for j in range(c, c + component_dim)]) for c in range(0, len(x), component_dim)
+    ]
     return mix * np.mean(components) + (1 - mix) * np.max(components)
 
 
@@ -65,15 +67,20 @@ def test_iqe_and_mrn_equal_their_definitions():
     assert union_length([(0, 1), (0.5, 3), (2, 2.5), (9, 1)]) == 3.0
     got = np.asarray(qrl.iqe(jnp.asarray(x), jnp.asarray(y), 4, 0.3))
     np.testing.assert_allclose(got, [iqe_by_hand(a, b, 4, 0.3) for a, b in zip(x, y)], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(qrl.mrn(jnp.asarray(x), jnp.asarray(y))),
-                               [mrn_by_hand(a, b) for a, b in zip(x, y)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(qrl.mrn(jnp.asarray(x), jnp.asarray(y))),
+        [mrn_by_hand(a, b) for a, b in zip(x, y)],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("kind", ["iqe", "mrn"])
 def test_quasimetric_axioms_on_random_embeddings(kind):
     rng = np.random.default_rng(1)
-    x, y, z = (jnp.asarray(rng.normal(size=(2000, 16)) * rng.uniform(0.1, 3, size=(2000, 1)), jnp.float32)
-               for _ in range(3))
+    x, y, z = (
+        jnp.asarray(rng.normal(size=(2000, 16)) * rng.uniform(0.1, 3, size=(2000, 1)), jnp.float32) for _ in range(3)
+    )
     d = (lambda a, b: qrl.iqe(a, b, 8, 0.4)) if kind == "iqe" else qrl.mrn
     np.testing.assert_allclose(np.asarray(d(x, x)), 0.0, atol=2e-6)  # d(x, x) = 0 (MRN: sqrt(1e-12))
     assert np.all(np.asarray(d(x, y)) >= 0)
@@ -93,8 +100,19 @@ TINY_DIMS = qrl.Dims(state_dim=3, goal_indices=(0, 2), action_size=2)  # goals a
 
 
 def tiny_setup(quasimetric="iqe", alpha=0.1):
-    args = qrl.resolve(qrl.Args(mode="offline", dataset="x.npz", env="e", width=8, latent_dim=8,
-                                iqe_component_dim=4, quasimetric=quasimetric, alpha=alpha, batch_size=5))
+    args = qrl.resolve(
+        qrl.Args(
+            mode="offline",
+            dataset="x.npz",
+            env="e",
+            width=8,
+            latent_dim=8,
+            iqe_component_dim=4,
+            quasimetric=quasimetric,
+            alpha=alpha,
+            batch_size=5,
+        )
+    )
     nets = qrl.build_networks(args, TINY_DIMS)
     # jitted: an eager flax nn.scan compiles its body on every call
     train_state = jax.jit(lambda k: qrl.init_train_state(k, nets, args, TINY_DIMS))(jax.random.PRNGKey(3))
@@ -102,9 +120,13 @@ def tiny_setup(quasimetric="iqe", alpha=0.1):
     if quasimetric == "iqe":
         train_state["critic"]["iqe_mix"] = jnp.asarray(-0.5)  # sigmoid(-0.5) = 0.378
     rng = np.random.default_rng(2)
-    batch = {"state": rng.normal(size=(5, 3)), "action": rng.uniform(-1, 1, size=(5, 2)),
-             "next_state": rng.normal(size=(5, 3)), "actor_goal": rng.normal(size=(5, 2)),
-             "random_goal": rng.normal(size=(5, 2)) * 3}
+    batch = {
+        "state": rng.normal(size=(5, 3)),
+        "action": rng.uniform(-1, 1, size=(5, 2)),
+        "next_state": rng.normal(size=(5, 3)),
+        "actor_goal": rng.normal(size=(5, 2)),
+        "random_goal": rng.normal(size=(5, 2)) * 3,
+    }
     return args, nets, train_state, {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
 
 
@@ -115,14 +137,21 @@ def test_critic_loss_matches_a_hand_computation(quasimetric):
     @jax.jit
     def outputs(critic):  # the loss, its gradient and the network outputs (phi, psi, T) in one program
         (loss, metrics), grad = jax.value_and_grad(qrl.critic_loss_fn, has_aux=True)(
-            critic, batch, nets, args, TINY_DIMS)
+            critic, batch, nets, args, TINY_DIMS
+        )
         phi = lambda s: nets.state_encoder.apply(critic["state_encoder"], s)
         psi = lambda g: nets.goal_encoder.apply(critic["goal_encoder"], g)
         z = phi(batch["state"])
-        return {"loss": loss, "metrics": metrics, "grad_multiplier": grad["multiplier"], "z": z,
-                "z_next": phi(batch["next_state"]), "g_rand": psi(batch["random_goal"]),
-                "g_next": psi(batch["next_state"][:, jnp.array([0, 2])]),
-                "t_out": nets.dynamics.apply(critic["dynamics"], jnp.concatenate([z, batch["action"]], -1))}
+        return {
+            "loss": loss,
+            "metrics": metrics,
+            "grad_multiplier": grad["multiplier"],
+            "z": z,
+            "z_next": phi(batch["next_state"]),
+            "g_rand": psi(batch["random_goal"]),
+            "g_next": psi(batch["next_state"][:, jnp.array([0, 2])]),
+            "t_out": nets.dynamics.apply(critic["dynamics"], jnp.concatenate([z, batch["action"]], -1)),
+        }
 
     out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), outputs(ts["critic"]))
     # the loss by hand from the network outputs
@@ -151,10 +180,12 @@ def test_dual_value_loss_gradients_by_hand():
     loss, (push, violation) = qrl.dual_value_loss(d_far, d_step, jnp.asarray(2.0), 0.05)
     assert float(violation) == pytest.approx((0 + 4.0) / 2)
     g_far, g_step, g_lam = jax.grad(lambda a, b, c: qrl.dual_value_loss(a, b, c, 0.05)[0], (0, 1, 2))(
-        d_far, d_step, jnp.asarray(2.0))
+        d_far, d_step, jnp.asarray(2.0)
+    )
     # push: d/dd 100 softplus(5 - d/100) / B = -sigmoid(5 - d/100) / B; constraint: lam * 2 relu(d - 1) / B
-    np.testing.assert_allclose(np.asarray(g_far), [-1 / (1 + math.exp(-4.9)) / 2, -1 / (1 + math.exp(1)) / 2],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(g_far), [-1 / (1 + math.exp(-4.9)) / 2, -1 / (1 + math.exp(1)) / 2], rtol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(g_step), [0.0, 2.0 * 2 * 2.0 / 2], rtol=1e-5)
     assert float(g_lam) == pytest.approx(0.05 - 2.0)
 
@@ -167,8 +198,11 @@ def q_by_hand(out):
 
 def actor_outputs(nets, critic, batch, action):
     z = nets.state_encoder.apply(critic["state_encoder"], batch["state"])
-    return {"z": z, "t_out": nets.dynamics.apply(critic["dynamics"], jnp.concatenate([z, action], -1)),
-            "g": nets.goal_encoder.apply(critic["goal_encoder"], batch["actor_goal"])}
+    return {
+        "z": z,
+        "t_out": nets.dynamics.apply(critic["dynamics"], jnp.concatenate([z, action], -1)),
+        "g": nets.goal_encoder.apply(critic["goal_encoder"], batch["actor_goal"]),
+    }
 
 
 def test_actor_loss_matches_a_hand_computation_and_leaves_the_critic_alone():
@@ -177,10 +211,16 @@ def test_actor_loss_matches_a_hand_computation_and_leaves_the_critic_alone():
     @jax.jit
     def outputs(ts):
         (loss, metrics), critic_grad = jax.value_and_grad(
-            lambda c: qrl.actor_loss_fn(ts["actor"], c, batch, nets, args), has_aux=True)(ts["critic"])
+            lambda c: qrl.actor_loss_fn(ts["actor"], c, batch, nets, args), has_aux=True
+        )(ts["critic"])
         mean = nets.actor.apply(ts["actor"], jnp.concatenate([batch["state"], batch["actor_goal"]], -1))
-        return {"loss": loss, "q_mean": metrics["q_mean"], "critic_grad": critic_grad, "mean": mean,
-                **actor_outputs(nets, ts["critic"], batch, jnp.clip(mean, -1, 1))}
+        return {
+            "loss": loss,
+            "q_mean": metrics["q_mean"],
+            "critic_grad": critic_grad,
+            "mean": mean,
+            **actor_outputs(nets, ts["critic"], batch, jnp.clip(mean, -1, 1)),
+        }
 
     out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), outputs(ts))
     q = q_by_hand(out)
@@ -205,8 +245,14 @@ def test_online_actor_loss_is_minus_q_plus_the_entropy_bonus():
         obs = jnp.concatenate([batch["state"], batch["actor_goal"]], -1)
         action, log_prob = qrl.sample_action(*nets.actor.apply(ts["actor"], obs), key)
         new, step_metrics = qrl.sgd_step({**ts, "log_beta": jnp.asarray(0.0)}, batch, key, nets, args, TINY_DIMS)
-        return {"loss": loss, "entropy": metrics["entropy"], "log_prob": log_prob, "new_log_beta": new["log_beta"],
-                "step_keys": {k: 0 for k in step_metrics}, **actor_outputs(nets, ts["critic"], batch, action)}
+        return {
+            "loss": loss,
+            "entropy": metrics["entropy"],
+            "log_prob": log_prob,
+            "new_log_beta": new["log_beta"],
+            "step_keys": {k: 0 for k in step_metrics},
+            **actor_outputs(nets, ts["critic"], batch, action),
+        }
 
     out = outputs(ts)
     assert "log_prob" not in out["step_keys"] and "beta" in out["step_keys"]
@@ -224,8 +270,9 @@ def test_goal_encoder_is_shared_when_goals_are_whole_states_and_depth_flags_appl
     args = qrl.Args(mode="offline", dataset="x.npz", env="e", width=16, latent_dim=8, depth=8, actor_depth=4)
     nets = qrl.build_networks(args, qrl.Dims(3, (0, 1, 2), 2))
     assert nets.goal_encoder is None
-    ts = jax.eval_shape(lambda k: qrl.init_train_state(k, nets, qrl.resolve(args), qrl.Dims(3, (0, 1, 2), 2)),
-                        jax.random.PRNGKey(0))
+    ts = jax.eval_shape(
+        lambda k: qrl.init_train_state(k, nets, qrl.resolve(args), qrl.Dims(3, (0, 1, 2), 2)), jax.random.PRNGKey(0)
+    )
     assert "goal_encoder" not in ts["critic"]
     blocks = lambda p: p["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0]
     assert blocks(ts["critic"]["state_encoder"]) == 2 and blocks(ts["critic"]["dynamics"]) == 2
@@ -241,10 +288,15 @@ def test_replay_batches_hold_transitions_of_one_episode():
     t = np.arange(60)  # wraps the ring: the oldest 20 steps are overwritten
     traj = np.stack([t // (7 + e) for e in range(num_envs)], 1).astype(np.int32)  # episodes of 7, 8, 9 steps
     states = np.stack([np.stack([np.full(60, e), t, traj[:, e]], -1) for e in range(num_envs)], 1)
-    buffer = qrl.buffer_insert(buffer, jnp.asarray(states, jnp.float32), jnp.asarray(t[:, None, None] * np.ones(
-        (1, num_envs, 1)), jnp.float32), jnp.asarray(traj))
-    batch = jax.tree_util.tree_map(np.asarray, qrl.buffer_sample_transitions(
-        buffer, jax.random.PRNGKey(0), 3000, 0.9, (0, 1, 2), 0.0))
+    buffer = qrl.buffer_insert(
+        buffer,
+        jnp.asarray(states, jnp.float32),
+        jnp.asarray(t[:, None, None] * np.ones((1, num_envs, 1)), jnp.float32),
+        jnp.asarray(traj),
+    )
+    batch = jax.tree_util.tree_map(
+        np.asarray, qrl.buffer_sample_transitions(buffer, jax.random.PRNGKey(0), 3000, 0.9, (0, 1, 2), 0.0)
+    )
     s, s_next, goal, rand = batch["state"], batch["next_state"], batch["actor_goal"], batch["random_goal"]
     assert s[:, 1].min() >= 20  # only stored steps
     np.testing.assert_array_equal(batch["action"][:, 0], s[:, 1])
@@ -262,21 +314,27 @@ def test_replay_batches_hold_transitions_of_one_episode():
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw, message", [
-    (dict(env="nope"), "unknown env 'nope'"),
-    (dict(env="reacher", depth=6), "--depth must be a positive multiple of 4"),
-    (dict(env="reacher", latent_dim=20), "--latent-dim 20 must be a multiple of --iqe-component-dim 8"),
-    (dict(env="reacher", width=0), "--width must be positive (got 0)"),
-    (dict(env="reacher", quasimetric="mrn", latent_dim=7), "--latent-dim must be even"),
-    (dict(env="reacher", constraint_eps=0.0), "--constraint-eps must be positive"),
-    (dict(env="reacher", critic_lr=-1.0), "--critic-lr must be positive"),
-    (dict(env="reacher", actor_random_goal_prob=1.5), "--actor-random-goal-prob must be in [0, 1]"),
-    (dict(env="reacher", min_replay_size=1), "--min-replay-size must be at least 2"),
-    (dict(env="reacher", dataset="d.npz"), "--dataset is for --mode offline"),
-    (dict(env="reacher", alpha=0.1), "--alpha (behaviour cloning) is for --mode offline"),
-    (dict(mode="offline", env=OGBENCH_ENV), "--mode offline needs --dataset"),
-    (dict(mode="offline", env=OGBENCH_ENV, dataset="d.npz", train_steps=10, eval_every=3), "multiple of --eval-every"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(env="nope"), "unknown env 'nope'"),
+        (dict(env="reacher", depth=6), "--depth must be a positive multiple of 4"),
+        (dict(env="reacher", latent_dim=20), "--latent-dim 20 must be a multiple of --iqe-component-dim 8"),
+        (dict(env="reacher", width=0), "--width must be positive (got 0)"),
+        (dict(env="reacher", quasimetric="mrn", latent_dim=7), "--latent-dim must be even"),
+        (dict(env="reacher", constraint_eps=0.0), "--constraint-eps must be positive"),
+        (dict(env="reacher", critic_lr=-1.0), "--critic-lr must be positive"),
+        (dict(env="reacher", actor_random_goal_prob=1.5), "--actor-random-goal-prob must be in [0, 1]"),
+        (dict(env="reacher", min_replay_size=1), "--min-replay-size must be at least 2"),
+        (dict(env="reacher", dataset="d.npz"), "--dataset is for --mode offline"),
+        (dict(env="reacher", alpha=0.1), "--alpha (behaviour cloning) is for --mode offline"),
+        (dict(mode="offline", env=OGBENCH_ENV), "--mode offline needs --dataset"),
+        (
+            dict(mode="offline", env=OGBENCH_ENV, dataset="d.npz", train_steps=10, eval_every=3),
+            "multiple of --eval-every",
+        ),
+    ],
+)
 def test_bad_arguments_fail_with_one_line(kw, message):
     with pytest.raises(SystemExit) as err:
         qrl.check_args(qrl.Args(**kw))
@@ -286,12 +344,27 @@ def test_bad_arguments_fail_with_one_line(kw, message):
 def test_bad_dataset_fails_on_the_command_line_before_a_run_folder_exists(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, observations=np.zeros((4, 2)), actions=np.zeros((4, 2)), terminals=np.zeros(4))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "qrl.py"), "--mode", "offline", "--dataset",
-                             str(path), "--env", OGBENCH_ENV, "--run-dir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "qrl.py"),
+            "--mode",
+            "offline",
+            "--dataset",
+            str(path),
+            "--env",
+            OGBENCH_ENV,
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {path}: no complete trajectory (a terminal row after at least one transition)")
+        f"error: {path}: no complete trajectory (a terminal row after at least one transition)"
+    )
     assert sorted(os.listdir(tmp_path)) == ["bad.npz"]
 
 
@@ -304,14 +377,56 @@ def read_rows(run):
 
 def test_tiny_offline_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path):
     dataset = str(tmp_path / "pm.npz")
-    run_script(os.path.join(ROOT, "tools", "make_ogbench_dataset.py"),
-               ["--env", OGBENCH_ENV, "--out", dataset, "--policy", "noisy_oracle", "--num-trajectories", "6",
-                "--trajectory-length", "100", "--val-trajectories", "2"])
-    run_script(os.path.join(ROOT, "qrl.py"),
-               ["--mode", "offline", "--dataset", dataset, "--env", OGBENCH_ENV, "--eval-episodes", "1",
-                "--eval-episode-length", "20", "--depth", "4", "--critic-depth", "8", "--width", "32",
-                "--latent-dim", "16", "--batch-size", "32", "--train-steps", "40", "--eval-every", "20",
-                "--run-dir", str(tmp_path), "--run-name", "run"])
+    run_script(
+        os.path.join(ROOT, "tools", "make_ogbench_dataset.py"),
+        [
+            "--env",
+            OGBENCH_ENV,
+            "--out",
+            dataset,
+            "--policy",
+            "noisy_oracle",
+            "--num-trajectories",
+            "6",
+            "--trajectory-length",
+            "100",
+            "--val-trajectories",
+            "2",
+        ],
+    )
+    run_script(
+        os.path.join(ROOT, "qrl.py"),
+        [
+            "--mode",
+            "offline",
+            "--dataset",
+            dataset,
+            "--env",
+            OGBENCH_ENV,
+            "--eval-episodes",
+            "1",
+            "--eval-episode-length",
+            "20",
+            "--depth",
+            "4",
+            "--critic-depth",
+            "8",
+            "--width",
+            "32",
+            "--latent-dim",
+            "16",
+            "--batch-size",
+            "32",
+            "--train-steps",
+            "40",
+            "--eval-every",
+            "20",
+            "--run-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+        ],
+    )
     run = tmp_path / "run"
     rows = read_rows(run)
     assert [r.get("epoch") for r in rows[:-1]] == [0, 1] and rows[-1]["summary"]
@@ -338,10 +453,38 @@ def test_tiny_offline_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(t
     assert [r.get("epoch") for r in rows[:-1]] == [0, 1] and rows[-1]["summary"] and rows[1]["env_steps"] == 40
 
 
-TINY_ONLINE = ["--mode", "online", "--env", "reacher", "--depth", "4", "--width", "16", "--latent-dim", "16",
-               "--batch-size", "16", "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "20",
-               "--unroll-length", "5", "--sgd-steps-per-train-step", "2", "--replay-size", "100",
-               "--min-replay-size", "10", "--num-epochs", "2", "--total-env-steps", str(40 + 2 * 40)]
+TINY_ONLINE = [
+    "--mode",
+    "online",
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "16",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "16",
+    "--num-envs",
+    "4",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "20",
+    "--unroll-length",
+    "5",
+    "--sgd-steps-per-train-step",
+    "2",
+    "--replay-size",
+    "100",
+    "--min-replay-size",
+    "10",
+    "--num-epochs",
+    "2",
+    "--total-env-steps",
+    str(40 + 2 * 40),
+]
 
 
 def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
@@ -354,7 +497,9 @@ def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
         assert all(math.isfinite(r[f"training/{k}"]) for k in ("critic_loss", "actor_loss", "multiplier", "beta"))
         assert "training/bc_loss" not in r  # online: entropy-regularised actor, no behaviour cloning
     summary = json.load(open(run / "summary.json"))
-    assert summary["eval/episode_success_last5"] == pytest.approx(np.mean([r["eval/episode_success"] for r in rows[:-1]]))
+    assert summary["eval/episode_success_last5"] == pytest.approx(
+        np.mean([r["eval/episode_success"] for r in rows[:-1]])
+    )
     ckpt = qrl.load_checkpoint(str(run))
     assert set(ckpt["params"]) == {"actor", "state_encoder", "goal_encoder", "dynamics", "multiplier", "iqe_mix"}
     ckpt.update(epoch=0, env_steps=80)
@@ -373,10 +518,40 @@ EPISODE = 100
 # crl_deep's CPU learning config (tests/test_crl_learning.py), 8 epochs of 20k env steps. Measured here:
 # eval/episode_success 5.8, 7.7, 9.7, 6.8, 6.5, 10.5, 14.5, 23.6 (random ~4-5); continued to 15 epochs the
 # same run fell back to 12.5, 15.9, 14.8, 10.0, 6.9, 7.6, 7.5 (docs/qrl.md).
-LEARN = ["--mode", "online", "--env", "reacher", "--depth", "4", "--width", "64", "--latent-dim", "32",
-         "--batch-size", "128", "--num-envs", "16", "--num-eval-envs", "32", "--episode-length", str(EPISODE),
-         "--unroll-length", "10", "--sgd-steps-per-train-step", "16", "--replay-size", "2000",
-         "--min-replay-size", "100", "--num-epochs", "8", "--total-env-steps", str(1600 + 8 * 20_000), "--seed", "0"]
+LEARN = [
+    "--mode",
+    "online",
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "64",
+    "--latent-dim",
+    "32",
+    "--batch-size",
+    "128",
+    "--num-envs",
+    "16",
+    "--num-eval-envs",
+    "32",
+    "--episode-length",
+    str(EPISODE),
+    "--unroll-length",
+    "10",
+    "--sgd-steps-per-train-step",
+    "16",
+    "--replay-size",
+    "2000",
+    "--min-replay-size",
+    "100",
+    "--num-epochs",
+    "8",
+    "--total-env-steps",
+    str(1600 + 8 * 20_000),
+    "--seed",
+    "0",
+]
 
 
 @pytest.mark.slow
@@ -385,8 +560,14 @@ def test_online_reacher_beats_a_random_policy(tmp_path):
 
     env = dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "qrl.py"), *LEARN, "--run-dir", str(tmp_path),
-                           "--run-name", "learn"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "qrl.py"), *LEARN, "--run-dir", str(tmp_path), "--run-name", "learn"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = [r for r in read_rows(tmp_path / "learn") if "epoch" in r]
     print("env_steps, eval/episode_success:", [(m["env_steps"], round(m["eval/episode_success"], 1)) for m in curve])
