@@ -20,14 +20,15 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -896,11 +897,6 @@ def evaluate_ogbench(eval_envs, act, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def fail(message: str):
-    """Bad input: stops with one line "error: ..." on stderr, before anything is compiled."""
-    raise SystemExit(f"error: {message}")
-
-
 def prefill_unrolls(args: Args) -> int:
     return -(-args.min_replay_size // args.unroll_length)
 
@@ -920,6 +916,7 @@ def check_args(args: Args, env_ids=None):
 
         env_ids = envs.ENV_IDS
     args = resolve(args)
+    check_common(args)
     if args.mode == "online":
         if args.env not in env_ids:
             fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
@@ -993,25 +990,77 @@ def check_args(args: Args, env_ids=None):
         fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
+# --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
+# The host side of a run: bad-input errors, the run folder (config.json, metrics.jsonl, summary.json,
+# checkpoint.msgpack), --resume, wandb and the progress bar. Each script defines SCRIPT and Args.
+# Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
+                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
+                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
+
+
+def fail(message: str):
+    """Bad input: stops with one line "error: ..." on stderr (exit code 1), before anything is compiled."""
+    raise SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common(args):
+    """The range checks every script shares, by flag name (each Args has a subset of these flags)."""
+    config = dataclasses.asdict(args)
+    for name in ("depth", "actor_depth", "critic_depth"):
+        value = config.get(name)
+        if value is not None and (value <= 0 or value % 4):
+            fail(f"{flag(name)} must be a positive multiple of 4 (got {value})")
+    for name, value in config.items():
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (name in POSITIVE_FLAGS or name.endswith("_lr") or name == "learning_rate") and not value > 0:
+            fail(f"{flag(name)} must be positive (got {value})")
+        if name in NON_NEGATIVE_FLAGS and not value >= 0:
+            fail(f"{flag(name)} must be non-negative (got {value})")
+        if name == "discount" and not 0.0 < value < 1.0:
+            fail(f"--discount must be in (0, 1) (got {value})")
+        if name == "tau" and not 0.0 < value <= 1.0:
+            fail(f"--tau must be in (0, 1] (got {value})")
+        if name == "her_ratio" and not 0.0 <= value <= 1.0:
+            fail(f"--her-ratio must be in [0, 1] (got {value})")
+    if "replay_size" in config and config.get("mode", "online") == "online":
+        if args.min_replay_size > args.replay_size:
+            fail(f"--min-replay-size {args.min_replay_size} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.replay_size:
+            fail(f"--unroll-length {args.unroll_length} exceeds --replay-size {args.replay_size} (steps per env)")
+        if args.unroll_length > args.episode_length:
+            fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
+        if args.batch_size > args.num_envs * args.min_replay_size:
+            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+
+
 def write_atomic(path: str, data: bytes):
+    """Never a partial file at `path`: write a temp file, fsync it, rename it over, fsync the folder."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def to_numpy(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Reads checkpoint.pkl (path: the file or its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def versions() -> dict:
@@ -1024,117 +1073,222 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def save_checkpoint(
-    run_path: str, args: Args, train_state: dict, key, epoch: int, env_steps: int, wall_time: float, env_state=None
-):
-    """checkpoint.pkl: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
-    ["iqe_mix"]} as numpy; the rest of the train state (optimizer states, online log_beta) and online the
-    env state as leaves."""
-    ts = to_numpy(train_state)
-    checkpoint = {
-        "script": SCRIPT,
-        "args": dataclasses.asdict(args),
-        "epoch": epoch,
-        "env_steps": env_steps,
-        "wall_time": wall_time,
-        "params": {"actor": ts["actor"], **ts["critic"]},
-        "_opt_state_leaves": jax.tree_util.tree_leaves({k: v for k, v in ts.items() if k not in ("actor", "critic")}),
-        "_env_state_leaves": None if env_state is None else jax.tree_util.tree_leaves(to_numpy(env_state)),
-        "_key": np.asarray(jax.device_get(key)),
-    }
-    write_atomic(os.path.join(run_path, "checkpoint.pkl"), pickle.dumps(checkpoint, protocol=4))
+def parse_args(argv=None):
+    """Args from the command line. With --resume RUN: the run's own args; flags given again must
+    agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    header, _ = read_checkpoint(args.resume, header_only=True)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(header["args"]) - fields)
+    if unknown:
+        fail(f"{checkpoint_path(args.resume)}: the run has flags this {SCRIPT}.py lacks: {', '.join(unknown)}")
+    saved = Args(**header["args"])
+    given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
+    changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
+    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
+                 for n in changed if n not in RUN_FLAGS]
+    if conflicts:
+        fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
+    applied = [n for n in changed if n != "resume"]
+    if applied:
+        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+              file=sys.stderr)
+    return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
-def restore_train_state(checkpoint: dict, template: dict) -> dict:
-    """The train state of a checkpoint; a freshly initialised one gives the optimizer states' structure."""
-    params = checkpoint["params"]
-    rest = {k: v for k, v in template.items() if k not in ("actor", "critic")}
-    rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rest), checkpoint["_opt_state_leaves"])
-    ts = {"actor": params["actor"], "critic": {k: v for k, v in params.items() if k != "actor"}, **rest}
-    return jax.tree_util.tree_map(jnp.array, ts)  # copies: the donated epoch must not alias numpy memory
-
-
-def start_run(argv_args: Args):
-    """Resolves --resume and the run folder: (args, checkpoint or None, run_path, run_name)."""
-    checkpoint = None
-    args = argv_args
+def open_run(args, extra_config: Optional[dict] = None) -> str:
+    """The run folder: the --resume one, or a new one holding config.json."""
     if args.resume is not None:
-        if not os.path.isfile(os.path.join(args.resume, "checkpoint.pkl")):
-            fail(f"--resume {args.resume}: no checkpoint.pkl there")
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get("script") != SCRIPT:
-            fail(f"--resume {args.resume}: not a {SCRIPT} checkpoint")
-        args = Args(**{**checkpoint["args"], "resume": args.resume})
-    check_args(args)
-    args = resolve(args)
-    if checkpoint is not None:
-        return args, checkpoint, args.resume, os.path.basename(os.path.normpath(args.resume))
-    run_name = args.run_name or f"{args.env}__{SCRIPT}_{args.mode}__d{args.depth}__s{args.seed}__{int(time.time())}"
-    return args, None, os.path.join(args.run_dir, run_name), run_name
+        return os.path.dirname(os.path.abspath(checkpoint_path(args.resume)))
+    name = args.run_name or f"{args.env}__{SCRIPT}__d{args.depth}__s{args.seed}__{int(time.time())}"
+    path = os.path.join(args.run_dir, name)
+    if any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_FILE, "checkpoint.pkl")):
+        fail(f"{path} already holds a run; use --resume {path}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
+                  "versions": versions(), "git_commit": git_commit()}
+        write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
+    return path
 
 
-def create_run_dir(args: Args, argv_args: Args, run_path: str):
-    if os.path.exists(os.path.join(run_path, "checkpoint.pkl")):
-        fail(f"{run_path} already holds a run; use --resume {run_path}")
-    os.makedirs(run_path, exist_ok=True)
-    config = {
-        "script": SCRIPT,
-        "args": dataclasses.asdict(argv_args),
-        "resolved": dataclasses.asdict(args),
-        "versions": versions(),
-        "git_commit": git_commit(),
+def checkpoint_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint(path: str, header_only: bool = False):
+    """(header, payload bytes) of a checkpoint file or run folder; one line naming the file if it is
+    missing, truncated, garbage, of an old format or written by another script."""
+    file = checkpoint_path(path)
+    old = os.path.join(path, "checkpoint.pkl")
+    if not os.path.isfile(file):
+        if os.path.isfile(old):
+            fail(f"{old}: an old-format (pickle) checkpoint; this {SCRIPT}.py reads only {CHECKPOINT_FILE}")
+        fail(f"{file}: no checkpoint there")
+    with open(file, "rb") as f:
+        first_line = f.readline(1 << 20)
+        payload = b"" if header_only else f.read()
+    if first_line.startswith(b"\x80"):
+        fail(f"{file}: an old-format (pickle) checkpoint, not loaded (pickles can run code)")
+    try:
+        header = json.loads(first_line)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{file}: not a {CHECKPOINT_FILE} (no '{CHECKPOINT_FORMAT}' header line)")
+    if header.get("version") != CHECKPOINT_VERSION:
+        fail(f"{file}: checkpoint format version {header.get('version')}; this {SCRIPT}.py reads {CHECKPOINT_VERSION}")
+    if header.get("script") != SCRIPT:
+        fail(f"{file}: written by {header.get('script')}.py, not by {SCRIPT}.py")
+    if not header_only and len(payload) != header["payload_bytes"]:
+        fail(f"{file}: truncated ({len(payload)} of {header['payload_bytes']} payload bytes)")
+    if not header_only and zlib.crc32(payload) != header["payload_crc32"]:
+        fail(f"{file}: corrupted (payload checksum mismatch)")
+    return header, payload
+
+
+def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
+    """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    if jax.process_index() != 0:
+        return
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    config = dataclasses.asdict(args)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
+              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
+              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (file or run folder) as {"header", "args", "epoch", "env_steps", "wall_time",
+    "params", "state"}: "state" is everything saved (nested dicts of numpy arrays), "params" its
+    network parameters. Stops with one line if the file is not a good checkpoint of this script."""
+    header, payload = read_checkpoint(path)
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:  # msgpack raises several types on a bad payload
+        fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
+    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
+            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+
+
+def restore_state(template, saved: dict, path: str):
+    """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
+    try:
+        restored = flax.serialization.from_state_dict(template, saved)
+        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
+    if not all(jax.tree_util.tree_leaves(same)):
+        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+    return restored
+
+
+class RunLog:
+    """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
+
+    On --resume, lines of epochs after the checkpoint's are dropped first."""
+
+    def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
+        self.args, self.run_path = args, run_path
+        self.path = os.path.join(run_path, "metrics.jsonl")
+        self.writer = jax.process_index() == 0
+        lines = []
+        if args.resume is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
+            if self.writer:
+                write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
+        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        run_name = os.path.basename(os.path.normpath(run_path))
+        self.wandb = None
+        if args.track and self.writer:
+            import wandb
+
+            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
+                                    resume="allow", config=dataclasses.asdict(args))
+        from tqdm import tqdm
+
+        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
+                           dynamic_ncols=True, disable=not self.writer)
+
+    def check_finite(self, train_metrics: dict, epoch: int):
+        """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
+        bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        if bad:
+            self.epochs.close()
+            file = os.path.join(self.run_path, CHECKPOINT_FILE)
+            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                         if os.path.isfile(file) else "no checkpoint was written yet")
+            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+
+    def log(self, record: dict, step: int, headline: str):
+        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
+        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+
+    def finish(self, env_steps: int) -> dict:
+        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
+        last5 = self.eval_history[-5:]
+        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
+                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
+            print(json.dumps(summary))
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        return summary
+
+
+# --- end shared block: scaffold ---
+
+
+def checkpoint_state(train_state: dict, key, env_state=None) -> dict:
+    """What a checkpoint holds: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
+    ["iqe_mix"]}, the rest of the train state (optimizer states, online log_beta), the key, online the envs."""
+    state = {
+        "params": {"actor": train_state["actor"], **train_state["critic"]},
+        "train_state": {k: v for k, v in train_state.items() if k not in ("actor", "critic")},
+        "key": key,
     }
-    write_atomic(os.path.join(run_path, "config.json"), json.dumps(config, indent=2).encode())
+    if env_state is not None:
+        state["env_state"] = env_state
+    return state
 
 
-def read_metrics_history(metrics_file: str, start_epoch: int) -> list:
-    """On resume: drops lines of epochs the checkpoint lacks; returns the eval metrics of the rest."""
-    if not os.path.isfile(metrics_file):
-        return []
-    with open(metrics_file) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
-    with open(metrics_file + ".tmp", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in lines)
-    os.replace(metrics_file + ".tmp", metrics_file)
-    return [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
-
-
-def check_finite(train_metrics: dict, epoch: int, run_path: str):
-    bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
-    if bad:
-        checkpoint_file = os.path.join(run_path, "checkpoint.pkl")
-        last_good = (
-            f"the last good checkpoint is {checkpoint_file} (epoch {epoch - 1})"
-            if os.path.isfile(checkpoint_file)
-            else "no checkpoint was written yet"
-        )
-        raise SystemExit(f"error: non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
-
-
-def write_summary(run_path: str, eval_history: list, epochs: int, env_steps: int) -> dict:
-    last5 = eval_history[-5:]
-    summary = {
-        "summary": True,
-        "epochs": epochs,
-        "env_steps": env_steps,
-        **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+def train_state_of(saved: dict) -> dict:
+    """The train state inside a restored checkpoint_state, as fresh device arrays (the epoch donates them)."""
+    params = saved["params"]
+    train_state = {
+        "actor": params["actor"],
+        "critic": {k: v for k, v in params.items() if k != "actor"},
+        **saved["train_state"],
     }
-    with open(os.path.join(run_path, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2).encode())
-    return summary
+    return jax.tree_util.tree_map(jnp.array, train_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1166,11 +1320,11 @@ def setup_online(args: Args, checkpoint):
 
     carry = initial_carry(k_init, k_reset, key)
     if checkpoint is not None:  # the buffer is refilled by the restored policy
-        carry["train_state"] = restore_train_state(checkpoint, carry["train_state"])
-        carry["env_state"] = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(carry["env_state"]), [jnp.array(x) for x in checkpoint["_env_state_leaves"]]
-        )
-        carry["key"] = jnp.array(checkpoint["_key"])
+        template = checkpoint_state(carry["train_state"], carry["key"], carry["env_state"])
+        saved = restore_state(template, checkpoint["state"], args.resume)
+        carry["train_state"] = train_state_of(saved)
+        carry["env_state"] = jax.tree_util.tree_map(jnp.array, saved["env_state"])
+        carry["key"] = jnp.array(saved["key"])
     carry = jax.jit(lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args)), donate_argnums=0)(carry)
     epoch_fn = jax.jit(lambda c: online_epoch(c, env, nets, args, dims, num_train_steps), donate_argnums=0)
 
@@ -1237,8 +1391,8 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
     train_state = jax.jit(lambda k: init_train_state(k, nets, args, dims))(k_init)
     if checkpoint is not None:
-        train_state = restore_train_state(checkpoint, train_state)
-        key = jnp.array(checkpoint["_key"])
+        saved = restore_state(checkpoint_state(train_state, key), checkpoint["state"], args.resume)
+        train_state, key = train_state_of(saved), jnp.array(saved["key"])
     epoch = jax.jit(lambda ts, data, k: offline_epoch(ts, data, k, nets, args, dims), donate_argnums=0)
 
     @jax.jit
@@ -1271,15 +1425,14 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
 
 
 if __name__ == "__main__":
-    import tyro
-
-    argv_args = tyro.cli(Args)
-    args, checkpoint, run_path, run_name = start_run(argv_args)
+    argv_args = parse_args()  # with --resume: the run's own (resolved) args
+    check_args(argv_args)
+    args = resolve(argv_args)
     online = args.mode == "online"
     if not online:
         offline_inputs = load_offline_data(args)  # bad files fail here, before a run folder exists
-    if checkpoint is None:
-        create_run_dir(args, argv_args, run_path)
+    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
+    run_path = open_run(argv_args, {"resolved": dataclasses.asdict(args)})
     start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
     env_steps = 0 if checkpoint is None else checkpoint["env_steps"]
     start_time = time.time() - (0.0 if checkpoint is None else checkpoint["wall_time"])
@@ -1287,50 +1440,31 @@ if __name__ == "__main__":
         carry, epoch_fn, evaluate, steps_per_epoch, prefill_steps, dims, nets = setup_online(args, checkpoint)
         env_steps += prefill_steps if checkpoint is None else 0
         num_epochs, k_eval_base = args.num_epochs, jax.random.PRNGKey(args.seed + 1)
+        train_state = carry["train_state"]
     else:
         train_state, key, data, val_data, epoch_fn, validation, evaluate, nets = setup_offline(
             args, checkpoint, *offline_inputs
         )
         steps_per_epoch, num_epochs = args.eval_every, args.train_steps // args.eval_every
-    params = carry["train_state"] if online else train_state
     print(
-        f"{SCRIPT} ({args.mode}): params critic {param_count(params['critic'])}, actor {param_count(params['actor'])}",
+        f"{SCRIPT} ({args.mode}): params critic {param_count(train_state['critic'])}, "
+        f"actor {param_count(train_state['actor'])}",
         flush=True,
     )
-    if args.track:
-        import wandb
-
-        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-        wandb.init(
-            project=args.wandb_project,
-            entity=args.wandb_entity,
-            name=run_name,
-            id=wandb_id,
-            resume="allow",
-            config=dataclasses.asdict(args),
-        )
-    from tqdm import tqdm
-
-    metrics_file = os.path.join(run_path, "metrics.jsonl")
-    eval_history = read_metrics_history(metrics_file, start_epoch) if checkpoint is not None else []
-    progress = tqdm(
-        range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name, dynamic_ncols=True
-    )
-    for epoch in progress:
+    log = RunLog(args, run_path, start_epoch, num_epochs)
+    for epoch in log.epochs:
         epoch_start = time.time()
         if online:
             carry, train_metrics = epoch_fn(carry)
-            train_state = carry["train_state"]
+            train_state, k_eval = carry["train_state"], jax.random.fold_in(k_eval_base, epoch)
         else:
             key, k_train, k_val, k_eval = jax.random.split(key, 4)
             train_state, train_metrics = epoch_fn(train_state, data, k_train)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_seconds = time.time() - epoch_start
         env_steps += steps_per_epoch
-        check_finite(train_metrics, epoch, run_path)
-        k_eval = jax.random.fold_in(k_eval_base, epoch) if online else k_eval
+        log.check_finite(train_metrics, epoch)
         eval_metrics = {f"eval/{k}": float(v) for k, v in evaluate(train_state["actor"], k_eval).items()}
-        eval_history.append(eval_metrics)
         record = {
             "epoch": epoch,
             "env_steps": env_steps,
@@ -1341,31 +1475,13 @@ if __name__ == "__main__":
             **eval_metrics,
         }
         if not online and val_data is not None:
-            record.update(
-                {
-                    f"validation/{k}": float(v)
-                    for k, v in jax.device_get(validation(train_state, val_data, k_val)).items()
-                }
-            )
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.track:
-            wandb.log(record, step=env_steps)
-        save_checkpoint(
-            run_path,
-            args,
-            train_state,
-            carry["key"] if online else key,
-            epoch,
-            env_steps,
-            record["wall_time"],
-            carry["env_state"] if online else None,
+            val_metrics = jax.device_get(validation(train_state, val_data, k_val))
+            record.update({f"validation/{k}": float(v) for k, v in val_metrics.items()})
+        log.log(record, env_steps, "eval/episode_success" if "eval/episode_success" in record else "eval/success")
+        state = (
+            checkpoint_state(train_state, carry["key"], carry["env_state"])
+            if online
+            else checkpoint_state(train_state, key)
         )
-        headline = "eval/episode_success" if "eval/episode_success" in eval_metrics else "eval/success"
-        progress.set_postfix(sps=f"{record['sps']:.0f}", success=f"{eval_metrics[headline]:.3f}")
-
-    summary = write_summary(run_path, eval_history, len(eval_history), env_steps)
-    if args.track:
-        wandb.summary.update(summary)
-        wandb.finish()
-    print(json.dumps(summary))
+        save_checkpoint(run_path, args, state, epoch, env_steps, record["wall_time"])
+    log.finish(env_steps)

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import runpy
 import subprocess
 import sys
@@ -444,9 +443,8 @@ def test_tiny_offline_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(t
     assert set(ckpt["params"]) == {"actor", "state_encoder", "dynamics", "multiplier", "iqe_mix"}  # psi = phi
     assert ckpt["params"]["state_encoder"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 2  # depth 8
     # interrupted after epoch 0: roll the checkpoint back, drop the summary, --resume
-    ckpt.update(epoch=0, env_steps=20)
-    with open(run / "checkpoint.pkl", "wb") as f:
-        pickle.dump(ckpt, f)
+    assert set(ckpt["state"]) == {"params", "train_state", "key"}
+    qrl.save_checkpoint(str(run), qrl.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "qrl.py"), ["--resume", str(run)])
     rows = read_rows(run)
@@ -502,9 +500,9 @@ def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
     )
     ckpt = qrl.load_checkpoint(str(run))
     assert set(ckpt["params"]) == {"actor", "state_encoder", "goal_encoder", "dynamics", "multiplier", "iqe_mix"}
-    ckpt.update(epoch=0, env_steps=80)
-    with open(run / "checkpoint.pkl", "wb") as f:
-        pickle.dump(ckpt, f)
+    assert set(ckpt["state"]) == {"params", "train_state", "key", "env_state"}
+    assert "log_beta" in ckpt["state"]["train_state"]
+    qrl.save_checkpoint(str(run), qrl.Args(**ckpt["args"]), ckpt["state"], 0, 80, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "qrl.py"), ["--resume", str(run)])
     rows = read_rows(run)
