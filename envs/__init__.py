@@ -7,6 +7,7 @@
 
 Importing this package fixes the known brax 0.10.1 defects under mujoco 3.2.6 (see patches.py).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,9 +39,12 @@ _MAZES = {
 for _robot, _layouts in _MAZES.items():
     for _name, _layout in _layouts.items():
         _REGISTRY[f"{_robot}_{_name}_maze"] = ("envs.maze", "make_maze", {"robot": _robot, "layout": _layout})
-        if _layout != "HARDEST":  # the spec gives no separate eval layout for HARDEST
+        if _layout != "HARDEST":  # the paper's code has no eval layout for HARDEST
             _REGISTRY[f"{_robot}_{_name}_maze_eval"] = (
-                "envs.maze", "make_maze", {"robot": _robot, "layout": _layout, "eval": True})
+                "envs.maze",
+                "make_maze",
+                {"robot": _robot, "layout": _layout, "eval": True},
+            )
 
 ENV_IDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
 

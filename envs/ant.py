@@ -5,6 +5,7 @@ and qvel without the target joints (14). Goal: torso xy, state[0:2], commanded a
 Success: distance < 0.5 (easy: < 2). The episode terminates when the torso z leaves [0.2, 1.0].
 The maze variants (envs/maze.py) reuse this class with walls and another start/goal draw.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,8 @@ HEALTHY_Z = (0.2, 1.0)
 def load_system(xml: str, substep: float, backend: str):
     """Builds a brax System from MJCF text with the physics substep set where each pipeline reads it.
 
-    brax's spring pipeline integrates with its own `System.dt` and ignores `opt.timestep`
-    (spec pitfall 3), so both are set.
+    brax 0.10.1's spring pipeline integrates with its own `System.dt` and ignores
+    `opt.timestep`; mjx reads `opt.timestep`. Both are set.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -71,18 +72,20 @@ class Ant(PipelineEnv):
         key_q, key_qd, key_task = jax.random.split(rng, 3)
         start, target = self._sample_start_goal(key_task)
         noise = self._reset_noise_scale
-        q = self.sys.init_q.at[:self._robot_q].add(
-            jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise))
+        q = self.sys.init_q.at[: self._robot_q].add(
+            jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise)
+        )
         q = q.at[:2].add(start)
         q = q.at[3:7].set(q[3:7] / jnp.linalg.norm(q[3:7]))  # keep the torso quaternion a rotation
-        qd = jnp.zeros(self.sys.qd_size()).at[:self._robot_qd].set(
-            noise * jax.random.normal(key_qd, (self._robot_qd,)))
+        qd = (
+            jnp.zeros(self.sys.qd_size()).at[: self._robot_qd].set(noise * jax.random.normal(key_qd, (self._robot_qd,)))
+        )
         return self.reset_to(q, qd, target)
 
     def reset_to(self, q: jax.Array, qd: jax.Array, goal: jax.Array) -> State:
         """The State `reset` returns for joint positions q, velocities qd (the full layout, target
         joints last) and goal xy: the goal sets the target joints of q, overriding their values."""
-        q = jnp.asarray(q).at[self._robot_q:].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
+        q = jnp.asarray(q).at[self._robot_q :].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
         pipeline_state = self.pipeline_init(q, jnp.asarray(qd))
         obs = self._observe(pipeline_state)
         zero = jnp.zeros(())
@@ -94,16 +97,20 @@ class Ant(PipelineEnv):
         metrics = self._metrics(obs)
         torso_z = pipeline_state.x.pos[0, 2]
         done = ((torso_z < HEALTHY_Z[0]) | (torso_z > HEALTHY_Z[1])).astype(jnp.float32)
-        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], done=done,
-                             metrics={**state.metrics, **metrics})
+        return state.replace(
+            pipeline_state=pipeline_state,
+            obs=obs,
+            reward=metrics["success"],
+            done=done,
+            metrics={**state.metrics, **metrics},
+        )
 
     def _observe(self, pipeline_state) -> jax.Array:
-        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q:]
-        return jnp.concatenate([
-            pipeline_state.q[:self._robot_q], pipeline_state.qd[:self._robot_qd], target_xy])
+        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q :]
+        return jnp.concatenate([pipeline_state.q[: self._robot_q], pipeline_state.qd[: self._robot_qd], target_xy])
 
     def _metrics(self, obs: jax.Array) -> dict[str, jax.Array]:
-        dist = jnp.linalg.norm(obs[0:2] - obs[self.state_dim:])
+        dist = jnp.linalg.norm(obs[0:2] - obs[self.state_dim :])
         return {
             "success": (dist < self.goal_reach_thresh).astype(jnp.float32),
             "success_easy": (dist < EASY_THRESH).astype(jnp.float32),

@@ -11,6 +11,7 @@ physical inertias instead. Goal: torso xyz, state[0:3], commanded as
 the torso z leaves [1.0, 2.0]. Actions in [-1, 1] are mapped linearly onto the actuators' ctrl range.
 The maze variants (envs/maze.py) reuse this class with walls and another start/goal draw.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,8 @@ HEALTHY_Z = (1.0, 2.0)
 def load_system(xml: str, substep: float, backend: str):
     """Builds a brax System from MJCF text with the physics substep set where each pipeline reads it.
 
-    brax's spring pipeline integrates with its own `System.dt` and ignores `opt.timestep`
-    (spec pitfall 3), so both are set.
+    brax 0.10.1's spring pipeline integrates with its own `System.dt` and ignores
+    `opt.timestep`; mjx reads `opt.timestep`. Both are set.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -64,8 +65,7 @@ class Humanoid(PipelineEnv):
     substep = 0.003  # x 10 frames: control dt 0.03 s
     n_frames = 10
 
-    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0,
-                 true_inertia_obs: bool = False):
+    def __init__(self, *, backend: str = "spring", reset_noise_scale: float = 0.0, true_inertia_obs: bool = False):
         if reset_noise_scale < 0:
             raise ValueError(f"reset_noise_scale must be >= 0, got {reset_noise_scale}")
         if not isinstance(true_inertia_obs, bool):
@@ -102,19 +102,23 @@ class Humanoid(PipelineEnv):
         key_q, key_qd, key_task = jax.random.split(rng, 3)
         start, target = self._sample_start_goal(key_task)
         noise = self._reset_noise_scale
-        q = self.sys.init_q.at[:self._robot_q].add(
-            jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise))
+        q = self.sys.init_q.at[: self._robot_q].add(
+            jax.random.uniform(key_q, (self._robot_q,), minval=-noise, maxval=noise)
+        )
         q = q.at[:2].add(start)
         q = q.at[3:7].set(q[3:7] / jnp.linalg.norm(q[3:7]))  # keep the torso quaternion a rotation
-        qd = jnp.zeros(self.sys.qd_size()).at[:self._robot_qd].set(
-            jax.random.uniform(key_qd, (self._robot_qd,), minval=-noise, maxval=noise))
+        qd = (
+            jnp.zeros(self.sys.qd_size())
+            .at[: self._robot_qd]
+            .set(jax.random.uniform(key_qd, (self._robot_qd,), minval=-noise, maxval=noise))
+        )
         return self.reset_to(q, qd, jnp.append(target, TARGET_Z))
 
     def reset_to(self, q: jax.Array, qd: jax.Array, goal: jax.Array) -> State:
         """The State `reset` returns for joint positions q, velocities qd (the full layout, target
         joints last) and goal (x, y, z): goal xy sets the target joints of q, overriding their
         values; the goal height is always TARGET_Z, so goal z is not read."""
-        q = jnp.asarray(q).at[self._robot_q:].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
+        q = jnp.asarray(q).at[self._robot_q :].set(jnp.asarray(goal)[:2] - self._target_rest[:2])
         pipeline_state = self.pipeline_init(q, jnp.asarray(qd))
         obs = self._observe(pipeline_state, jnp.zeros(self.sys.act_size()))
         zero = jnp.zeros(())
@@ -128,8 +132,13 @@ class Humanoid(PipelineEnv):
         metrics = self._metrics(obs)
         torso_z = pipeline_state.x.pos[0, 2]
         done = ((torso_z < HEALTHY_Z[0]) | (torso_z > HEALTHY_Z[1])).astype(jnp.float32)
-        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], done=done,
-                             metrics={**state.metrics, **metrics})
+        return state.replace(
+            pipeline_state=pipeline_state,
+            obs=obs,
+            reward=metrics["success"],
+            done=done,
+            metrics={**state.metrics, **metrics},
+        )
 
     def _observe(self, pipeline_state, ctrl: jax.Array) -> jax.Array:
         inertia = self._obs_inertia
@@ -144,20 +153,27 @@ class Humanoid(PipelineEnv):
         inertia_world = rot_mat @ inertia.i @ jnp.swapaxes(rot_mat, 1, 2)
         offset = com_pos - system_com
         parallel = inertia.mass[:, None, None] * (
-            jnp.einsum("li,li->l", offset, offset)[:, None, None] * jnp.eye(3)
-            - offset[:, :, None] * offset[:, None, :])
-        com_inertia = jnp.concatenate(
-            [(inertia_world + parallel).reshape(-1, 9), inertia.mass[:, None]], axis=1)
+            jnp.einsum("li,li->l", offset, offset)[:, None, None] * jnp.eye(3) - offset[:, :, None] * offset[:, None, :]
+        )
+        com_inertia = jnp.concatenate([(inertia_world + parallel).reshape(-1, 9), inertia.mass[:, None]], axis=1)
         com_vel = xd.vel + jnp.cross(xd.ang, com_pos - x.pos)
         com_motion = jnp.concatenate([com_vel * (inertia.mass / mass_sum)[:, None], xd.ang], axis=1)
         qfrc_actuator = actuator.to_tau(self.sys, ctrl, pipeline_state.q, pipeline_state.qd)
-        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q:]
-        return jnp.concatenate([
-            pipeline_state.q, pipeline_state.qd, com_inertia.ravel(), com_motion.ravel(),
-            qfrc_actuator, target_xy, jnp.array([TARGET_Z])])
+        target_xy = self._target_rest[:2] + pipeline_state.q[self._robot_q :]
+        return jnp.concatenate(
+            [
+                pipeline_state.q,
+                pipeline_state.qd,
+                com_inertia.ravel(),
+                com_motion.ravel(),
+                qfrc_actuator,
+                target_xy,
+                jnp.array([TARGET_Z]),
+            ]
+        )
 
     def _metrics(self, obs: jax.Array) -> dict[str, jax.Array]:
-        dist = jnp.linalg.norm(obs[0:3] - obs[self.state_dim:])
+        dist = jnp.linalg.norm(obs[0:3] - obs[self.state_dim :])
         return {
             "success": (dist < self.goal_reach_thresh).astype(jnp.float32),
             "success_easy": (dist < EASY_THRESH).astype(jnp.float32),

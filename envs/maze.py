@@ -1,7 +1,7 @@
 """Mazes for the ant and the humanoid: the same robots and tasks, walled in.
 
 A layout is a list of rows: '1' wall, 'r' start cell, 'g' goal cell, '0' free. Cell (i, j) (row i,
-column j) is centred at world (x, y) = (i * scale, j * scale). The walls are the solid of the spec
+column j) is centred at world (x, y) = (i * scale, j * scale). The walls are the paper's code's
 (each wall cell a static box of half-size (0.5, 0.5, 0.25) * scale standing on the floor), built
 from as few boxes as possible: runs of wall cells are merged into rectangles (collision work grows
 with robot geoms x wall boxes, every substep; ant steps measured 3.6x faster on HARDEST, 8.5x on
@@ -13,6 +13,7 @@ Stitching (paper Fig. 11, U maze): the corridor cells are numbered by path dista
 (0..6). Training draws d from {1, 2, 3}, a start cell anywhere on the path and the goal d cells
 further on; evaluation starts at 'r' with goals at distance 4, 5 or 6, never seen in training.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,7 +34,7 @@ LAYOUTS = {
     "U5": "11111111 1gggggg1 1r1111g1 111111g1 1g1111g1 1gggggg1 11111111",
     "BIG": "11111111 1rg11gg1 1gg1ggg1 11ggg111 1gg1ggg1 1g1gg1g1 1ggg1gg1 11111111",
     "HARDEST": "111111111111 1rggg1ggggg1 1g11g1g1g1g1 1gggggg1ggg1 1g1111g111g1 1gg1g1ggggg1 "
-               "11g1g1g1g111 1gg1ggg1ggg1 111111111111",
+    "11g1g1g1g111 1gg1ggg1ggg1 111111111111",
 }
 # Evaluation layouts: only the far goal cells keep 'g'. HARDEST has none. BIG differs per robot.
 EVAL_LAYOUTS = {
@@ -63,6 +64,7 @@ ANT_WALL_GEOMS = ("torso_geom", "aux_1_geom", "aux_2_geom", "aux_3_geom", "aux_4
 @dataclass(frozen=True)
 class MazeSpec:
     """A parsed layout: cell centres of starts, goals, walls, and the stitching path if any."""
+
     rows: tuple[str, ...]
     scale: float
     starts: np.ndarray  # [n, 2] world xy
@@ -76,8 +78,12 @@ def parse_layout(layout: str, scale: float, stitching: str | None = None) -> Maz
     rows = tuple(layout.split())
     if len({len(r) for r in rows}) != 1 or set("".join(rows)) - set("10rg"):
         raise ValueError(f"malformed maze layout {layout!r}")
-    cells = {c: np.array([(i * scale, j * scale) for i, r in enumerate(rows) for j, ch in enumerate(r)
-                          if ch == c], dtype=np.float32).reshape(-1, 2) for c in "1rg"}
+    cells = {
+        c: np.array(
+            [(i * scale, j * scale) for i, r in enumerate(rows) for j, ch in enumerate(r) if ch == c], dtype=np.float32
+        ).reshape(-1, 2)
+        for c in "1rg"
+    }
     if len(cells["r"]) == 0 or len(cells["g"]) == 0:
         raise ValueError(f"maze layout {layout!r} needs at least one 'r' and one 'g' cell")
     path = None
@@ -122,12 +128,19 @@ def maze_mjcf(robot_xml: str, maze: MazeSpec, wall_geoms: tuple[str, ...]) -> st
         if joint.get("name") in ("target_x", "target_y"):
             joint.set("range", f"{-reach} {reach}")
     for k, (i0, i1, j0, j1) in enumerate(wall_boxes(maze.rows)):
-        ET.SubElement(worldbody, "geom", {
-            "name": f"wall_{k}", "type": "box",
-            "pos": f"{(i0 + i1) / 2 * maze.scale} {(j0 + j1) / 2 * maze.scale} {maze.scale / 4}",
-            "size": f"{(i1 - i0 + 1) / 2 * maze.scale} {(j1 - j0 + 1) / 2 * maze.scale} {maze.scale / 4}",
-            "contype": str(WALL_CONTYPE), "conaffinity": str(WALL_CONAFFINITY),
-            "rgba": "0.7 0.5 0.3 1"})
+        ET.SubElement(
+            worldbody,
+            "geom",
+            {
+                "name": f"wall_{k}",
+                "type": "box",
+                "pos": f"{(i0 + i1) / 2 * maze.scale} {(j0 + j1) / 2 * maze.scale} {maze.scale / 4}",
+                "size": f"{(i1 - i0 + 1) / 2 * maze.scale} {(j1 - j0 + 1) / 2 * maze.scale} {maze.scale / 4}",
+                "contype": str(WALL_CONTYPE),
+                "conaffinity": str(WALL_CONAFFINITY),
+                "rgba": "0.7 0.5 0.3 1",
+            },
+        )
     return ET.tostring(root, encoding="unicode")
 
 
@@ -157,12 +170,10 @@ def sample_start_goal(maze: MazeSpec, rng: jax.Array) -> tuple[jax.Array, jax.Ar
         return start, goals[jax.random.randint(key_b, (), 0, len(goals))]
     path = jnp.asarray(maze.path)
     if maze.stitching == "train":
-        distance = jnp.asarray(STITCH_TRAIN_DISTANCES)[
-            jax.random.randint(key_a, (), 0, len(STITCH_TRAIN_DISTANCES))]
+        distance = jnp.asarray(STITCH_TRAIN_DISTANCES)[jax.random.randint(key_a, (), 0, len(STITCH_TRAIN_DISTANCES))]
         start_idx = jax.random.randint(key_b, (), 0, len(path) - distance)
     else:
-        distance = jnp.asarray(STITCH_EVAL_DISTANCES)[
-            jax.random.randint(key_a, (), 0, len(STITCH_EVAL_DISTANCES))]
+        distance = jnp.asarray(STITCH_EVAL_DISTANCES)[jax.random.randint(key_a, (), 0, len(STITCH_EVAL_DISTANCES))]
         start_idx = jnp.zeros((), jnp.int32)
     return path[start_idx], path[start_idx + distance]
 
@@ -184,11 +195,11 @@ class AntMaze(Ant):
 class HumanoidMaze(Humanoid):
     substep = 0.0015  # x 10 frames: control dt 0.015 s
 
-    def __init__(self, maze: MazeSpec, *, backend: str = "spring", reset_noise_scale: float = 0.0,
-                 true_inertia_obs: bool = False):
+    def __init__(
+        self, maze: MazeSpec, *, backend: str = "spring", reset_noise_scale: float = 0.0, true_inertia_obs: bool = False
+    ):
         self.maze = maze
-        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale,
-                         true_inertia_obs=true_inertia_obs)
+        super().__init__(backend=backend, reset_noise_scale=reset_noise_scale, true_inertia_obs=true_inertia_obs)
 
     def _mjcf(self) -> str:
         return maze_mjcf(super()._mjcf(), self.maze, ())  # every humanoid geom already has contype 1

@@ -17,6 +17,7 @@ any installed file:
 `ORIGINALS` keeps the unpatched callables so tests can show each defect is still present in the
 installed library (and notice when a version change makes a patch unnecessary).
 """
+
 from __future__ import annotations
 
 import types
@@ -77,7 +78,8 @@ def apply() -> None:
 
         warnings.warn(
             f"envs/patches.py targets brax {EXPECTED_BRAX_VERSION}, found {brax.__version__}; "
-            "skipping runtime fixes (requirements.txt pins the supported version)."
+            "skipping runtime fixes (requirements.txt pins the supported version).",
+            stacklevel=2,
         )
         _applied = True
         return

@@ -7,6 +7,7 @@ by its two slide joints; under the spring pipeline it sags a few mm, as in the p
 Success: distance < 0.05.
 The episode never terminates on its own.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ FINGERTIP_OFFSET = (0.11, 0.0, 0.0)  # fingertip centre in the second link's fra
 def load_system(path: str, substep: float, backend: str):
     """Loads an MJCF file and sets the physics substep where the chosen pipeline reads it.
 
-    brax's spring pipeline integrates with its own `System.dt` and ignores `opt.timestep`
-    (spec pitfall 3/10), so both are set.
+    brax 0.10.1's spring pipeline integrates with its own `System.dt` and ignores
+    `opt.timestep` (the paper's code sets only the latter, so its reacher integrates at the XML's
+    0.01 s and turns NaN within about 11 steps); mjx reads `opt.timestep`. Both are set.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -82,8 +84,9 @@ class Reacher(PipelineEnv):
         pipeline_state = self.pipeline_step(state.pipeline_state, action)
         obs = self._observe(pipeline_state)
         metrics = self._metrics(obs)
-        return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"],
-                             metrics={**state.metrics, **metrics})
+        return state.replace(
+            pipeline_state=pipeline_state, obs=obs, reward=metrics["success"], metrics={**state.metrics, **metrics}
+        )
 
     def _observe(self, pipeline_state) -> jax.Array:
         theta = pipeline_state.q[:2]
@@ -100,5 +103,5 @@ class Reacher(PipelineEnv):
         return jnp.concatenate([jnp.cos(theta), jnp.sin(theta), link_pos + offset, tip_vel, target])
 
     def _metrics(self, obs: jax.Array) -> dict[str, jax.Array]:
-        dist = jnp.linalg.norm(obs[4:7] - obs[self.state_dim:])
+        dist = jnp.linalg.norm(obs[4:7] - obs[self.state_dim :])
         return {"success": (dist < self.goal_reach_thresh).astype(jnp.float32), "dist": dist}

@@ -5,6 +5,7 @@ parallel env replays one start and one goal for the whole run (JaxGCRL issue #53
 draws a fresh goal (and start) by default, and every reset bumps a per-env trajectory id, which the
 replay buffers use so that a hindsight goal never comes from another episode.
 """
+
 from __future__ import annotations
 
 import jax

@@ -3,6 +3,7 @@
 The wrappers are tested on a tiny pure-JAX point env whose every number can be computed by hand;
 the real envs have their own test files.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,18 +23,34 @@ def test_unknown_id_lists_valid_ids():
     assert "ant_v_maze" in str(err.value) and "ant_u_maze" in str(err.value)
 
 
-def test_registry_has_every_id_of_the_spec():
+def test_registry_has_every_id_of_the_benchmark():
     expected = {
-        "reacher", "ant", "humanoid", "arm_push_easy", "arm_push_hard", "arm_binpick_hard",
-        "ant_u_maze", "ant_u4_maze", "ant_u5_maze", "ant_big_maze", "ant_hardest_maze",
-        "humanoid_u_maze", "humanoid_big_maze", "humanoid_hardest_maze",
-        "ant_u_maze_eval", "ant_u4_maze_eval", "ant_u5_maze_eval", "ant_big_maze_eval",
-        "humanoid_u_maze_eval", "humanoid_big_maze_eval",
-        "ant_u_maze_stitch", "ant_u_maze_stitch_eval",
+        "reacher",
+        "ant",
+        "humanoid",
+        "arm_push_easy",
+        "arm_push_hard",
+        "arm_binpick_hard",
+        "ant_u_maze",
+        "ant_u4_maze",
+        "ant_u5_maze",
+        "ant_big_maze",
+        "ant_hardest_maze",
+        "humanoid_u_maze",
+        "humanoid_big_maze",
+        "humanoid_hardest_maze",
+        "ant_u_maze_eval",
+        "ant_u4_maze_eval",
+        "ant_u5_maze_eval",
+        "ant_big_maze_eval",
+        "humanoid_u_maze_eval",
+        "humanoid_big_maze_eval",
+        "ant_u_maze_stitch",
+        "ant_u_maze_stitch_eval",
     }
     assert set(envs.ENV_IDS) == expected
     assert envs.eval_variant("ant_u4_maze") == "ant_u4_maze_eval"
-    assert envs.eval_variant("ant_hardest_maze") == "ant_hardest_maze"  # no eval layout in the spec
+    assert envs.eval_variant("ant_hardest_maze") == "ant_hardest_maze"  # no eval layout in the paper's code
     assert envs.eval_variant("reacher") == "reacher"
 
 
@@ -143,8 +160,9 @@ class PointEnv(Env):
         goal = state.info["goal"]
         done = (jnp.max(jnp.abs(pos)) > 2.05).astype(jnp.float32)
         metrics = self._metrics(pos, goal)
-        return state.replace(pipeline_state=pos, obs=jnp.concatenate([pos, goal]), done=done,
-                             reward=metrics["success"], metrics=metrics)
+        return state.replace(
+            pipeline_state=pos, obs=jnp.concatenate([pos, goal]), done=done, reward=metrics["success"], metrics=metrics
+        )
 
     def _metrics(self, pos, goal):
         dist = jnp.linalg.norm(pos - goal)

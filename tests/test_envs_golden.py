@@ -17,6 +17,7 @@ paper's code uses) along random rollouts from other seeds.
 Compilation dominates the run time: each env's reset, step and reset_to are compiled once and
 shared by the tests (see `Compiled`).
 """
+
 import functools
 import os
 import types
@@ -29,7 +30,7 @@ from brax.envs.humanoid import Humanoid as BraxHumanoid
 import envs
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-GOLDEN_IDS = sorted(f[:-len(".npz")] for f in os.listdir(GOLDEN_DIR) if f.endswith(".npz"))
+GOLDEN_IDS = sorted(f[: -len(".npz")] for f in os.listdir(GOLDEN_DIR) if f.endswith(".npz"))
 # (last step compared, rtol) per step range; step 0 is the start, compared at the first rtol.
 DEFAULT_TOLERANCE = ((10, 1e-3), (40, 1e-2))
 # Chaotic from some step on: there our own env, vmapped vs not (float rounding only), differs as much
@@ -38,7 +39,7 @@ DEFAULT_TOLERANCE = ((10, 1e-3), (40, 1e-2))
 TOLERANCE = {"arm_push_easy": ((10, 1e-3), (28, 1e-2))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def golden(env_id) -> dict:
     with np.load(os.path.join(GOLDEN_DIR, f"{env_id}.npz")) as data:
         return {k: data[k] for k in data.files}
@@ -50,16 +51,15 @@ class Compiled:
 
     def __init__(self, env_id):
         self.env = envs.make(env_id)
-        self.reset, self.step, self.reset_to = (
-            jax.jit(f) for f in (self.env.reset, self.env.step, self.env.reset_to))
+        self.reset, self.step, self.reset_to = (jax.jit(f) for f in (self.env.reset, self.env.step, self.env.reset_to))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(env_id) -> Compiled:
     return Compiled(env_id)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def replay(env_id):
     """Our observations [41, obs], success [40] and dist [40] along the golden start and actions."""
     data, c = golden(env_id), compiled(env_id)
@@ -91,7 +91,8 @@ def assert_close_per_step(what, ours, expected, rtol):
         idx = tuple(bad[0])
         raise AssertionError(
             f"{what}: {len(bad)} entries out of tolerance; first at (step, dim) {idx}: "
-            f"ours {ours[idx]:.6g}, paper's code {expected[idx]:.6g}, bound {bound[idx]:.3g}")
+            f"ours {ours[idx]:.6g}, paper's code {expected[idx]:.6g}, bound {bound[idx]:.3g}"
+        )
 
 
 @pytest.mark.parametrize("env_id", GOLDEN_IDS)
@@ -106,9 +107,9 @@ def test_golden_trajectory_matches_the_papers_code(env_id):
     n = len(rtol)  # steps 0..n-1 compared
     assert_close_per_step("observation", obs[:n], data["obs"][:n], rtol)
     # metrics after action t belong to step t + 1
-    np.testing.assert_array_equal(success[:n - 1], data["success"][:n - 1], err_msg="success")
-    has_dist = np.isfinite(data["dist"][:n - 1])
-    assert_close_per_step("dist", dist[:n - 1][has_dist], data["dist"][:n - 1][has_dist], rtol[1:][has_dist])
+    np.testing.assert_array_equal(success[: n - 1], data["success"][: n - 1], err_msg="success")
+    has_dist = np.isfinite(data["dist"][: n - 1])
+    assert_close_per_step("dist", dist[: n - 1][has_dist], data["dist"][: n - 1][has_dist], rtol[1:][has_dist])
 
 
 @pytest.mark.parametrize("env_id", ["reacher", "ant", "ant_u4_maze", "humanoid", "humanoid_u_maze"])
@@ -119,7 +120,7 @@ def test_reset_to_rebuilds_a_reset_exactly(env_id):
     c = compiled(env_id)
     for seed in (1, 2):
         state = c.reset(jax.random.PRNGKey(seed))
-        goal = state.obs[c.env.state_dim:]
+        goal = state.obs[c.env.state_dim :]
         rebuilt = c.reset_to(state.pipeline_state.q, state.pipeline_state.qd, goal)
         assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(state)
         leaves = zip(jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(rebuilt))
@@ -135,8 +136,8 @@ def test_reset_to_takes_the_goal_from_its_argument():
     q0[-2:] = 0.0
     goal = data["goal0"] + np.array([1.0, -2.0], np.float32)
     state = c.reset_to(q0, data["qd0"], goal)
-    np.testing.assert_allclose(state.obs[c.env.state_dim:], goal, atol=1e-6)
-    np.testing.assert_allclose(state.obs[:c.env.state_dim], data["obs"][0, :c.env.state_dim], atol=1e-6)
+    np.testing.assert_allclose(state.obs[c.env.state_dim :], goal, atol=1e-6)
+    np.testing.assert_allclose(state.obs[: c.env.state_dim], data["obs"][0, : c.env.state_dim], atol=1e-6)
     np.testing.assert_allclose(state.metrics["dist"], np.linalg.norm(data["obs"][0, :2] - goal), rtol=1e-5)
 
 
@@ -167,10 +168,11 @@ def test_humanoid_features_follow_brax_humanoid_along_other_rollouts(env_id="hum
             action = rng.uniform(-1, 1, env.action_size).astype(np.float32)
             state = c.step(state, action)
             ctrl = low + (action + 1.0) * 0.5 * (high - low)
-            ours = np.asarray(state.obs[:env.state_dim])
-            np.testing.assert_allclose(ours, paper(state.pipeline_state, ctrl), rtol=1e-5, atol=1e-5,
-                                       err_msg=f"seed {seed} step {t}")
-            ours_true = np.asarray(true_obs(state.pipeline_state, ctrl))[:env.state_dim]
+            ours = np.asarray(state.obs[: env.state_dim])
+            np.testing.assert_allclose(
+                ours, paper(state.pipeline_state, ctrl), rtol=1e-5, atol=1e-5, err_msg=f"seed {seed} step {t}"
+            )
+            ours_true = np.asarray(true_obs(state.pipeline_state, ctrl))[: env.state_dim]
             np.testing.assert_allclose(ours_true, physical(state.pipeline_state, ctrl), rtol=1e-5, atol=1e-5)
             # the rest agrees to float rounding (the paper's formula computes mass ** (1 - 0))
             np.testing.assert_allclose(ours_true[~inertia_dims], ours[~inertia_dims], rtol=1e-5, atol=1e-5)

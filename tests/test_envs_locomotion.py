@@ -1,12 +1,13 @@
 """Locomotion envs (reacher, ant, humanoid, their mazes): sizes, physics timestep, goals, walls.
 
-Expected values come from the spec (layouts are re-typed here from spec section 5, so a typo in
+Expected values come from the paper's code (its layouts are re-typed here, so a typo in
 envs/maze.py shows up), not from the code under test. Compilation dominates the run time (10-40 s
 per env on 2 loaded cores), so physics is compiled for one env per code path (PHYSICS_IDS: reacher,
 ant, humanoid and one maze per robot) and shared between tests; the other maze ids differ only in
-data (walls, start/goal cells), checked without compiling: every id's walls against the spec
+data (walls, start/goal cells), checked without compiling: every id's walls against the paper's
 layout, its goal draws, and that its physics equals its training layout's where they share walls.
 """
+
 import functools
 import math
 
@@ -22,19 +23,19 @@ N = 4  # parallel envs in every batched call (one compiled shape per env)
 LOCO_IDS = [i for i in envs.ENV_IDS if not i.startswith("arm_")]
 G = 9.81
 
-# id -> state_dim, goal slice, action size, success radius, control dt (spec section 5 / brief)
+# id -> state_dim, goal slice, action size, success radius, control dt (the paper's code)
 ANT, HUM = (29, (0, 1), 8, 0.5, 0.05), (268, (0, 1, 2), 17, 0.5, 0.015)
 EXPECTED = {"reacher": (10, (4, 5, 6), 2, 0.05, 0.02), "ant": ANT, "humanoid": HUM[:4] + (0.03,)}
 EXPECTED.update({i: ANT for i in LOCO_IDS if i.startswith("ant_")})
 EXPECTED.update({i: HUM for i in LOCO_IDS if i.startswith("humanoid_")})
 
-SPEC_LAYOUTS = {
+PAPER_LAYOUTS = {
     "u": "11111 1rgg1 111g1 1ggg1 11111",
     "u4": "11111 1ggg1 1r1g1 111g1 1g1g1 1ggg1 11111",
     "u5": "11111111 1gggggg1 1r1111g1 111111g1 1g1111g1 1gggggg1 11111111",
     "big": "11111111 1rg11gg1 1gg1ggg1 11ggg111 1gg1ggg1 1g1gg1g1 1ggg1gg1 11111111",
     "hardest": "111111111111 1rggg1ggggg1 1g11g1g1g1g1 1gggggg1ggg1 1g1111g111g1 1gg1g1ggggg1 "
-               "11g1g1g1g111 1gg1ggg1ggg1 111111111111",
+    "11g1g1g1g111 1gg1ggg1ggg1 111111111111",
     "u_eval": "11111 1r001 11101 1ggg1 11111",
     "u4_eval": "11111 10001 1r101 11101 1g101 1ggg1 11111",
     "u5_eval": "11111111 10000001 1r111101 11111101 1g1111g1 1gggggg1 11111111",
@@ -47,19 +48,19 @@ PHYSICS_IDS = ["reacher", "ant", "humanoid", "ant_u_maze", "humanoid_u_maze"]
 
 
 def maze_of(env_id):
-    """(spec layout rows, cell size) for a maze id."""
+    """(the paper's layout rows, cell size) for a maze id."""
     robot, rest = env_id.split("_", 1)
     name = rest.replace("_maze", "").replace("_stitch", "").replace("_eval", "")
     key = name + "_eval" if env_id.endswith("maze_eval") else name
     key = f"{robot}_{key}" if key == "big_eval" else key
-    return SPEC_LAYOUTS[key].split(), {"ant": 4.0, "humanoid": 2.0}[robot]
+    return PAPER_LAYOUTS[key].split(), {"ant": 4.0, "humanoid": 2.0}[robot]
 
 
 def cells(rows, scale, kinds):
     return np.array([(i * scale, j * scale) for i, r in enumerate(rows) for j, c in enumerate(r) if c in kinds])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(env_id):
     """env, jit(vmap(reset)), jit(vmap(step)), jit(vmap(pipeline_init)): compiled once per id."""
     env = envs.make(env_id)
@@ -94,7 +95,7 @@ def test_random_rollout_is_finite_and_consistent(env_id):
     env, _, _, _ = compiled(env_id)
     state = reset_batch(env_id)
     assert state.obs.shape == (N, env.observation_size)
-    goal0 = state.obs[:, env.state_dim:]
+    goal0 = state.obs[:, env.state_dim :]
     actions = np.random.default_rng(0).uniform(-1, 1, (100, N, env.action_size))
     finite = jnp.array(True)
     for a in actions:
@@ -104,12 +105,12 @@ def test_random_rollout_is_finite_and_consistent(env_id):
     # The commanded goal does not drift (but the reacher's target body, whose position is the goal as
     # in the paper's code, sags a few mm on the spring pipeline's soft joints), and dist/success are
     # computed from the obs goal slices.
-    drift = np.abs(np.asarray(state.obs[:, env.state_dim:]) - np.asarray(goal0)).max(0)
+    drift = np.abs(np.asarray(state.obs[:, env.state_dim :]) - np.asarray(goal0)).max(0)
     if env_id == "reacher":
         assert drift[:2].max() < 1e-4 and drift[2] < 5e-3, drift
     else:
         assert drift.max() < 1e-4, drift
-    dist = jnp.linalg.norm(state.obs[:, jnp.array(env.goal_indices)] - state.obs[:, env.state_dim:], axis=1)
+    dist = jnp.linalg.norm(state.obs[:, jnp.array(env.goal_indices)] - state.obs[:, env.state_dim :], axis=1)
     np.testing.assert_allclose(state.metrics["dist"], dist, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(state.metrics["success"], (dist < env.goal_reach_thresh).astype(np.float32))
     if env_id != "reacher":
@@ -124,7 +125,7 @@ def draw_goals(env_id, seed, n=N):
     keys = jax.random.split(jax.random.PRNGKey(seed), n)
     if env_id in PHYSICS_IDS:
         obs = np.asarray(compiled(env_id)[1](keys).obs)
-        return obs[:, :2], obs[:, env.state_dim:env.state_dim + 2]
+        return obs[:, :2], obs[:, env.state_dim : env.state_dim + 2]
     start, goal = jax.vmap(lambda k: sample_start_goal(env.maze, k))(keys)
     return np.asarray(start), np.asarray(goal)
 
@@ -203,8 +204,9 @@ def test_effective_dt_from_free_fall(env_id):
     state = reset_batch(env_id)
     q = np.array(state.pipeline_state.q)
     q[:, 2] += 4.0  # high above floor and walls
-    after = step(env_id, with_q_qd(env_id, state, q, np.zeros_like(state.pipeline_state.qd)),
-                 np.zeros((N, env.action_size)))
+    after = step(
+        env_id, with_q_qd(env_id, state, q, np.zeros_like(state.pipeline_state.qd)), np.zeros((N, env.action_size))
+    )
     drop = q[:, 2] - np.asarray(after.pipeline_state.q[:, 2])
     measured_dt = np.sqrt(2 * drop / G / 1.1)  # 10 substeps per control step
     np.testing.assert_allclose(measured_dt, EXPECTED[env_id][4], rtol=0.05)
@@ -318,10 +320,11 @@ def test_stitching_start_goal_distances(variant):
         assert set(start_idx) == {0} and set(goal_idx) == {4, 5, 6}
 
 
-@pytest.mark.parametrize("env_id,steps", [
-    ("reacher", 2000), ("ant", 500), ("humanoid", 300), ("ant_u_maze", 300), ("humanoid_u_maze", 200)])
+@pytest.mark.parametrize(
+    "env_id,steps", [("reacher", 2000), ("ant", 500), ("humanoid", 300), ("ant_u_maze", 300), ("humanoid_u_maze", 200)]
+)
 def test_long_random_rollout_stays_finite(env_id, steps):
-    """Spec pitfall 10: the reference's reacher integrates at the XML's dt and is NaN within ~11 steps."""
+    """The paper's code's reacher integrates at the XML's dt and is NaN within ~11 steps; ours must not."""
     env, _, _, _ = compiled(env_id)
     state = reset_batch(env_id, seed=3)
     actions = np.random.default_rng(1).uniform(-1, 1, (steps, N, env.action_size)).astype(np.float32)
@@ -350,6 +353,7 @@ def test_bad_options_fail_early_with_the_name():
     with pytest.raises(ValueError, match="reset_noise_scale"):
         envs.make("humanoid_u_maze", reset_noise_scale=-1.0)
     from envs.maze import make_maze
+
     with pytest.raises(ValueError, match="eval"):
         make_maze(robot="ant", layout="HARDEST", eval=True)
     with pytest.raises(ValueError, match="stitching"):
