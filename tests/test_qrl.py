@@ -514,8 +514,7 @@ def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 EPISODE = 100
 # crl_deep's CPU learning config (tests/test_crl_learning.py), 8 epochs of 20k env steps. Measured here:
-# eval/episode_success 5.8, 7.7, 9.7, 6.8, 6.5, 10.5, 14.5, 23.6 (random ~4-5); continued to 15 epochs the
-# same run fell back to 12.5, 15.9, 14.8, 10.0, 6.9, 7.6, 7.5 (docs/qrl.md).
+# eval/episode_success 6.1, 7.1, 5.7, 5.9, 7.9, 13.8, 12.3, 18.8 (random 4.9); docs/qrl.md has longer runs.
 LEARN = [
     "--mode",
     "online",
