@@ -26,7 +26,7 @@ import types
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -720,6 +720,18 @@ def resumed_carry(carry: dict, saved: dict, run_path: str, epoch: int, args: Arg
     return carry, buffer_loaded
 
 
+def init_distributed():
+    """A multi-process run (one process per host, or several on one machine) when
+    JAX_COORDINATOR_ADDRESS is set; JAX_NUM_PROCESSES and JAX_PROCESS_ID give the process count and
+    this process's index where the cluster does not (SLURM and Open MPI do). CPU collectives across
+    processes use gloo."""
+    if "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None)
+
+
 def save_buffer(run_path: str, buffer: dict, epoch: int):
     """buffer.npz in OGBench format, env after env, oldest step first.
 
@@ -727,7 +739,9 @@ def save_buffer(run_path: str, buffer: dict, epoch: int):
     trajectory); `_traj_id` [N] and `_num_envs` let --resume rebuild the ring exactly, `_epoch` says
     which checkpoint it belongs to.
     """
-    buffer = jax.device_get(buffer)
+    buffer = to_numpy(buffer)  # every process gathers; process 0 writes
+    if jax.process_index() != 0:
+        return
     capacity, num_envs = buffer["traj_id"].shape
     size, insert_pos = int(buffer["size"]), int(buffer["insert_pos"])
     order = (insert_pos - size + np.arange(size)) % capacity
@@ -857,6 +871,12 @@ def write_atomic(path: str, data: bytes):
 
 
 def to_numpy(tree):
+    """Host copies of a tree of arrays. In a multi-process run every process must call it: arrays
+    split over processes are gathered first."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
@@ -957,10 +977,12 @@ def read_checkpoint(path: str, header_only: bool = False):
 
 def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
     """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
-    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack. Every
+    process calls it (to_numpy gathers); process 0 writes."""
+    state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
               "depths": {k: v for k, v in config.items() if k.endswith("depth")},
@@ -1069,8 +1091,7 @@ class RunLog:
 
 if __name__ == "__main__":
     args = parse_args()
-    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()  # multi-host: the usual env variables describe the cluster
+    init_distributed()
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
@@ -1090,8 +1111,7 @@ if __name__ == "__main__":
     env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
     key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
-    @jax.jit
-    def initial_carry(k_init, k_reset, key):
+    def make_carry(k_init, k_reset, key):
         return {
             "train_state": init_train_state(k_init, nets, optimizers, args, dims),
             "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
@@ -1099,8 +1119,9 @@ if __name__ == "__main__":
             "key": key,
         }
 
-    carry_shapes = initial_carry.eval_shape(k_init, k_reset, key)
+    carry_shapes = jax.eval_shape(make_carry, k_init, k_reset, key)
     shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    initial_carry = jax.jit(make_carry, out_shardings=shardings)  # built in place, split over devices
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
     # The initial state (its own compile, the env reset and, at depth 1024, ~200M random draws) is

@@ -1,8 +1,9 @@
 """TD3 with hindsight experience replay (HER) on the goal-conditioned benchmark, with deep residual nets.
 
 The paper's TD3+HER baseline (Fig. 12), with the depth-scalable residual tower of crl_deep.py (Fig. 13):
-twin critics, target policy smoothing, delayed actor and target updates, Gaussian exploration noise. Sparse reward: 1 when the achieved goal of the state a step ends in lies within the env's
-success radius of the goal. HER relabels a share of the sampled goals with the achieved goal of a later
+twin critics, target policy smoothing, delayed actor and target updates, Gaussian exploration noise.
+Sparse reward: 1 when the achieved goal of the state a step ends in lies within the env's success radius
+of the goal. HER relabels a share of the sampled goals with the achieved goal of a later
 step of the same episode (never across a reset); `--her-ratio 0` is plain TD3. One jitted `lax.scan`
 runs a whole epoch (collect, insert, sample, update); the host loop only evaluates, logs, checkpoints.
 
@@ -647,6 +648,12 @@ def write_atomic(path: str, data: bytes):
 
 
 def to_numpy(tree):
+    """Host copies of a tree of arrays. In a multi-process run every process must call it: arrays
+    split over processes are gathered first."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
@@ -747,10 +754,12 @@ def read_checkpoint(path: str, header_only: bool = False):
 
 def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
     """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
-    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack. Every
+    process calls it (to_numpy gathers); process 0 writes."""
+    state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
               "depths": {k: v for k, v in config.items() if k.endswith("depth")},
