@@ -128,8 +128,6 @@ SCRIPT = "crl_deep"
 # Networks
 # --------------------------------------------------------------------------------------------
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
 # The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
 # "lecun_uniform"), bias 0.
@@ -210,6 +208,11 @@ def make_tower(args, depth: int) -> Tower:
 
 # --- end shared block: tower ---
 
+
+# --- shared block: tanh_gaussian (identical in every script; tests/test_copies.py) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
 class Actor(nn.Module):
     """Tanh-Gaussian policy pi(a | s, g): returns (mean, log_std), log_std squashed into [-5, 2]."""
 
@@ -223,6 +226,25 @@ class Actor(nn.Module):
         raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1)
         return mean, log_std
+
+
+def deterministic_action(actor: Actor, actor_params, obs):
+    """Evaluation action tanh(mean) for obs = concat[state, goal]."""
+    mean, _ = actor.apply(actor_params, obs)
+    return jnp.tanh(mean)
+
+
+def sample_action(mean, log_std, key):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+    std = jnp.exp(log_std)
+    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    action = jnp.tanh(pre_tanh)
+    gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+    log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
+    return action, log_prob
+
+
+# --- end shared block: tanh_gaussian ---
 
 
 class Encoder(nn.Module):
@@ -260,22 +282,6 @@ def build_networks(args: Args, obs_size: int, goal_size: int, action_size: int) 
         sa_encoder=Encoder(make_tower(args, critic_depth), args.repr_dim),
         g_encoder=Encoder(make_tower(args, critic_depth), args.repr_dim),
     )
-
-
-def deterministic_action(actor: Actor, actor_params, obs):
-    """Evaluation action tanh(mean) for obs = concat[state, goal]."""
-    mean, _ = actor.apply(actor_params, obs)
-    return jnp.tanh(mean)
-
-
-def sample_action(mean, log_std, key):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
-    std = jnp.exp(log_std)
-    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
-    action = jnp.tanh(pre_tanh)
-    gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
-    log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
-    return action, log_prob
 
 
 def count_params(params) -> int:

@@ -187,11 +187,12 @@ def make_tower(args, depth: int) -> Tower:
 # --- end shared block: tower ---
 
 
+# --- shared block: tanh_gaussian (identical in every script; tests/test_copies.py) ---
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class Actor(nn.Module):
-    """Tanh-squashed Gaussian policy pi(a | state, goal); returns (mean, log_std) before the squash."""
+    """Tanh-Gaussian policy pi(a | s, g): returns (mean, log_std), log_std squashed into [-5, 2]."""
 
     tower: Tower
     action_size: int
@@ -201,8 +202,27 @@ class Actor(nn.Module):
         h = self.tower(obs)
         mean = nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h)
         raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1.0)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1)
         return mean, log_std
+
+
+def deterministic_action(actor: Actor, actor_params, obs):
+    """Evaluation action tanh(mean) for obs = concat[state, goal]."""
+    mean, _ = actor.apply(actor_params, obs)
+    return jnp.tanh(mean)
+
+
+def sample_action(mean, log_std, key):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+    std = jnp.exp(log_std)
+    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    action = jnp.tanh(pre_tanh)
+    gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+    log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
+    return action, log_prob
+
+
+# --- end shared block: tanh_gaussian ---
 
 
 class QNetwork(nn.Module):
@@ -226,16 +246,6 @@ class TwinQ(nn.Module):
         twin = nn.vmap(QNetwork, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=2)
         return twin(self.tower.clone(parent=None), name="q")(obs, action)
-
-
-def sample_action(mean, log_std, key):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
-    std = jnp.exp(log_std)
-    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
-    action = jnp.tanh(pre_tanh)
-    gauss_log_prob = -0.5 * (((pre_tanh - mean) / std) ** 2 + 2 * log_std + jnp.log(2 * jnp.pi))
-    log_prob = jnp.sum(gauss_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
-    return action, log_prob
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,11 +419,6 @@ def sgd_step(train_state, batch, key, nets, optimizer, args, target_entropy):
 def build_networks(args: Args, action_size: int):
     """(actor, twin critic) at --depth / --width (tools may import this)."""
     return Actor(make_tower(args, args.depth), action_size), TwinQ(make_tower(args, args.depth))
-
-
-def deterministic_action(actor, actor_params, obs):
-    """Evaluation action: the squashed mean."""
-    return jnp.tanh(actor.apply(actor_params, obs)[0])
 
 
 def init_train_state(key, nets, optimizer, obs_size: int, action_size: int) -> dict:

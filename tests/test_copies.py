@@ -17,6 +17,7 @@ REQUIRED = {
     "tower": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py"),
     "scaffold": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py"),
     "energies": ("crl_deep.py", "offline_crl.py"),
+    "tanh_gaussian": ("crl_deep.py", "sac_her.py"),
 }
 
 
