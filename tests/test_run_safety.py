@@ -282,3 +282,17 @@ for epoch in range(10**6):
         ckpt = C.load_checkpoint(str(tmp_path))
         assert np.all(ckpt["params"]["w"] == ckpt["epoch"])
     assert {p.name for p in tmp_path.iterdir()} <= {"checkpoint.msgpack", "checkpoint.msgpack.tmp"}
+
+
+@pytest.mark.slow
+def test_offline_crl_stops_at_the_nan_epoch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    terminals = np.zeros(200, np.float32)
+    terminals[9::10] = 1.0  # 20 trajectories of 10 rows
+    np.savez(tmp_path / "d.npz", observations=rng.normal(size=(200, 10)).astype(np.float32),
+             actions=rng.uniform(-1, 1, (200, 2)).astype(np.float32), terminals=terminals)
+    flags = ["--dataset", str(tmp_path / "d.npz"), "--env", "reacher", "--train-steps", "6", "--eval-every", "2",
+             "--eval-episodes", "2", "--eval-episode-length", "5", "--width", "16", "--repr-dim", "8",
+             "--batch-size", "8", "--run-dir", str(tmp_path), "--run-name", "nan"]
+    message = run_with_nan_after("offline_crl", 2, flags, monkeypatch)
+    assert_stopped_at_epoch_1("offline_crl", message, tmp_path / "nan")
