@@ -1,12 +1,15 @@
 """Figures and videos of tools/ from small run folders: curves, table, Q map, video."""
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 
 from tools import curves
 from tools.render import chosen_backend, osmesa_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Rendering needs OSMesa on CPU (apt-get install libosmesa6) or EGL on a GPU machine.
 needs_gl = pytest.mark.skipif(
@@ -275,3 +278,17 @@ def test_curves_leave_out_interrupted_attempts_and_runs_of_other_kinds(fake_runs
     assert "1 run(s) without ['depth', 'env']" in capsys.readouterr().err
     md = (tmp_path / "c_table.md").read_text()
     assert "| ant_u4_maze | 4 | 18.50 +- 11.50 | 2 | 1 | 6,000 |" in md
+
+
+def test_bench_results_turns_json_lines_into_a_dated_section(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_results", os.path.join(ROOT, "bench", "results.py"))
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    lines = ['{"depth": 4, "steps_per_s": 2.5}', "not json", '{"depth": 64, "steps_per_s": 0.5}', '{"summary": 1}']
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    assert results.main([str(tmp_path / "b.jsonl"), "--title", "Tower", "--command", "python bench/x.py"]) == 0
+    out = capsys.readouterr().out
+    assert "## Tower" in out and "`python bench/x.py`" in out and "jax " in out
+    assert "| depth | steps_per_s |\n|---|---|\n| 4 | 2.5 |\n| 64 | 0.5 |" in out and '`{"summary": 1}`' in out
