@@ -1060,6 +1060,12 @@ def write_atomic(path: str, data: bytes):
 
 
 def to_numpy(tree):
+    """Host copies of a tree of arrays. In a multi-process run every process must call it: arrays
+    split over processes are gathered first."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
@@ -1160,10 +1166,12 @@ def read_checkpoint(path: str, header_only: bool = False):
 
 def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int, wall_time: float):
     """checkpoint.msgpack: one JSON header line (who wrote it, env, architecture, progress), then
-    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack."""
+    `state` (a dict with the network "params" and whatever a resume needs) as flax msgpack. Every
+    process calls it (to_numpy gathers); process 0 writes."""
+    state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(to_numpy(state)))
+    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
               "depths": {k: v for k, v in config.items() if k.endswith("depth")},
