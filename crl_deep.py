@@ -12,6 +12,7 @@ f(s, a, g) = -||phi(s, a) - psi(g)||. All three networks share one residual towe
 grow with depth. One jitted `lax.scan` runs a whole training epoch (collect, insert, sample, update);
 the host loop only evaluates, logs and checkpoints. See docs/crl_deep.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -432,9 +433,7 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Op
         return contrastive_loss(logits, args.loss, args.logsumexp_coef), (logits, g_repr)
 
     critic_params = {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}
-    (critic_loss, (logits, g_repr)), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-        critic_params
-    )
+    (critic_loss, (logits, g_repr)), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(critic_params)
     g_repr = jax.lax.stop_gradient(g_repr)
     alpha = jnp.exp(train_state["log_alpha"])
 
@@ -614,8 +613,14 @@ def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unroll
     def one(carry, _):
         key, k_collect = jax.random.split(carry["key"])
         env_state, states, actions, traj_ids = collect_unroll(
-            env, nets.actor, carry["train_state"]["params"]["actor"], carry["env_state"], k_collect,
-            args.unroll_length, dims.state_dim)
+            env,
+            nets.actor,
+            carry["train_state"]["params"]["actor"],
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims.state_dim,
+        )
         buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
         return {**carry, "key": key, "env_state": env_state, "buffer": buffer}, None
 
@@ -623,8 +628,16 @@ def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unroll
     return carry
 
 
-def train_epoch(carry: dict, env, nets: Networks, optimizers: Optimizers, args: Args, dims: Dims,
-                num_train_steps: int, batch_sharding=None):
+def train_epoch(
+    carry: dict,
+    env,
+    nets: Networks,
+    optimizers: Optimizers,
+    args: Args,
+    dims: Dims,
+    num_train_steps: int,
+    batch_sharding=None,
+):
     """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps).
 
     carry = {"train_state", "buffer", "env_state", "key"}; returns (carry, epoch-mean metrics).
@@ -642,11 +655,18 @@ def train_epoch(carry: dict, env, nets: Networks, optimizers: Optimizers, args: 
     def train_step(carry, _):
         key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
         env_state, states, actions, traj_ids = collect_unroll(
-            env, nets.actor, carry["train_state"]["params"]["actor"], carry["env_state"], k_collect,
-            args.unroll_length, dims.state_dim)
+            env,
+            nets.actor,
+            carry["train_state"]["params"]["actor"],
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims.state_dim,
+        )
         buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
         (train_state, buffer), metrics = jax.lax.scan(
-            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step)
+        )
         new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
         return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
@@ -695,7 +715,10 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
-        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
+        needed = (
+            prefill_unrolls(args) * args.unroll_length * args.num_envs
+            + args.num_epochs * args.num_envs * args.unroll_length
+        )
         fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
@@ -703,16 +726,24 @@ def checkpoint_state(carry: dict) -> dict:
     """What a checkpoint holds: the network params, the rest of the train state (optimizer states,
     log(alpha)), the env state and the key. The replay buffer goes to buffer.npz (--save-buffer)."""
     train_state = carry["train_state"]
-    return {"params": train_state["params"], "train_state": {k: v for k, v in train_state.items() if k != "params"},
-            "env_state": carry["env_state"], "key": carry["key"]}
+    return {
+        "params": train_state["params"],
+        "train_state": {k: v for k, v in train_state.items() if k != "params"},
+        "env_state": carry["env_state"],
+        "key": carry["key"],
+    }
 
 
 def resumed_carry(carry: dict, saved: dict, run_path: str, epoch: int, args: Args, shardings):
     """The carry of a checkpoint (`saved`, from restore_state), with the buffer saved with it if any.
 
     Returns (carry, whether the buffer was loaded)."""
-    carry = {"train_state": {"params": saved["params"], **saved["train_state"]}, "buffer": carry["buffer"],
-             "env_state": saved["env_state"], "key": saved["key"]}
+    carry = {
+        "train_state": {"params": saved["params"], **saved["train_state"]},
+        "buffer": carry["buffer"],
+        "env_state": saved["env_state"],
+        "key": saved["key"],
+    }
     buffer_loaded = False
     for name in ("buffer.npz", "buffer_previous.npz"):  # the one saved with the checkpoint
         buffer_file = os.path.join(run_path, name)
@@ -800,8 +831,7 @@ def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
 
     return {
         "train_state": jax.tree_util.tree_map(lambda _: replicated, carry["train_state"]),
-        "buffer": {k: buffer_by_env if k in ("state", "action", "traj_id") else replicated
-                   for k in carry["buffer"]},
+        "buffer": {k: buffer_by_env if k in ("state", "action", "traj_id") else replicated for k in carry["buffer"]},
         "env_state": jax.tree_util.tree_map(env_leaf, carry["env_state"]),
         "key": replicated,
     }
@@ -814,9 +844,25 @@ def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
-POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
-                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+POSITIVE_FLAGS = (
+    "width",
+    "repr_dim",
+    "batch_size",
+    "num_envs",
+    "num_eval_envs",
+    "episode_length",
+    "num_epochs",
+    "unroll_length",
+    "sgd_steps_per_train_step",
+    "replay_size",
+    "min_replay_size",
+    "scan_unroll",
+    "train_steps",
+    "eval_every",
+    "eval_episodes",
+    "eval_episode_length",
+    "policy_delay",
+)
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
 
@@ -857,8 +903,10 @@ def check_common(args):
         if args.unroll_length > args.episode_length:
             fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
         if args.batch_size > args.num_envs * args.min_replay_size:
-            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+            fail(
+                f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})"
+            )
 
 
 def write_atomic(path: str, data: bytes):
@@ -896,8 +944,13 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -919,14 +972,17 @@ def parse_args(argv=None):
     saved = Args(**header["args"])
     given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
     changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
-    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
-                 for n in changed if n not in RUN_FLAGS]
+    conflicts = [
+        f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})" for n in changed if n not in RUN_FLAGS
+    ]
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
     if applied:
-        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-              file=sys.stderr)
+        print(
+            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+            file=sys.stderr,
+        )
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
@@ -940,8 +996,13 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
         fail(f"{path} already holds a run; use --resume {path}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
-                  "versions": versions(), "git_commit": git_commit()}
+        config = {
+            "script": SCRIPT,
+            "args": dataclasses.asdict(args),
+            **(extra_config or {}),
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
     return path
 
@@ -990,11 +1051,21 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
         return
     payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
-    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
-              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
-              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "script": SCRIPT,
+        "env": args.env,
+        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+        "seed": args.seed,
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "args": config,
+        "payload_bytes": len(payload),
+        "payload_crc32": zlib.crc32(payload),
+    }
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 
@@ -1007,8 +1078,15 @@ def load_checkpoint(path: str) -> dict:
         state = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on a bad payload
         fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
-    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
-            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+    return {
+        "header": header,
+        "args": header["args"],
+        "epoch": header["epoch"],
+        "env_steps": header["env_steps"],
+        "wall_time": header["wall_time"],
+        "params": state["params"],
+        "state": state,
+    }
 
 
 def restore_state(template, saved: dict, path: str):
@@ -1046,12 +1124,24 @@ class RunLog:
             import wandb
 
             wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                                    resume="allow", config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
         from tqdm import tqdm
 
-        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                           dynamic_ncols=True, disable=not self.writer)
+        self.epochs = tqdm(
+            range(start_epoch, num_epochs),
+            initial=start_epoch,
+            total=num_epochs,
+            desc=run_name,
+            dynamic_ncols=True,
+            disable=not self.writer,
+        )
 
     def check_finite(self, train_metrics: dict, epoch: int):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
@@ -1059,8 +1149,11 @@ class RunLog:
         if bad:
             self.epochs.close()
             file = os.path.join(self.run_path, CHECKPOINT_FILE)
-            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
-                         if os.path.isfile(file) else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                if os.path.isfile(file)
+                else "no checkpoint was written yet"
+            )
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
     def log(self, record: dict, step: int, headline: str):
@@ -1076,8 +1169,12 @@ class RunLog:
     def finish(self, env_steps: int) -> dict:
         """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
         last5 = self.eval_history[-5:]
-        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
-                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        summary = {
+            "summary": True,
+            "epochs": len(self.eval_history),
+            "env_steps": env_steps,
+            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+        }
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
@@ -1136,12 +1233,25 @@ if __name__ == "__main__":
     compile_start = time.time()
     with ThreadPoolExecutor(1) as pool:
         pending_carry = pool.submit(initial_carry, k_init, k_reset, key)
-        epoch_fn = jax.jit(
-            lambda c: train_epoch(c, stepper, nets, optimizers, args, dims, num_train_steps,
-                                  NamedSharding(mesh, PartitionSpec("data"))),
-            in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0,
-        ).lower(carry_shapes).compile()
+        epoch_fn = (
+            jax.jit(
+                lambda c: train_epoch(
+                    c,
+                    stepper,
+                    nets,
+                    optimizers,
+                    args,
+                    dims,
+                    num_train_steps,
+                    NamedSharding(mesh, PartitionSpec("data")),
+                ),
+                in_shardings=(shardings,),
+                out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                donate_argnums=0,
+            )
+            .lower(carry_shapes)
+            .compile()
+        )
         compile_seconds = time.time() - compile_start
         carry = pending_carry.result()
     start_epoch, env_steps, wall_offset, buffer_loaded = 0, 0, 0.0, False
@@ -1149,13 +1259,23 @@ if __name__ == "__main__":
         carry, buffer_loaded = resumed_carry(carry, saved, run_path, checkpoint["epoch"], args, shardings)
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     carry = jax.device_put(carry, shardings)
-    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
-        eval_env, lambda obs: deterministic_action(nets.actor, actor_params, obs), key, args.num_eval_envs,
-        args.episode_length))
+    evaluate_policy = jax.jit(
+        lambda actor_params, key: envs.evaluate(
+            eval_env,
+            lambda obs: deterministic_action(nets.actor, actor_params, obs),
+            key,
+            args.num_eval_envs,
+            args.episode_length,
+        )
+    )
     start_time = time.time() - wall_offset
     if not buffer_loaded:  # a fresh run, or a resume whose buffer was not saved: refill it
-        carry = jax.jit(lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
-                        in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+        carry = jax.jit(
+            lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
+            in_shardings=(shardings,),
+            out_shardings=shardings,
+            donate_argnums=0,
+        )(carry)
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
     # ---- the loop: one jitted epoch (collect + update), then evaluate, log, checkpoint ----
@@ -1168,11 +1288,16 @@ if __name__ == "__main__":
         env_steps += env_steps_per_epoch
         log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
-                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
-                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()},
-                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        record = {
+            "epoch": epoch,
+            "env_steps": env_steps,
+            "wall_time": time.time() - start_time,
+            "sps": env_steps_per_epoch / epoch_seconds,
+            "epoch_seconds": epoch_seconds,
+            **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+            **{f"training/{k}": v for k, v in train_metrics.items()},
+            **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()},
+        }
         log.log(record, env_steps, "eval/episode_success")
         if args.save_buffer:  # first, so a checkpoint never names a buffer that is not there yet
             save_buffer(run_path, carry["buffer"], epoch)

@@ -10,6 +10,7 @@ Offline, the dataset's `observations` are the state part of the `--env` observat
 goal is a slice of a state), `terminals` is 1 on the last row of each trajectory. Evaluation always runs the
 deterministic policy (the Gaussian mean) with `envs.evaluate` on `--eval-env` (default: --env's eval variant).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -223,16 +224,20 @@ def bc_loss_fn(params, policy, batch):
     mean, log_std = policy.apply(params, jnp.concatenate([batch["state"], batch["goal"]], axis=-1))
     nll = -gaussian_log_prob(mean, log_std, batch["action"])
     weight = batch["valid"] / jnp.maximum(jnp.sum(batch["valid"]), 1.0)
-    return jnp.sum(weight * nll), {"bc_loss": jnp.sum(weight * nll),
-                                   "action_mse": jnp.sum(weight * jnp.mean((mean - batch["action"]) ** 2, axis=-1)),
-                                   "log_std": jnp.mean(log_std)}
+    return jnp.sum(weight * nll), {
+        "bc_loss": jnp.sum(weight * nll),
+        "action_mse": jnp.sum(weight * jnp.mean((mean - batch["action"]) ** 2, axis=-1)),
+        "log_std": jnp.mean(log_std),
+    }
 
 
 def sgd_step(train_state, batch, policy, optimizer):
     (_, metrics), grads = jax.value_and_grad(bc_loss_fn, has_aux=True)(train_state["params"]["actor"], policy, batch)
     updates, opt_state = optimizer.update(grads, train_state["opt_state"], train_state["params"]["actor"])
-    return {"params": {"actor": optax.apply_updates(train_state["params"]["actor"], updates)},
-            "opt_state": opt_state}, metrics
+    return {
+        "params": {"actor": optax.apply_updates(train_state["params"]["actor"], updates)},
+        "opt_state": opt_state,
+    }, metrics
 
 
 def deterministic_action(policy, params, obs):
@@ -276,11 +281,15 @@ def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
         raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
     obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
     if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1 or not len(obs) == len(actions) == len(terminals):
-        raise ValueError(f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
-                         f"{obs.shape}, {actions.shape}, {terminals.shape}")
+        raise ValueError(
+            f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
+            f"{obs.shape}, {actions.shape}, {terminals.shape}"
+        )
     if obs.shape[1] != state_dim or actions.shape[1] != action_size:
-        raise ValueError(f"{path}: observations/actions are {obs.shape[1]}/{actions.shape[1]} wide; the env needs "
-                         f"states of {state_dim} and actions of {action_size}")
+        raise ValueError(
+            f"{path}: observations/actions are {obs.shape[1]}/{actions.shape[1]} wide; the env needs "
+            f"states of {state_dim} and actions of {action_size}"
+        )
     if not (np.all(np.isfinite(obs)) and np.all(np.isfinite(actions))):
         raise ValueError(f"{path}: observations or actions contain NaN/inf")
     if not np.all((terminals == 0) | (terminals == 1)):
@@ -290,17 +299,25 @@ def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
         raise ValueError(f"{path}: no trajectory of 2 or more rows ending in a terminal row")
     n = ends[-1] + 1
     traj_end = ends[np.searchsorted(ends, np.arange(n))]
-    return {"observations": obs[:n].astype(np.float32), "actions": np.clip(actions[:n], -1, 1).astype(np.float32),
-            "traj_end": traj_end.astype(np.int32)}
+    return {
+        "observations": obs[:n].astype(np.float32),
+        "actions": np.clip(actions[:n], -1, 1).astype(np.float32),
+        "traj_end": traj_end.astype(np.int32),
+    }
 
 
 def device_dataset(dataset: dict) -> dict:
     """The arrays the jitted sampler reads, with the rows that have a later row in their trajectory."""
     anchor_rows = np.flatnonzero(dataset["traj_end"] > np.arange(len(dataset["traj_end"])))
-    print(f"dataset: {len(dataset['traj_end'])} rows, {len(np.unique(dataset['traj_end']))} trajectories",
-          file=sys.stderr)
-    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
-            "traj_end": jnp.asarray(dataset["traj_end"]), "anchor_rows": jnp.asarray(anchor_rows, jnp.int32)}
+    print(
+        f"dataset: {len(dataset['traj_end'])} rows, {len(np.unique(dataset['traj_end']))} trajectories", file=sys.stderr
+    )
+    return {
+        "observations": jnp.asarray(dataset["observations"]),
+        "actions": jnp.asarray(dataset["actions"]),
+        "traj_end": jnp.asarray(dataset["traj_end"]),
+        "anchor_rows": jnp.asarray(anchor_rows, jnp.int32),
+    }
 
 
 def sample_offline_batch(data, key, batch_size: int, goal_indices, goal_sampling: str, discount: float):
@@ -308,8 +325,12 @@ def sample_offline_batch(data, key, batch_size: int, goal_indices, goal_sampling
     k_row, k_goal = jax.random.split(key)
     t = data["anchor_rows"][jax.random.randint(k_row, (batch_size,), 0, data["anchor_rows"].shape[0])]
     k = sample_goal_offsets(k_goal, data["traj_end"][t] - t, goal_sampling, discount)
-    return {"state": data["observations"][t], "action": data["actions"][t],
-            "goal": data["observations"][t + k][:, jnp.asarray(goal_indices)], "valid": jnp.ones(batch_size)}
+    return {
+        "state": data["observations"][t],
+        "action": data["actions"][t],
+        "goal": data["observations"][t + k][:, jnp.asarray(goal_indices)],
+        "valid": jnp.ones(batch_size),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,8 +371,9 @@ def last_position_of_episode(buffer, env_idx, pos):
         same = buffer["traj_id"][(oldest + mid) % capacity, env_idx] == own
         return jnp.where(same, mid, lo), jnp.where(same, hi, mid - 1)
 
-    lo, _ = jax.lax.fori_loop(0, math.ceil(math.log2(capacity)) + 1, halve,
-                              (pos, jnp.full_like(pos, buffer["size"] - 1)))
+    lo, _ = jax.lax.fori_loop(
+        0, math.ceil(math.log2(capacity)) + 1, halve, (pos, jnp.full_like(pos, buffer["size"] - 1))
+    )
     return lo
 
 
@@ -370,9 +392,12 @@ def sample_online_batch(buffer, key, batch_size: int, goal_indices, goal_samplin
     k = sample_goal_offsets(k_goal, horizon, goal_sampling, discount)
     oldest = buffer["insert_pos"] - buffer["size"]
     goal_state = buffer["state"][(oldest + pos + k) % capacity, env_idx]
-    return {"state": buffer["state"][(oldest + pos) % capacity, env_idx],
-            "action": buffer["action"][(oldest + pos) % capacity, env_idx],
-            "goal": goal_state[:, jnp.asarray(goal_indices)], "valid": (horizon > 0).astype(jnp.float32)}
+    return {
+        "state": buffer["state"][(oldest + pos) % capacity, env_idx],
+        "action": buffer["action"][(oldest + pos) % capacity, env_idx],
+        "goal": goal_state[:, jnp.asarray(goal_indices)],
+        "valid": (horizon > 0).astype(jnp.float32),
+    }
 
 
 def collect_unroll(env, policy, params, env_state, key, unroll_length: int, state_dim: int, random_actions: bool):
@@ -384,8 +409,11 @@ def collect_unroll(env, policy, params, env_state, key, unroll_length: int, stat
             action = jax.random.uniform(key, mean.shape, minval=-1.0, maxval=1.0)
         else:
             action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
-        record = {"state": env_state.obs[:, :state_dim], "action": action,
-                  "traj_id": env_state.info["traj_id"].astype(jnp.int32)}
+        record = {
+            "state": env_state.obs[:, :state_dim],
+            "action": action,
+            "traj_id": env_state.info["traj_id"].astype(jnp.int32),
+        }
         return env.step(env_state, action), record
 
     return jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
@@ -396,8 +424,9 @@ def online_epoch(carry, env, policy, optimizer, dims, args: Args, num_train_step
 
     def sgd(train_state_and_buffer, key):
         train_state, buffer = train_state_and_buffer
-        batch = sample_online_batch(buffer, key, args.batch_size, dims["goal_indices"], args.goal_sampling,
-                                    args.discount)
+        batch = sample_online_batch(
+            buffer, key, args.batch_size, dims["goal_indices"], args.goal_sampling, args.discount
+        )
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         train_state, metrics = sgd_step(train_state, batch, policy, optimizer)
@@ -405,11 +434,20 @@ def online_epoch(carry, env, policy, optimizer, dims, args: Args, num_train_step
 
     def train_step(carry, _):
         key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
-        env_state, records = collect_unroll(env, policy, carry["train_state"]["params"]["actor"], carry["env_state"],
-                                            k_collect, args.unroll_length, dims["state_dim"], random_actions=False)
+        env_state, records = collect_unroll(
+            env,
+            policy,
+            carry["train_state"]["params"]["actor"],
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims["state_dim"],
+            random_actions=False,
+        )
         buffer = buffer_insert(carry["buffer"], records)
         (train_state, buffer), metrics = jax.lax.scan(
-            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step)
+        )
         new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
         return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
@@ -422,8 +460,16 @@ def online_prefill(carry, env, policy, dims, args: Args, num_unrolls: int):
 
     def one(carry, _):
         key, k_collect = jax.random.split(carry["key"])
-        env_state, records = collect_unroll(env, policy, carry["train_state"]["params"]["actor"], carry["env_state"],
-                                            k_collect, args.unroll_length, dims["state_dim"], random_actions=True)
+        env_state, records = collect_unroll(
+            env,
+            policy,
+            carry["train_state"]["params"]["actor"],
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims["state_dim"],
+            random_actions=True,
+        )
         return {**carry, "key": key, "env_state": env_state, "buffer": buffer_insert(carry["buffer"], records)}, None
 
     carry, _ = jax.lax.scan(one, carry, None, length=num_unrolls)
@@ -434,8 +480,9 @@ def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: i
     """`sgd_steps` SGD steps on batches drawn from the dataset."""
 
     def sgd(train_state, key):
-        batch = sample_offline_batch(data, key, args.batch_size, dims["goal_indices"], args.goal_sampling,
-                                     args.discount)
+        batch = sample_offline_batch(
+            data, key, args.batch_size, dims["goal_indices"], args.goal_sampling, args.discount
+        )
         return sgd_step(train_state, batch, policy, optimizer)
 
     key, k_sgd = jax.random.split(carry["key"])
@@ -483,16 +530,26 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
     if args.mode == "online" and args.num_envs % num_devices:
         fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
-        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
-        fail(f"--train-steps {args.train_steps} is below --num-epochs {args.num_epochs}" if args.mode == "offline" else
-             f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
+        needed = (
+            prefill_unrolls(args) * args.unroll_length * args.num_envs
+            + args.num_epochs * args.num_envs * args.unroll_length
+        )
+        fail(
+            f"--train-steps {args.train_steps} is below --num-epochs {args.num_epochs}"
+            if args.mode == "offline"
+            else f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}"
+        )
 
 
 def checkpoint_state(carry: dict) -> dict:
     """What a checkpoint holds: the policy params, the optimizer state, the key and (online) the env
     state. The online replay buffer is not saved: a resume refills it."""
-    return {"params": carry["train_state"]["params"], "opt_state": carry["train_state"]["opt_state"],
-            "key": carry["key"], **({"env_state": carry["env_state"]} if "env_state" in carry else {})}
+    return {
+        "params": carry["train_state"]["params"],
+        "opt_state": carry["train_state"]["opt_state"],
+        "key": carry["key"],
+        **({"env_state": carry["env_state"]} if "env_state" in carry else {}),
+    }
 
 
 def carry_shardings(carry: dict, mesh, num_envs: int):
@@ -502,9 +559,12 @@ def carry_shardings(carry: dict, mesh, num_envs: int):
     if "env_state" in carry:
         by_env = NamedSharding(mesh, PartitionSpec("data"))
         out["env_state"] = jax.tree_util.tree_map(
-            lambda x: by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated, carry["env_state"])
-        out["buffer"] = {k: NamedSharding(mesh, PartitionSpec(None, "data")) if v.ndim >= 2 else replicated
-                         for k, v in carry["buffer"].items()}
+            lambda x: by_env if x.ndim >= 1 and x.shape[0] == num_envs else replicated, carry["env_state"]
+        )
+        out["buffer"] = {
+            k: NamedSharding(mesh, PartitionSpec(None, "data")) if v.ndim >= 2 else replicated
+            for k, v in carry["buffer"].items()
+        }
     return out
 
 
@@ -515,9 +575,25 @@ def carry_shardings(carry: dict, mesh, num_envs: int):
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
-POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
-                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+POSITIVE_FLAGS = (
+    "width",
+    "repr_dim",
+    "batch_size",
+    "num_envs",
+    "num_eval_envs",
+    "episode_length",
+    "num_epochs",
+    "unroll_length",
+    "sgd_steps_per_train_step",
+    "replay_size",
+    "min_replay_size",
+    "scan_unroll",
+    "train_steps",
+    "eval_every",
+    "eval_episodes",
+    "eval_episode_length",
+    "policy_delay",
+)
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
 
@@ -558,8 +634,10 @@ def check_common(args):
         if args.unroll_length > args.episode_length:
             fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
         if args.batch_size > args.num_envs * args.min_replay_size:
-            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+            fail(
+                f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})"
+            )
 
 
 def write_atomic(path: str, data: bytes):
@@ -597,8 +675,13 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -620,14 +703,17 @@ def parse_args(argv=None):
     saved = Args(**header["args"])
     given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
     changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
-    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
-                 for n in changed if n not in RUN_FLAGS]
+    conflicts = [
+        f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})" for n in changed if n not in RUN_FLAGS
+    ]
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
     if applied:
-        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-              file=sys.stderr)
+        print(
+            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+            file=sys.stderr,
+        )
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
@@ -641,8 +727,13 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
         fail(f"{path} already holds a run; use --resume {path}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
-                  "versions": versions(), "git_commit": git_commit()}
+        config = {
+            "script": SCRIPT,
+            "args": dataclasses.asdict(args),
+            **(extra_config or {}),
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
     return path
 
@@ -691,11 +782,21 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
         return
     payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
-    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
-              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
-              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "script": SCRIPT,
+        "env": args.env,
+        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+        "seed": args.seed,
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "args": config,
+        "payload_bytes": len(payload),
+        "payload_crc32": zlib.crc32(payload),
+    }
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 
@@ -708,8 +809,15 @@ def load_checkpoint(path: str) -> dict:
         state = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on a bad payload
         fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
-    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
-            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+    return {
+        "header": header,
+        "args": header["args"],
+        "epoch": header["epoch"],
+        "env_steps": header["env_steps"],
+        "wall_time": header["wall_time"],
+        "params": state["params"],
+        "state": state,
+    }
 
 
 def restore_state(template, saved: dict, path: str):
@@ -747,12 +855,24 @@ class RunLog:
             import wandb
 
             wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                                    resume="allow", config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
         from tqdm import tqdm
 
-        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                           dynamic_ncols=True, disable=not self.writer)
+        self.epochs = tqdm(
+            range(start_epoch, num_epochs),
+            initial=start_epoch,
+            total=num_epochs,
+            desc=run_name,
+            dynamic_ncols=True,
+            disable=not self.writer,
+        )
 
     def check_finite(self, train_metrics: dict, epoch: int):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
@@ -760,8 +880,11 @@ class RunLog:
         if bad:
             self.epochs.close()
             file = os.path.join(self.run_path, CHECKPOINT_FILE)
-            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
-                         if os.path.isfile(file) else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                if os.path.isfile(file)
+                else "no checkpoint was written yet"
+            )
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
     def log(self, record: dict, step: int, headline: str):
@@ -777,8 +900,12 @@ class RunLog:
     def finish(self, env_steps: int) -> dict:
         """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
         last5 = self.eval_history[-5:]
-        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
-                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        summary = {
+            "summary": True,
+            "epochs": len(self.eval_history),
+            "env_steps": env_steps,
+            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+        }
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
@@ -801,8 +928,11 @@ if __name__ == "__main__":
 
     check_args(args, envs.ENV_IDS, jax.device_count())
     raw_env = envs.make(args.env)
-    dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
-            "action_size": raw_env.action_size}
+    dims = {
+        "state_dim": raw_env.state_dim,
+        "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
+        "action_size": raw_env.action_size,
+    }
     if args.mode == "offline":
         try:
             dataset = load_dataset(args.dataset, raw_env.state_dim, raw_env.action_size)
@@ -824,13 +954,28 @@ if __name__ == "__main__":
         env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
         carry["env_state"] = jax.jit(env.reset)(jax.random.split(k_reset, args.num_envs))
         carry["buffer"] = buffer_init(args.replay_size, args.num_envs, raw_env.state_dim, raw_env.action_size)
-        epoch_body = partial(online_epoch, env=env, policy=policy, optimizer=optimizer, dims=dims, args=args,
-                             num_train_steps=num_train_steps, batch_sharding=NamedSharding(mesh, PartitionSpec("data")))
+        epoch_body = partial(
+            online_epoch,
+            env=env,
+            policy=policy,
+            optimizer=optimizer,
+            dims=dims,
+            args=args,
+            num_train_steps=num_train_steps,
+            batch_sharding=NamedSharding(mesh, PartitionSpec("data")),
+        )
         env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
     else:
         data = device_dataset(dataset)
-        epoch_body = partial(offline_epoch, data=data, policy=policy, optimizer=optimizer, dims=dims, args=args,
-                             sgd_steps=num_train_steps)
+        epoch_body = partial(
+            offline_epoch,
+            data=data,
+            policy=policy,
+            optimizer=optimizer,
+            dims=dims,
+            args=args,
+            sgd_steps=num_train_steps,
+        )
         env_steps_per_epoch = 0
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
@@ -841,17 +986,34 @@ if __name__ == "__main__":
     shardings = carry_shardings(carry, mesh, args.num_envs)
     carry = jax.device_put(carry, shardings)
     compile_start = time.time()
-    epoch_fn = jax.jit(epoch_body, in_shardings=(shardings,),
-                       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                       donate_argnums=0).lower(carry).compile()
+    epoch_fn = (
+        jax.jit(
+            epoch_body,
+            in_shardings=(shardings,),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=0,
+        )
+        .lower(carry)
+        .compile()
+    )
     compile_seconds = time.time() - compile_start
-    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
-        eval_env, lambda obs: deterministic_action(policy, actor_params, obs), key, args.num_eval_envs,
-        args.episode_length))
+    evaluate_policy = jax.jit(
+        lambda actor_params, key: envs.evaluate(
+            eval_env,
+            lambda obs: deterministic_action(policy, actor_params, obs),
+            key,
+            args.num_eval_envs,
+            args.episode_length,
+        )
+    )
     start_time = time.time() - wall_offset
     if args.mode == "online":  # a resume refills the buffer too
-        carry = jax.jit(lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args)),
-                        in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+        carry = jax.jit(
+            lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args)),
+            in_shardings=(shardings,),
+            out_shardings=shardings,
+            donate_argnums=0,
+        )(carry)
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs if checkpoint is None else 0
 
     # ---- the loop: one jitted epoch (collect +) update, then evaluate, log, checkpoint ----
@@ -865,11 +1027,17 @@ if __name__ == "__main__":
         log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
         sgd_steps = (epoch + 1) * num_train_steps * (args.sgd_steps_per_train_step if args.mode == "online" else 1)
-        record = {"epoch": epoch, "env_steps": env_steps, "sgd_steps": sgd_steps, "wall_time": time.time() - start_time,
-                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
-                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()},
-                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        record = {
+            "epoch": epoch,
+            "env_steps": env_steps,
+            "sgd_steps": sgd_steps,
+            "wall_time": time.time() - start_time,
+            "sps": env_steps_per_epoch / epoch_seconds,
+            "epoch_seconds": epoch_seconds,
+            **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+            **{f"training/{k}": v for k, v in train_metrics.items()},
+            **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()},
+        }
         log.log(record, env_steps if args.mode == "online" else sgd_steps, "eval/episode_success")
         save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
     log.finish(env_steps)

@@ -10,6 +10,7 @@ DDPG+BC: `-Q / stop_grad(mean |Q|) - alpha * log pi(a_data | s, g)`. Evaluation 
 actor on the 5 OGBench tasks of `--env` (a host loop over the gymnasium env, the policy jitted), or
 with `envs.evaluate` when `--env` is one of our `envs/` ids.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,6 +109,7 @@ COLD_INIT_SCALE = 1e-4  # variance factor of the cold-init head: weights 100x sm
 
 def is_our_env(name: str) -> bool:
     import envs
+
     return name in envs.ENV_IDS
 
 
@@ -163,8 +165,10 @@ def load_dataset(path: str) -> dict:
         raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
     obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
     if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1:
-        raise ValueError(f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
-                         f"{obs.shape}, {actions.shape}, {terminals.shape}")
+        raise ValueError(
+            f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
+            f"{obs.shape}, {actions.shape}, {terminals.shape}"
+        )
     lengths = {"observations": len(obs), "actions": len(actions), "terminals": len(terminals)}
     for k in ("qpos", "qvel"):
         if k in raw:
@@ -180,8 +184,11 @@ def load_dataset(path: str) -> dict:
     if len(ends) == 0 or np.max(np.diff(np.concatenate([[-1], ends]))) < 2:
         raise ValueError(f"{path}: no complete trajectory (a terminal row after at least one transition)")
     n = ends[-1] + 1
-    return {"observations": obs[:n].astype(np.float32), "actions": actions[:n].astype(np.float32),
-            "terminals": terminals[:n].astype(np.float32)}
+    return {
+        "observations": obs[:n].astype(np.float32),
+        "actions": actions[:n].astype(np.float32),
+        "terminals": terminals[:n].astype(np.float32),
+    }
 
 
 def index_trajectories(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,9 +204,13 @@ def index_trajectories(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def make_device_dataset(dataset: dict, goal_indices: np.ndarray) -> dict:
     """The arrays the jitted sampler reads (goals are precomputed: goal = state[goal_indices])."""
     transition_rows, traj_end = index_trajectories(dataset["terminals"])
-    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
-            "goals": jnp.asarray(dataset["observations"][:, goal_indices]),
-            "transition_rows": jnp.asarray(transition_rows), "traj_end": jnp.asarray(traj_end)}
+    return {
+        "observations": jnp.asarray(dataset["observations"]),
+        "actions": jnp.asarray(dataset["actions"]),
+        "goals": jnp.asarray(dataset["observations"][:, goal_indices]),
+        "transition_rows": jnp.asarray(transition_rows),
+        "traj_end": jnp.asarray(traj_end),
+    }
 
 
 def sample_indices(data: dict, key, batch_size: int, discount: float):
@@ -218,9 +229,13 @@ def sample_indices(data: dict, key, batch_size: int, discount: float):
 
 def sample_batch(data: dict, key, batch_size: int, discount: float) -> dict:
     t, t_next, value_goal, actor_goal = sample_indices(data, key, batch_size, discount)
-    return {"observations": data["observations"][t], "actions": data["actions"][t],
-            "next_observations": data["observations"][t_next],
-            "value_goals": data["goals"][value_goal], "actor_goals": data["goals"][actor_goal]}
+    return {
+        "observations": data["observations"][t],
+        "actions": data["actions"][t],
+        "next_observations": data["observations"][t_next],
+        "value_goals": data["goals"][value_goal],
+        "actor_goals": data["goals"][actor_goal],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,10 +440,12 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
         logits = energy(phi, psi, args.energy)
         loss = contrastive_loss(logits, args.loss, resolved_logsumexp_coef(args))
         eye = jnp.eye(logits.shape[0])
-        metrics = {"critic_loss": loss,
-                   "categorical_accuracy": jnp.mean(jnp.argmax(logits, 1) == jnp.arange(logits.shape[0])),
-                   "logits_pos": jnp.sum(logits * eye) / jnp.sum(eye),
-                   "logits_neg": jnp.sum(logits * (1 - eye)) / jnp.sum(1 - eye)}
+        metrics = {
+            "critic_loss": loss,
+            "categorical_accuracy": jnp.mean(jnp.argmax(logits, 1) == jnp.arange(logits.shape[0])),
+            "logits_pos": jnp.sum(logits * eye) / jnp.sum(eye),
+            "logits_neg": jnp.sum(logits * (1 - eye)) / jnp.sum(1 - eye),
+        }
         return loss, metrics
 
     def actor_loss_fn(actor_params, critic_params, batch):
@@ -439,20 +456,32 @@ def make_losses(args: Args, sa_encoder, g_encoder, actor, alpha: float):
         psi = g_encoder.apply(critic_params["g_encoder"], goals)
         q = energy_rowwise(phi, psi, args.energy)
         loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["actions"], alpha)
-        return loss, {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q),
-                      "bc_mse": jnp.mean((mean - batch["actions"]) ** 2)}
+        return loss, {
+            "actor_loss": loss,
+            "q_loss": q_loss,
+            "bc_loss": bc_loss,
+            "q_mean": jnp.mean(q),
+            "bc_mse": jnp.mean((mean - batch["actions"]) ** 2),
+        }
 
     return critic_loss_fn, actor_loss_fn
 
 
-def init_train_state(key, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim, actor_optimizer,
-                     critic_optimizer):
+def init_train_state(
+    key, sa_encoder, g_encoder, actor, obs_dim, action_dim, goal_dim, actor_optimizer, critic_optimizer
+):
     k_sa, k_g, k_actor = jax.random.split(key, 3)
-    critic = {"sa_encoder": sa_encoder.init(k_sa, jnp.zeros((1, obs_dim + action_dim))),
-              "g_encoder": g_encoder.init(k_g, jnp.zeros((1, goal_dim)))}
+    critic = {
+        "sa_encoder": sa_encoder.init(k_sa, jnp.zeros((1, obs_dim + action_dim))),
+        "g_encoder": g_encoder.init(k_g, jnp.zeros((1, goal_dim))),
+    }
     actor_params = actor.init(k_actor, jnp.zeros((1, obs_dim + goal_dim)))
-    return {"critic": critic, "actor": actor_params, "critic_opt": critic_optimizer.init(critic),
-            "actor_opt": actor_optimizer.init(actor_params)}
+    return {
+        "critic": critic,
+        "actor": actor_params,
+        "critic_opt": critic_optimizer.init(critic),
+        "actor_opt": actor_optimizer.init(actor_params),
+    }
 
 
 def param_count(tree) -> int:
@@ -464,6 +493,7 @@ def param_count(tree) -> int:
 # ----------------------------------------------------------------------------------------------------
 def make_ogbench_env(name: str, episode_length: Optional[int]):
     import ogbench
+
     kwargs = {} if episode_length is None else {"max_episode_steps": episode_length}
     return ogbench.make_env_and_datasets(name, env_only=True, **kwargs)
 
@@ -506,14 +536,19 @@ def make_update(critic_loss_fn, actor_loss_fn, critic_optimizer, actor_optimizer
     def update(train_state, batch):
         """One gradient step of critic and actor, both from the same (pre-update) critic."""
         (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-            train_state["critic"], batch)
+            train_state["critic"], batch
+        )
         (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-            train_state["actor"], train_state["critic"], batch)
+            train_state["actor"], train_state["critic"], batch
+        )
         critic_updates, critic_opt = critic_optimizer.update(critic_grads, train_state["critic_opt"])
         actor_updates, actor_opt = actor_optimizer.update(actor_grads, train_state["actor_opt"])
-        train_state = {"critic": optax.apply_updates(train_state["critic"], critic_updates),
-                       "actor": optax.apply_updates(train_state["actor"], actor_updates),
-                       "critic_opt": critic_opt, "actor_opt": actor_opt}
+        train_state = {
+            "critic": optax.apply_updates(train_state["critic"], critic_updates),
+            "actor": optax.apply_updates(train_state["actor"], actor_updates),
+            "critic_opt": critic_opt,
+            "actor_opt": actor_opt,
+        }
         return train_state, {**critic_metrics, **actor_metrics}
 
     return update
@@ -553,8 +588,10 @@ def load_inputs(args: Args):
         env_sizes = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0])
         goal_indices = np.arange(obs_dim)  # OGBench goals are full observations
     if env_sizes != (obs_dim, action_dim):
-        fail(f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
-             f"has {env_sizes[0]} and {env_sizes[1]}")
+        fail(
+            f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
+            f"has {env_sizes[0]} and {env_sizes[1]}"
+        )
     if val_dataset is not None and (val_dataset["observations"].shape[1], val_dataset["actions"].shape[1]) != env_sizes:
         fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
     return dataset, val_dataset, goal_indices, eval_env
@@ -566,25 +603,41 @@ def make_evaluator(args: Args, actor, eval_env):
         import envs
 
         state_dim = eval_env.state_dim
-        return jax.jit(lambda params, key: envs.evaluate(
-            eval_env, lambda obs: policy_action(actor, params, obs[:, :state_dim], obs[:, state_dim:]), key,
-            args.eval_episodes, args.eval_episode_length or 1000))
-    eval_envs = [eval_env] + [make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
+        return jax.jit(
+            lambda params, key: envs.evaluate(
+                eval_env,
+                lambda obs: policy_action(actor, params, obs[:, :state_dim], obs[:, state_dim:]),
+                key,
+                args.eval_episodes,
+                args.eval_episode_length or 1000,
+            )
+        )
+    eval_envs = [eval_env] + [
+        make_ogbench_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)
+    ]
     policy = jax.jit(lambda params, obs, goals: policy_action(actor, params, obs, goals))
     return lambda params, key: evaluate_ogbench(eval_envs, lambda o, g: policy(params, o, g), args.seed)
 
 
 def checkpoint_state(train_state: dict, key) -> dict:
     """What a checkpoint holds: the three networks' params, both optimizer states, the key."""
-    return {"params": {"actor": train_state["actor"], **train_state["critic"]},
-            "critic_opt": train_state["critic_opt"], "actor_opt": train_state["actor_opt"], "key": key}
+    return {
+        "params": {"actor": train_state["actor"], **train_state["critic"]},
+        "critic_opt": train_state["critic_opt"],
+        "actor_opt": train_state["actor_opt"],
+        "key": key,
+    }
 
 
 def train_state_of(saved: dict) -> dict:
     """The inverse of checkpoint_state (without the key)."""
     params = saved["params"]
-    return {"actor": params["actor"], "critic": {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]},
-            "critic_opt": saved["critic_opt"], "actor_opt": saved["actor_opt"]}
+    return {
+        "actor": params["actor"],
+        "critic": {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]},
+        "critic_opt": saved["critic_opt"],
+        "actor_opt": saved["actor_opt"],
+    }
 
 
 # --- shared block: scaffold (identical in every script; tests/test_copies.py) ---
@@ -594,9 +647,25 @@ def train_state_of(saved: dict) -> dict:
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
-POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
-                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+POSITIVE_FLAGS = (
+    "width",
+    "repr_dim",
+    "batch_size",
+    "num_envs",
+    "num_eval_envs",
+    "episode_length",
+    "num_epochs",
+    "unroll_length",
+    "sgd_steps_per_train_step",
+    "replay_size",
+    "min_replay_size",
+    "scan_unroll",
+    "train_steps",
+    "eval_every",
+    "eval_episodes",
+    "eval_episode_length",
+    "policy_delay",
+)
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
 
@@ -637,8 +706,10 @@ def check_common(args):
         if args.unroll_length > args.episode_length:
             fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
         if args.batch_size > args.num_envs * args.min_replay_size:
-            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+            fail(
+                f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})"
+            )
 
 
 def write_atomic(path: str, data: bytes):
@@ -676,8 +747,13 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -699,14 +775,17 @@ def parse_args(argv=None):
     saved = Args(**header["args"])
     given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
     changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
-    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
-                 for n in changed if n not in RUN_FLAGS]
+    conflicts = [
+        f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})" for n in changed if n not in RUN_FLAGS
+    ]
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
     if applied:
-        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-              file=sys.stderr)
+        print(
+            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+            file=sys.stderr,
+        )
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
@@ -720,8 +799,13 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
         fail(f"{path} already holds a run; use --resume {path}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
-                  "versions": versions(), "git_commit": git_commit()}
+        config = {
+            "script": SCRIPT,
+            "args": dataclasses.asdict(args),
+            **(extra_config or {}),
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
     return path
 
@@ -770,11 +854,21 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
         return
     payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
-    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
-              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
-              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "script": SCRIPT,
+        "env": args.env,
+        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+        "seed": args.seed,
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "args": config,
+        "payload_bytes": len(payload),
+        "payload_crc32": zlib.crc32(payload),
+    }
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 
@@ -787,8 +881,15 @@ def load_checkpoint(path: str) -> dict:
         state = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on a bad payload
         fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
-    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
-            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+    return {
+        "header": header,
+        "args": header["args"],
+        "epoch": header["epoch"],
+        "env_steps": header["env_steps"],
+        "wall_time": header["wall_time"],
+        "params": state["params"],
+        "state": state,
+    }
 
 
 def restore_state(template, saved: dict, path: str):
@@ -826,12 +927,24 @@ class RunLog:
             import wandb
 
             wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                                    resume="allow", config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
         from tqdm import tqdm
 
-        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                           dynamic_ncols=True, disable=not self.writer)
+        self.epochs = tqdm(
+            range(start_epoch, num_epochs),
+            initial=start_epoch,
+            total=num_epochs,
+            desc=run_name,
+            dynamic_ncols=True,
+            disable=not self.writer,
+        )
 
     def check_finite(self, train_metrics: dict, epoch: int):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
@@ -839,8 +952,11 @@ class RunLog:
         if bad:
             self.epochs.close()
             file = os.path.join(self.run_path, CHECKPOINT_FILE)
-            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
-                         if os.path.isfile(file) else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                if os.path.isfile(file)
+                else "no checkpoint was written yet"
+            )
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
     def log(self, record: dict, step: int, headline: str):
@@ -856,8 +972,12 @@ class RunLog:
     def finish(self, env_steps: int) -> dict:
         """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
         last5 = self.eval_history[-5:]
-        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
-                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        summary = {
+            "summary": True,
+            "epochs": len(self.eval_history),
+            "env_steps": env_steps,
+            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+        }
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
@@ -881,8 +1001,9 @@ if __name__ == "__main__":
     dataset, val_dataset, goal_indices, eval_env = load_inputs(args)
     alpha = default_alpha(args.env) if args.alpha is None else args.alpha
     discount = default_discount(args.env) if args.discount is None else args.discount
-    run_path = open_run(args, {"resolved": {"alpha": alpha, "discount": discount,
-                                            "logsumexp_coef": resolved_logsumexp_coef(args)}})
+    run_path = open_run(
+        args, {"resolved": {"alpha": alpha, "discount": discount, "logsumexp_coef": resolved_logsumexp_coef(args)}}
+    )
 
     # ---- setup: data on device, networks, optimizers, losses, the train state, jitted functions ----
     data = make_device_dataset(dataset, goal_indices)
@@ -892,25 +1013,37 @@ if __name__ == "__main__":
     actor_optimizer, critic_optimizer = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
     critic_loss_fn, actor_loss_fn = make_losses(args, sa_encoder, g_encoder, actor, alpha)
     key, k_init = jax.random.split(jax.random.PRNGKey(args.seed))
-    train_state = init_train_state(k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, len(goal_indices),
-                                   actor_optimizer, critic_optimizer)
+    train_state = init_train_state(
+        k_init, sa_encoder, g_encoder, actor, obs_dim, action_dim, len(goal_indices), actor_optimizer, critic_optimizer
+    )
     start_epoch, train_steps_done, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(train_state, key), checkpoint["state"], args.resume)
         train_state, key = jax.tree_util.tree_map(jnp.asarray, train_state_of(saved)), jnp.asarray(saved["key"])
-        start_epoch, train_steps_done, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
-    print(f"{SCRIPT}: {len(data['transition_rows'])} transitions, {int(dataset['terminals'].sum())} trajectories; "
-          f"params critic {param_count(train_state['critic'])}, actor {param_count(train_state['actor'])}", flush=True)
+        start_epoch, train_steps_done, wall_offset = (
+            checkpoint["epoch"] + 1,
+            checkpoint["env_steps"],
+            checkpoint["wall_time"],
+        )
+    print(
+        f"{SCRIPT}: {len(data['transition_rows'])} transitions, {int(dataset['terminals'].sum())} trajectories; "
+        f"params critic {param_count(train_state['critic'])}, actor {param_count(train_state['actor'])}",
+        flush=True,
+    )
     update = make_update(critic_loss_fn, actor_loss_fn, critic_optimizer, actor_optimizer)
-    epoch_fn = jax.jit(partial(train_epoch, update=update, steps=args.eval_every, batch_size=args.batch_size,
-                               discount=discount), donate_argnums=(0,))
+    epoch_fn = jax.jit(
+        partial(train_epoch, update=update, steps=args.eval_every, batch_size=args.batch_size, discount=discount),
+        donate_argnums=(0,),
+    )
 
     @jax.jit
     def validation_metrics(train_state, val_data, key):
         """Losses on a batch of the -val twin: overfitting shows as a gap to training/."""
         batch = sample_batch(val_data, key, args.batch_size, discount)
-        return {**critic_loss_fn(train_state["critic"], batch)[1],
-                **actor_loss_fn(train_state["actor"], train_state["critic"], batch)[1]}
+        return {
+            **critic_loss_fn(train_state["critic"], batch)[1],
+            **actor_loss_fn(train_state["actor"], train_state["critic"], batch)[1],
+        }
 
     evaluate = make_evaluator(args, actor, eval_env)
     headline = "eval/episode_success" if is_our_env(args.env) else "eval/success"
@@ -927,12 +1060,21 @@ if __name__ == "__main__":
         train_steps_done += args.eval_every
         log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate(train_state["actor"], k_eval)
-        record = {"epoch": epoch, "env_steps": train_steps_done, "train_steps": train_steps_done,
-                  "wall_time": time.time() - start_time, "sps": args.eval_every / epoch_time,
-                  **{f"training/{k}": v for k, v in train_metrics.items()},
-                  **{f"eval/{k}": float(v) for k, v in eval_metrics.items()}}
+        record = {
+            "epoch": epoch,
+            "env_steps": train_steps_done,
+            "train_steps": train_steps_done,
+            "wall_time": time.time() - start_time,
+            "sps": args.eval_every / epoch_time,
+            **{f"training/{k}": v for k, v in train_metrics.items()},
+            **{f"eval/{k}": float(v) for k, v in eval_metrics.items()},
+        }
         if val_data is not None:
-            record.update({f"validation/{k}": float(v) for k, v in validation_metrics(train_state, val_data, k_val).items()})
+            record.update(
+                {f"validation/{k}": float(v) for k, v in validation_metrics(train_state, val_data, k_val).items()}
+            )
         log.log(record, train_steps_done, headline)
-        save_checkpoint(run_path, args, checkpoint_state(train_state, key), epoch, train_steps_done, record["wall_time"])
+        save_checkpoint(
+            run_path, args, checkpoint_state(train_state, key), epoch, train_steps_done, record["wall_time"]
+        )
     log.finish(train_steps_done)

@@ -8,6 +8,7 @@ runs a whole epoch (collect, insert, sample, update); the host loop only evaluat
 
     python sac_her.py --env ant_u4_maze --depth 4
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -243,8 +244,9 @@ class TwinQ(nn.Module):
 
     @nn.compact
     def __call__(self, obs, action):
-        twin = nn.vmap(QNetwork, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=None, out_axes=0, axis_size=2)
+        twin = nn.vmap(
+            QNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0, axis_size=2
+        )
         return twin(self.tower.clone(parent=None), name="q")(obs, action)
 
 
@@ -348,8 +350,6 @@ def sample_her_batch(buffer, key, batch_size, her_ratio, her_strategy, state_dim
     }
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # Losses and one SGD step (critics, then actor, then temperature, then the target critics)
 # ----------------------------------------------------------------------------------------------------
@@ -376,8 +376,11 @@ def critic_loss_fn(critic_params, target_critic_params, actor_params, log_alpha,
     target = jax.lax.stop_gradient(td_target(batch["reward"], batch["bootstrap"], next_value, discount))
     q = critic.apply(critic_params, batch["obs"], batch["action"])
     loss = masked_mean(0.5 * jnp.sum((q - target[None]) ** 2, axis=0), batch["valid"])
-    return loss, {"critic_loss": loss, "q_mean": masked_mean(q[0], batch["valid"]),
-                  "reward_mean": masked_mean(batch["reward"], batch["valid"])}
+    return loss, {
+        "critic_loss": loss,
+        "q_mean": masked_mean(q[0], batch["valid"]),
+        "reward_mean": masked_mean(batch["reward"], batch["valid"]),
+    }
 
 
 def actor_loss_fn(actor_params, critic_params, log_alpha, batch, key, nets):
@@ -394,13 +397,21 @@ def sgd_step(train_state, batch, key, nets, optimizer, args, target_entropy):
     ts = dict(train_state)
     params, target_params = dict(ts["params"]), dict(ts["target_params"])
     (_, metrics), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-        params["critic"], target_params["critic"], params["actor"], ts["log_alpha"], batch, k_critic, nets,
-        args.discount)
+        params["critic"],
+        target_params["critic"],
+        params["actor"],
+        ts["log_alpha"],
+        batch,
+        k_critic,
+        nets,
+        args.discount,
+    )
     updates, ts["critic_opt_state"] = optimizer.update(grads, ts["critic_opt_state"], params["critic"])
     params["critic"] = optax.apply_updates(params["critic"], updates)
 
     (actor_loss, log_prob), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-        params["actor"], params["critic"], ts["log_alpha"], batch, k_actor, nets)
+        params["actor"], params["critic"], ts["log_alpha"], batch, k_actor, nets
+    )
     updates, ts["actor_opt_state"] = optimizer.update(grads, ts["actor_opt_state"], params["actor"])
     params["actor"] = optax.apply_updates(params["actor"], updates)
 
@@ -411,8 +422,13 @@ def sgd_step(train_state, batch, key, nets, optimizer, args, target_entropy):
 
     target_params["critic"] = soft_update(target_params["critic"], params["critic"], args.tau)
     ts["params"], ts["target_params"] = params, target_params
-    metrics.update(actor_loss=actor_loss, alpha_loss=alpha_loss, alpha=jnp.exp(ts["log_alpha"]),
-                   entropy=-jnp.mean(log_prob), her_fraction=jnp.mean(batch["relabelled"]))
+    metrics.update(
+        actor_loss=actor_loss,
+        alpha_loss=alpha_loss,
+        alpha=jnp.exp(ts["log_alpha"]),
+        entropy=-jnp.mean(log_prob),
+        her_fraction=jnp.mean(batch["relabelled"]),
+    )
     return ts, metrics
 
 
@@ -449,10 +465,14 @@ def collect_unroll(env, policy, env_state, key, unroll_length: int, goal_indices
         action = policy(env_state.obs, key)
         next_state = env.step(env_state, action)
         ended = next_state.done > 0
-        record = {"obs": env_state.obs, "action": action,
-                  "next_achieved": next_state.info["last_obs"][:, jnp.asarray(goal_indices)],
-                  "traj_id": env_state.info["traj_id"], "ended": ended,
-                  "terminated": ended & (next_state.info["truncation"] == 0)}
+        record = {
+            "obs": env_state.obs,
+            "action": action,
+            "next_achieved": next_state.info["last_obs"][:, jnp.asarray(goal_indices)],
+            "traj_id": env_state.info["traj_id"],
+            "ended": ended,
+            "terminated": ended & (next_state.info["truncation"] == 0),
+        }
         return next_state, record
 
     return jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
@@ -472,24 +492,36 @@ def prefill(carry: dict, env, dims: dict, args: Args, num_unrolls: int) -> dict:
 
     def one(carry, _):
         key, k_collect = jax.random.split(carry["key"])
-        env_state, records = collect_unroll(env, random_policy(dims["action_size"]), carry["env_state"], k_collect,
-                                            args.unroll_length, dims["goal_indices"])
+        env_state, records = collect_unroll(
+            env,
+            random_policy(dims["action_size"]),
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims["goal_indices"],
+        )
         return {**carry, "key": key, "env_state": env_state, "buffer": buffer_insert(carry["buffer"], records)}, None
 
     carry, _ = jax.lax.scan(one, carry, None, length=num_unrolls)
     return carry
 
 
-def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_train_steps: int,
-                batch_sharding=None):
+def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_train_steps: int, batch_sharding=None):
     """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps)."""
     target_entropy = -0.5 * dims["action_size"] if args.target_entropy is None else args.target_entropy
 
     def sgd(train_state_and_buffer, key):
         train_state, buffer = train_state_and_buffer
         k_sample, k_sgd = jax.random.split(key)
-        batch = sample_her_batch(buffer, k_sample, args.batch_size, args.her_ratio, args.her_strategy,
-                                 dims["state_dim"], dims["goal_reach_thresh"])
+        batch = sample_her_batch(
+            buffer,
+            k_sample,
+            args.batch_size,
+            args.her_ratio,
+            args.her_strategy,
+            dims["state_dim"],
+            dims["goal_reach_thresh"],
+        )
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         train_state, metrics = sgd_step(train_state, batch, k_sgd, nets, optimizer, args, target_entropy)
@@ -498,11 +530,13 @@ def train_epoch(carry: dict, env, nets, optimizer, dims: dict, args: Args, num_t
     def train_step(carry, _):
         key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
         policy = explore_policy(nets, carry["train_state"]["params"]["actor"])
-        env_state, records = collect_unroll(env, policy, carry["env_state"], k_collect, args.unroll_length,
-                                            dims["goal_indices"])
+        env_state, records = collect_unroll(
+            env, policy, carry["env_state"], k_collect, args.unroll_length, dims["goal_indices"]
+        )
         buffer = buffer_insert(carry["buffer"], records)
         (train_state, buffer), metrics = jax.lax.scan(
-            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
+            sgd, (carry["train_state"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step)
+        )
         new_carry = {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
         return new_carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
@@ -546,7 +580,10 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
-        needed = prefill_unrolls(args) * args.unroll_length * args.num_envs + args.num_epochs * args.num_envs * args.unroll_length
+        needed = (
+            prefill_unrolls(args) * args.unroll_length * args.num_envs
+            + args.num_epochs * args.num_envs * args.unroll_length
+        )
         fail(f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}")
 
 
@@ -554,8 +591,12 @@ def checkpoint_state(carry: dict) -> dict:
     """What a checkpoint holds: the network params, the rest of the train state (targets, optimizer
     states), the env state and the key. The replay buffer is not saved: a resume refills it."""
     train_state = carry["train_state"]
-    return {"params": train_state["params"], "train_state": {k: v for k, v in train_state.items() if k != "params"},
-            "env_state": carry["env_state"], "key": carry["key"]}
+    return {
+        "params": train_state["params"],
+        "train_state": {k: v for k, v in train_state.items() if k != "params"},
+        "env_state": carry["env_state"],
+        "key": carry["key"],
+    }
 
 
 def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
@@ -582,9 +623,25 @@ def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
-POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
-                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+POSITIVE_FLAGS = (
+    "width",
+    "repr_dim",
+    "batch_size",
+    "num_envs",
+    "num_eval_envs",
+    "episode_length",
+    "num_epochs",
+    "unroll_length",
+    "sgd_steps_per_train_step",
+    "replay_size",
+    "min_replay_size",
+    "scan_unroll",
+    "train_steps",
+    "eval_every",
+    "eval_episodes",
+    "eval_episode_length",
+    "policy_delay",
+)
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
 
@@ -625,8 +682,10 @@ def check_common(args):
         if args.unroll_length > args.episode_length:
             fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
         if args.batch_size > args.num_envs * args.min_replay_size:
-            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+            fail(
+                f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})"
+            )
 
 
 def write_atomic(path: str, data: bytes):
@@ -664,8 +723,13 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -687,14 +751,17 @@ def parse_args(argv=None):
     saved = Args(**header["args"])
     given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
     changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
-    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
-                 for n in changed if n not in RUN_FLAGS]
+    conflicts = [
+        f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})" for n in changed if n not in RUN_FLAGS
+    ]
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
     if applied:
-        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-              file=sys.stderr)
+        print(
+            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+            file=sys.stderr,
+        )
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
@@ -708,8 +775,13 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
         fail(f"{path} already holds a run; use --resume {path}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
-                  "versions": versions(), "git_commit": git_commit()}
+        config = {
+            "script": SCRIPT,
+            "args": dataclasses.asdict(args),
+            **(extra_config or {}),
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
     return path
 
@@ -758,11 +830,21 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
         return
     payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
     config = dataclasses.asdict(args)
-    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
-              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
-              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "script": SCRIPT,
+        "env": args.env,
+        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+        "seed": args.seed,
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "args": config,
+        "payload_bytes": len(payload),
+        "payload_crc32": zlib.crc32(payload),
+    }
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 
@@ -775,8 +857,15 @@ def load_checkpoint(path: str) -> dict:
         state = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on a bad payload
         fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
-    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
-            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+    return {
+        "header": header,
+        "args": header["args"],
+        "epoch": header["epoch"],
+        "env_steps": header["env_steps"],
+        "wall_time": header["wall_time"],
+        "params": state["params"],
+        "state": state,
+    }
 
 
 def restore_state(template, saved: dict, path: str):
@@ -814,12 +903,24 @@ class RunLog:
             import wandb
 
             wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                                    resume="allow", config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
         from tqdm import tqdm
 
-        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                           dynamic_ncols=True, disable=not self.writer)
+        self.epochs = tqdm(
+            range(start_epoch, num_epochs),
+            initial=start_epoch,
+            total=num_epochs,
+            desc=run_name,
+            dynamic_ncols=True,
+            disable=not self.writer,
+        )
 
     def check_finite(self, train_metrics: dict, epoch: int):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
@@ -827,8 +928,11 @@ class RunLog:
         if bad:
             self.epochs.close()
             file = os.path.join(self.run_path, CHECKPOINT_FILE)
-            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
-                         if os.path.isfile(file) else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                if os.path.isfile(file)
+                else "no checkpoint was written yet"
+            )
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
     def log(self, record: dict, step: int, headline: str):
@@ -844,8 +948,12 @@ class RunLog:
     def finish(self, env_steps: int) -> dict:
         """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
         last5 = self.eval_history[-5:]
-        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
-                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        summary = {
+            "summary": True,
+            "epochs": len(self.eval_history),
+            "env_steps": env_steps,
+            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+        }
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
@@ -874,8 +982,12 @@ if __name__ == "__main__":
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
     eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
-    dims = {"state_dim": raw_env.state_dim, "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
-            "action_size": raw_env.action_size, "goal_reach_thresh": float(raw_env.goal_reach_thresh)}
+    dims = {
+        "state_dim": raw_env.state_dim,
+        "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
+        "action_size": raw_env.action_size,
+        "goal_reach_thresh": float(raw_env.goal_reach_thresh),
+    }
     nets = build_networks(args, raw_env.action_size)
     optimizer = optax.adam(args.learning_rate)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -887,8 +999,13 @@ if __name__ == "__main__":
     def initial_carry(k_init, k_reset, key):
         return {
             "train_state": init_train_state(k_init, nets, optimizer, raw_env.observation_size, raw_env.action_size),
-            "buffer": buffer_init(args.replay_size, args.num_envs, raw_env.observation_size, raw_env.action_size,
-                                  len(dims["goal_indices"])),
+            "buffer": buffer_init(
+                args.replay_size,
+                args.num_envs,
+                raw_env.observation_size,
+                raw_env.action_size,
+                len(dims["goal_indices"]),
+            ),
             "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
             "key": key,
         }
@@ -899,24 +1016,44 @@ if __name__ == "__main__":
     carry = initial_carry(k_init, k_reset, key)
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
-        carry = {"train_state": {"params": saved["params"], **saved["train_state"]}, "buffer": carry["buffer"],
-                 "env_state": saved["env_state"], "key": saved["key"]}
+        carry = {
+            "train_state": {"params": saved["params"], **saved["train_state"]},
+            "buffer": carry["buffer"],
+            "env_state": saved["env_state"],
+            "key": saved["key"],
+        }
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     carry = jax.device_put(carry, shardings)
     compile_start = time.time()
-    epoch_fn = jax.jit(
-        lambda c: train_epoch(c, env, nets, optimizer, dims, args, num_train_steps,
-                              NamedSharding(mesh, PartitionSpec("data"))),
-        in_shardings=(shardings,), out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    ).lower(carry).compile()
+    epoch_fn = (
+        jax.jit(
+            lambda c: train_epoch(
+                c, env, nets, optimizer, dims, args, num_train_steps, NamedSharding(mesh, PartitionSpec("data"))
+            ),
+            in_shardings=(shardings,),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=0,
+        )
+        .lower(carry)
+        .compile()
+    )
     compile_seconds = time.time() - compile_start
-    evaluate_policy = jax.jit(lambda actor_params, key: envs.evaluate(
-        eval_env, lambda obs: deterministic_action(nets[0], actor_params, obs), key, args.num_eval_envs,
-        args.episode_length))
+    evaluate_policy = jax.jit(
+        lambda actor_params, key: envs.evaluate(
+            eval_env,
+            lambda obs: deterministic_action(nets[0], actor_params, obs),
+            key,
+            args.num_eval_envs,
+            args.episode_length,
+        )
+    )
     start_time = time.time() - wall_offset
-    carry = jax.jit(lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),  # a resume refills it too
-                    in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+    carry = jax.jit(
+        lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),  # a resume refills it too
+        in_shardings=(shardings,),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )(carry)
     if checkpoint is None:
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
@@ -930,11 +1067,16 @@ if __name__ == "__main__":
         env_steps += env_steps_per_epoch
         log.check_finite(train_metrics, epoch)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start_time,
-                  "sps": env_steps_per_epoch / epoch_seconds, "epoch_seconds": epoch_seconds,
-                  **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-                  **{f"training/{k}": v for k, v in train_metrics.items()},
-                  **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()}}
+        record = {
+            "epoch": epoch,
+            "env_steps": env_steps,
+            "wall_time": time.time() - start_time,
+            "sps": env_steps_per_epoch / epoch_seconds,
+            "epoch_seconds": epoch_seconds,
+            **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+            **{f"training/{k}": v for k, v in train_metrics.items()},
+            **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()},
+        }
         log.log(record, env_steps, "eval/episode_success")
         save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
     log.finish(env_steps)

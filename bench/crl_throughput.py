@@ -20,6 +20,7 @@ FLOPs counted per SGD step (dense layers only, 2*B*in*out per forward layer): cr
 3 x (phi + psi) forward (forward + input and weight gradients); actor update = 3 x actor + phi
 forward + phi input gradient (2 x phi); psi(g) is shared between the two updates.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ class BenchArgs:
     """tower width"""
     batch_size: int = 256
     """SGD batch"""
-    variants: list[Literal["scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16",
-                           "loop"]] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
+    variants: list[
+        Literal["scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop"]
+    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
     """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
     saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks"""
     loop_max_depth: int = 64
@@ -81,8 +83,9 @@ class ComparisonTower(nn.Module):
             for i in range(self.depth // 4):
                 x, _ = C.ResidualBlock(self.width, True, "swish", name=f"block_{i}")(x, None)
             return x
-        blocks = nn.scan(C.ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=self.depth // 4)
+        blocks = nn.scan(
+            C.ResidualBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth // 4
+        )
         x, _ = blocks(self.width, True, "swish", name="blocks")(x, None)
         return x
 
@@ -90,17 +93,19 @@ class ComparisonTower(nn.Module):
 def scan_unroll(variant: str, depth: int) -> int:
     """--scan-unroll of a variant: N for unrollN, crl_deep's default otherwise."""
     if variant.startswith("unroll"):
-        return int(variant[len("unroll"):])
+        return int(variant[len("unroll") :])
     return C.Args(depth=depth).scan_unroll
 
 
 def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
     if variant in ("loop", "save_all"):
+
         def tower():
             return ComparisonTower(depth, width, python_loop=variant == "loop")
 
-        return C.Networks(C.Actor(tower(), dims.action_size), C.Encoder(tower(), args.repr_dim),
-                          C.Encoder(tower(), args.repr_dim))
+        return C.Networks(
+            C.Actor(tower(), dims.action_size), C.Encoder(tower(), args.repr_dim), C.Encoder(tower(), args.repr_dim)
+        )
     return C.build_networks(args, 0, 0, dims.action_size)
 
 
@@ -140,9 +145,14 @@ def matmul_peak() -> dict:
     timed(chain, x, ws)
     t = min(timed(lambda x: [chain(x, ws) for _ in range(10)][-1], x)[1] for _ in range(3))
     small = 10 * 64 * 2 * 256**3 / t / 1e9
-    return {"kind": "matmul_peak", "gflops_2048": round(big, 1), "gflops_chain_256": round(small, 1),
-            "peak_gflops": round(max(big, small), 1),
-            "devices": jax.device_count(), "cpu_count": os.cpu_count()}
+    return {
+        "kind": "matmul_peak",
+        "gflops_2048": round(big, 1),
+        "gflops_chain_256": round(small, 1),
+        "peak_gflops": round(max(big, small), 1),
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dict:
@@ -151,14 +161,21 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
     Start-to-first-update is timed the way crl_deep's main starts: the train state is built (its
     compile and its random draws) in a background thread while the step compiles from shapes alone.
     """
-    args = C.Args(depth=depth, width=bench.width, batch_size=bench.batch_size, remat=variant == "remat",
-                  scan_unroll=scan_unroll(variant, depth))
+    args = C.Args(
+        depth=depth,
+        width=bench.width,
+        batch_size=bench.batch_size,
+        remat=variant == "remat",
+        scan_unroll=scan_unroll(variant, depth),
+    )
     nets = build(variant, depth, bench.width, dims, args)
     key = jax.random.PRNGKey(0)
     b = bench.batch_size
-    batch = {"state": jax.random.normal(key, (b, dims.state_dim)),
-             "action": jax.random.uniform(key, (b, dims.action_size), minval=-1, maxval=1),
-             "goal": jax.random.normal(key, (b, len(dims.goal_indices)))}
+    batch = {
+        "state": jax.random.normal(key, (b, dims.state_dim)),
+        "action": jax.random.uniform(key, (b, dims.action_size), minval=-1, maxval=1),
+        "goal": jax.random.normal(key, (b, len(dims.goal_indices))),
+    }
     optimizers = C.make_optimizers(args)
     init = jax.jit(lambda k: C.init_train_state(k, nets, optimizers, args, dims))
     # The batch is an argument, as in crl_deep (sampled from the buffer): closed over as a constant it
@@ -179,10 +196,20 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
     (state, _), first_step_s = timed(step, state, batch, key)
     start_to_first_update_s = time.perf_counter() - start
     n = max(1, min(bench.sgd_steps, int(bench.seconds_per_measurement / max(first_step_s, 1e-3))))
-    return {"variant": variant, "depth": depth, "args": args, "fn": lambda s, k: step(s, batch, k),
-            "state": state,
-            "keys": list(jax.random.split(key, n)), "n": n, "compile_s": compile_s, "init_s": init_s,
-            "first_step_s": first_step_s, "round_s": [], "start_to_first_update_s": start_to_first_update_s}
+    return {
+        "variant": variant,
+        "depth": depth,
+        "args": args,
+        "fn": lambda s, k: step(s, batch, k),
+        "state": state,
+        "keys": list(jax.random.split(key, n)),
+        "n": n,
+        "compile_s": compile_s,
+        "init_s": init_s,
+        "first_step_s": first_step_s,
+        "round_s": [],
+        "start_to_first_update_s": start_to_first_update_s,
+    }
 
 
 def time_round(m: dict):
@@ -198,33 +225,55 @@ def time_round(m: dict):
 def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
     rate, best = m["n"] / float(np.median(m["round_s"])), m["n"] / min(m["round_s"])
     gflops = sgd_flops(m["depth"], bench.width, bench.batch_size, dims, m["args"].repr_dim) * rate / 1e9
-    return {"kind": "sgd", "variant": m["variant"], "depth": m["depth"], "width": bench.width,
-            "batch": bench.batch_size, "compile_s": round(m["compile_s"], 2),
-            "sgd_steps_per_s": round(rate, 3), "sgd_steps_per_s_best_round": round(best, 3),
-            "timed_steps": m["n"], "rounds": len(m["round_s"]), "gflops": round(gflops, 1),
-            "fraction_of_matmul_peak": round(gflops / peak["peak_gflops"], 3),
-            "fraction_of_2048_matmul": round(gflops / peak["gflops_2048"], 3),
-            "init_s": round(m["init_s"], 2), "first_step_s": round(m["first_step_s"], 2),
-            "start_to_first_update_s": round(m["start_to_first_update_s"], 2)}
+    return {
+        "kind": "sgd",
+        "variant": m["variant"],
+        "depth": m["depth"],
+        "width": bench.width,
+        "batch": bench.batch_size,
+        "compile_s": round(m["compile_s"], 2),
+        "sgd_steps_per_s": round(rate, 3),
+        "sgd_steps_per_s_best_round": round(best, 3),
+        "timed_steps": m["n"],
+        "rounds": len(m["round_s"]),
+        "gflops": round(gflops, 1),
+        "fraction_of_matmul_peak": round(gflops / peak["peak_gflops"], 3),
+        "fraction_of_2048_matmul": round(gflops / peak["gflops_2048"], 3),
+        "init_s": round(m["init_s"], 2),
+        "first_step_s": round(m["first_step_s"], 2),
+        "start_to_first_update_s": round(m["start_to_first_update_s"], 2),
+    }
 
 
 def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
     """crl_deep.train_epoch on reacher: one train step = 32 envs x 10 steps, then 8 SGD steps."""
     unroll, sgd_per_step = 10, max(1, bench.num_envs * 10 // 40)
-    args = C.Args(env="reacher", depth=depth, width=bench.width, batch_size=bench.batch_size,
-                  num_envs=bench.num_envs, unroll_length=unroll, sgd_steps_per_train_step=sgd_per_step,
-                  replay_size=1000, min_replay_size=max(2 * unroll, -(-bench.batch_size // bench.num_envs)),
-                  episode_length=1000,
-                  remat=variant == "remat", scan_unroll=scan_unroll(variant, depth))
+    args = C.Args(
+        env="reacher",
+        depth=depth,
+        width=bench.width,
+        batch_size=bench.batch_size,
+        num_envs=bench.num_envs,
+        unroll_length=unroll,
+        sgd_steps_per_train_step=sgd_per_step,
+        replay_size=1000,
+        min_replay_size=max(2 * unroll, -(-bench.batch_size // bench.num_envs)),
+        episode_length=1000,
+        remat=variant == "remat",
+        scan_unroll=scan_unroll(variant, depth),
+    )
     nets = C.build_networks(args, 0, 0, dims.action_size)
     key = jax.random.PRNGKey(0)
     optimizers = C.make_optimizers(args)
-    carry = jax.jit(lambda k: {"train_state": C.init_train_state(k, nets, optimizers, args, dims),
-                               "buffer": C.buffer_init(args.replay_size, args.num_envs, dims.state_dim,
-                                                       dims.action_size),
-                               "env_state": env.reset(jax.random.split(k, args.num_envs)), "key": k})(key)
-    carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, C.prefill_unrolls(args)),
-                    donate_argnums=0)(carry)
+    carry = jax.jit(
+        lambda k: {
+            "train_state": C.init_train_state(k, nets, optimizers, args, dims),
+            "buffer": C.buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+            "env_state": env.reset(jax.random.split(k, args.num_envs)),
+            "key": k,
+        }
+    )(key)
+    carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, C.prefill_unrolls(args)), donate_argnums=0)(carry)
     t = time.perf_counter()
     epoch = jax.jit(lambda c: C.train_epoch(c, stepper, nets, optimizers, args, dims, 1), donate_argnums=0)
     compiled = epoch.lower(carry).compile()
@@ -232,11 +281,27 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
     (carry, _), _ = timed(compiled, carry)  # warm
     (carry, metrics), t = timed(compiled, carry)
     memory = compiled.memory_analysis()
-    peak = None if memory is None else int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-    return {"kind": "whole_loop", "variant": variant, "depth": depth, "num_envs": args.num_envs,
-            "unroll": unroll, "sgd_steps_per_unroll": sgd_per_step, "epoch_compile_s": round(compile_s, 2),
-            "env_steps_per_s": round(args.num_envs * unroll / t, 2), "xla_peak_bytes_estimate": peak}
+    peak = (
+        None
+        if memory is None
+        else int(
+            memory.temp_size_in_bytes
+            + memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    )
+    return {
+        "kind": "whole_loop",
+        "variant": variant,
+        "depth": depth,
+        "num_envs": args.num_envs,
+        "unroll": unroll,
+        "sgd_steps_per_unroll": sgd_per_step,
+        "epoch_compile_s": round(compile_s, 2),
+        "env_steps_per_s": round(args.num_envs * unroll / t, 2),
+        "xla_peak_bytes_estimate": peak,
+    }
 
 
 if __name__ == "__main__":

@@ -23,12 +23,52 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "crl_deep.py": ["--depth", "4", "--width", "32", "--repr-dim", "16", "--batch-size", "32", "--num-envs", "4",
-                    "--num-eval-envs", "4", "--episode-length", "50", "--unroll-length", "10",
-                    "--sgd-steps-per-train-step", "20", "--replay-size", "200", "--min-replay-size", "20"],
-    "sac_her.py": ["--depth", "4", "--width", "32", "--batch-size", "32", "--num-envs", "4", "--num-eval-envs", "4",
-                   "--episode-length", "50", "--unroll-length", "10", "--sgd-steps-per-train-step", "20",
-                   "--replay-size", "200", "--min-replay-size", "20"],
+    "crl_deep.py": [
+        "--depth",
+        "4",
+        "--width",
+        "32",
+        "--repr-dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--num-envs",
+        "4",
+        "--num-eval-envs",
+        "4",
+        "--episode-length",
+        "50",
+        "--unroll-length",
+        "10",
+        "--sgd-steps-per-train-step",
+        "20",
+        "--replay-size",
+        "200",
+        "--min-replay-size",
+        "20",
+    ],
+    "sac_her.py": [
+        "--depth",
+        "4",
+        "--width",
+        "32",
+        "--batch-size",
+        "32",
+        "--num-envs",
+        "4",
+        "--num-eval-envs",
+        "4",
+        "--episode-length",
+        "50",
+        "--unroll-length",
+        "10",
+        "--sgd-steps-per-train-step",
+        "20",
+        "--replay-size",
+        "200",
+        "--min-replay-size",
+        "20",
+    ],
 }
 TINY["td3_her.py"] = TINY["sac_her.py"]
 
@@ -52,9 +92,21 @@ def rss_mib(pid: int) -> float:
 def main(bench: Bench):
     steps = 20 * 4 + bench.epochs * 2 * 10 * 4  # prefill + epochs x 2 unrolls x 10 steps x 4 envs
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, os.path.join(ROOT, bench.script), "--env", "reacher", *TINY[bench.script],
-               "--num-epochs", str(bench.epochs), "--total-env-steps", str(steps), "--run-dir", run_dir,
-               "--run-name", "rss"]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, bench.script),
+            "--env",
+            "reacher",
+            *TINY[bench.script],
+            "--num-epochs",
+            str(bench.epochs),
+            "--total-env-steps",
+            str(steps),
+            "--run-dir",
+            run_dir,
+            "--run-name",
+            "rss",
+        ]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled"}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         metrics, seen, rss = os.path.join(run_dir, "rss", "metrics.jsonl"), 0, []
@@ -67,8 +119,17 @@ def main(bench: Bench):
             time.sleep(0.02)
         if proc.returncode != 0:
             raise SystemExit(f"error: {bench.script} failed: {proc.stderr.read()[-2000:]}")
-    print(json.dumps({"script": bench.script, "epochs": len(rss), "rss_mib_epoch_4": round(rss[4], 1),
-                      "rss_mib_last": round(rss[-1], 1), "growth_mib_after_epoch_4": round(rss[-1] - rss[4], 1)}))
+    print(
+        json.dumps(
+            {
+                "script": bench.script,
+                "epochs": len(rss),
+                "rss_mib_epoch_4": round(rss[4], 1),
+                "rss_mib_last": round(rss[-1], 1),
+                "growth_mib_after_epoch_4": round(rss[-1] - rss[4], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

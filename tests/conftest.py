@@ -1,4 +1,5 @@
 """Shared test setup: a persistent JAX compilation cache (repeat compiles drop from seconds to ~1 s)."""
+
 import os
 import sys
 
@@ -15,4 +16,6 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a baseline's learning test, minutes long; deselected by default, run them with -m slow")
+    config.addinivalue_line(
+        "markers", "slow: a baseline's learning test, minutes long; deselected by default, run them with -m slow"
+    )

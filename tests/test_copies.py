@@ -4,6 +4,7 @@ script that carries them, so a fork still edits one self-contained file while th
 A block starts at `# --- shared block: <name> (identical in every script; tests/test_copies.py) ---`
 and ends at `# --- end shared block: <name> ---`. Any top-level script with such a marker is checked.
 """
+
 import glob
 import os
 import re
@@ -32,7 +33,7 @@ def blocks_of(text: str) -> dict:
             raise ValueError(f"block {name!r} has no end marker")
         if name in out:
             raise ValueError(f"block {name!r} appears twice")
-        out[name] = text[match.start():end + len(end_marker)]
+        out[name] = text[match.start() : end + len(end_marker)]
     return out
 
 
@@ -82,7 +83,7 @@ def test_a_one_character_drift_is_caught(tmp_path, name):
     text = target.read_text()
     block = blocks_of(text)[name]
     middle = len(block) // 2
-    mutated = block[:middle] + ("x" if block[middle] != "x" else "y") + block[middle + 1:]
+    mutated = block[:middle] + ("x" if block[middle] != "x" else "y") + block[middle + 1 :]
     target.write_text(text.replace(block, mutated))
     problems = drifted(str(tmp_path))
     assert len(problems) == 1 and f"block {name!r} in {REQUIRED[name][-1]} differs" in problems[0]

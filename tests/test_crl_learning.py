@@ -1,4 +1,5 @@
 """crl_deep.py learns reacher on CPU: eval success rises far above a uniformly random policy's."""
+
 import json
 import os
 import subprocess
@@ -11,10 +12,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPISODE = 100
 # The smallest config found that learns clearly in ~2 minutes on 2 cores: 16 envs, short episodes,
 # update-to-data 1:10 (16 SGD steps per 160 env steps), depth 4 x width 64.
-CONFIG = ["--env", "reacher", "--depth", "4", "--width", "64", "--repr-dim", "32", "--batch-size", "128",
-          "--num-envs", "16", "--num-eval-envs", "32", "--episode-length", str(EPISODE), "--unroll-length", "10",
-          "--sgd-steps-per-train-step", "16", "--replay-size", "2000", "--min-replay-size", "100",
-          "--num-epochs", "5", "--total-env-steps", str(1600 + 5 * 20_000), "--seed", "0"]
+CONFIG = [
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "64",
+    "--repr-dim",
+    "32",
+    "--batch-size",
+    "128",
+    "--num-envs",
+    "16",
+    "--num-eval-envs",
+    "32",
+    "--episode-length",
+    str(EPISODE),
+    "--unroll-length",
+    "10",
+    "--sgd-steps-per-train-step",
+    "16",
+    "--replay-size",
+    "2000",
+    "--min-replay-size",
+    "100",
+    "--num-epochs",
+    "5",
+    "--total-env-steps",
+    str(1600 + 5 * 20_000),
+    "--seed",
+    "0",
+]
 
 
 def random_policy_success(num_envs=64):
@@ -35,8 +64,14 @@ def test_reacher_eval_success_rises_far_above_random(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu")
     # compute-bound, unlike the other tests: full XLA optimisation (conftest sets level 0 for the rest)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "crl_deep.py"), *CONFIG, "--run-dir", str(tmp_path),
-                           "--run-name", "learn"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "crl_deep.py"), *CONFIG, "--run-dir", str(tmp_path), "--run-name", "learn"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "learn" / "metrics.jsonl") as f:
         curve = [json.loads(line) for line in f if '"epoch"' in line]

@@ -1,5 +1,6 @@
 """crl_deep.py end to end on reacher, as subprocesses: files, resume after SIGKILL, determinism,
 1 vs 2 devices, depth 1024, the CLI's one-line errors."""
+
 import json
 import os
 import signal
@@ -11,10 +12,38 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--env", "reacher", "--depth", "8", "--width", "32", "--repr-dim", "16", "--batch-size", "32",
-        "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "50", "--unroll-length", "10",
-        "--sgd-steps-per-train-step", "60", "--replay-size", "200", "--min-replay-size", "20",
-        "--num-epochs", "3", "--total-env-steps", str(80 + 3 * 2 * 40), "--seed", "3"]
+TINY = [
+    "--env",
+    "reacher",
+    "--depth",
+    "8",
+    "--width",
+    "32",
+    "--repr-dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--num-envs",
+    "4",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "50",
+    "--unroll-length",
+    "10",
+    "--sgd-steps-per-train-step",
+    "60",
+    "--replay-size",
+    "200",
+    "--min-replay-size",
+    "20",
+    "--num-epochs",
+    "3",
+    "--total-env-steps",
+    str(80 + 3 * 2 * 40),
+    "--seed",
+    "3",
+]
 VOLATILE = ("wall_time", "sps", "epoch_seconds", "compile_seconds")
 
 
@@ -66,13 +95,21 @@ def test_tiny_run_writes_config_metrics_checkpoint_buffer(reference_run):
     assert [m["env_steps"] for m in lines[:-1]] == [160, 240, 320]
     for m in lines[:-1]:
         assert 0 <= m["eval/episode_success"] <= 50 and m["sps"] > 0
-        assert {"training/critic_loss", "training/actor_loss", "training/alpha", "training/entropy",
-                "training/logits_pos", "training/logits_neg", "eval/episode_success_any",
-                "eval/episode_dist"} <= set(m)
+        assert {
+            "training/critic_loss",
+            "training/actor_loss",
+            "training/alpha",
+            "training/entropy",
+            "training/logits_pos",
+            "training/logits_neg",
+            "eval/episode_success_any",
+            "eval/episode_dist",
+        } <= set(m)
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary == lines[-1]
     assert summary["eval/episode_success_last5"] == pytest.approx(
-        np.mean([m["eval/episode_success"] for m in lines[:-1]]))
+        np.mean([m["eval/episode_success"] for m in lines[:-1]])
+    )
     ckpt = _load(reference_run)
     assert ckpt["header"]["script"] == "crl_deep" and ckpt["header"]["depths"]["depth"] == 8
     assert ckpt["epoch"] == 2 and ckpt["env_steps"] == 320 and ckpt["args"]["depth"] == 8
@@ -87,8 +124,13 @@ def test_tiny_run_writes_config_metrics_checkpoint_buffer(reference_run):
 def test_same_seed_is_deterministic_and_resume_after_sigkill_continues_exactly(reference_run, tmp_path):
     """Run again with the same seed, SIGKILL it mid-run, resume: every line equals the reference."""
     run_path = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(*TINY, "--run-dir", str(tmp_path), "--run-name", "killed", "--save-buffer"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(*TINY, "--run-dir", str(tmp_path), "--run-name", "killed", "--save-buffer"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while proc.poll() is None and not (run_path / "checkpoint.msgpack").exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -121,10 +163,40 @@ def test_two_devices_agree_with_one(reference_run, tmp_path):
 
 
 def test_depth_1024_compiles_and_trains_one_epoch(tmp_path):
-    proc = _run("--env", "reacher", "--depth", "1024", "--width", "16", "--repr-dim", "8", "--batch-size", "8",
-                "--num-envs", "2", "--num-eval-envs", "2", "--episode-length", "10", "--unroll-length", "5",
-                "--sgd-steps-per-train-step", "1", "--replay-size", "20", "--min-replay-size", "10",
-                "--num-epochs", "1", "--total-env-steps", "30", "--run-dir", str(tmp_path), "--run-name", "deep")
+    proc = _run(
+        "--env",
+        "reacher",
+        "--depth",
+        "1024",
+        "--width",
+        "16",
+        "--repr-dim",
+        "8",
+        "--batch-size",
+        "8",
+        "--num-envs",
+        "2",
+        "--num-eval-envs",
+        "2",
+        "--episode-length",
+        "10",
+        "--unroll-length",
+        "5",
+        "--sgd-steps-per-train-step",
+        "1",
+        "--replay-size",
+        "20",
+        "--min-replay-size",
+        "10",
+        "--num-epochs",
+        "1",
+        "--total-env-steps",
+        "30",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "deep",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = _lines(tmp_path / "deep")[:-1]
     assert line["env_steps"] == 30 and np.isfinite(line["training/critic_loss"])

@@ -1,4 +1,5 @@
 """crl_deep.py pieces that need no env: energies, losses, networks, policy, buffer, goal sampling."""
+
 import math
 
 import jax
@@ -35,8 +36,10 @@ def test_mrn_energy_matches_hand_values():
     # first half symmetric (L2), second half asymmetric (max ReLU of x - y)
     sa = jnp.array([[0.0, 0.0, 1.0, 0.0], [3.0, 4.0, 0.0, 2.0]])
     g = jnp.array([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
-    hand = [[-(math.sqrt(EPS) + 1.0), -(math.sqrt(1 + EPS) + 0.0)],
-            [-(math.sqrt(25 + EPS) + 2.0), -(math.sqrt(20 + EPS) + 1.0)]]
+    hand = [
+        [-(math.sqrt(EPS) + 1.0), -(math.sqrt(1 + EPS) + 0.0)],
+        [-(math.sqrt(25 + EPS) + 2.0), -(math.sqrt(20 + EPS) + 1.0)],
+    ]
     np.testing.assert_allclose(C.energy(sa, g, "mrn"), hand, rtol=1e-5)
     np.testing.assert_allclose(C.energy_rowwise(sa, g, "mrn"), np.diag(hand), rtol=1e-5)
     # a quasimetric: not symmetric
@@ -120,8 +123,9 @@ def test_residual_norms_are_recorded_per_block_and_free_otherwise():
     assert float(norms[0]) == pytest.approx(float(jnp.mean(jnp.linalg.norm(h, axis=-1))), rel=1e-4)
     assert nn_in.shape == (6, 8)
     plain = _primitives(jax.make_jaxpr(lambda p, x: nets.g_encoder.apply(p, x))(params, x).jaxpr)
-    sown = _primitives(jax.make_jaxpr(
-        lambda p, x: nets.g_encoder.apply(p, x, mutable=["intermediates"]))(params, x).jaxpr)
+    sown = _primitives(
+        jax.make_jaxpr(lambda p, x: nets.g_encoder.apply(p, x, mutable=["intermediates"]))(params, x).jaxpr
+    )
     assert "sqrt" in sown and "sqrt" not in plain  # rsqrt (LayerNorm) is a different primitive
     np.testing.assert_allclose(out, nets.g_encoder.apply(params, x), rtol=1e-6)
 
@@ -162,8 +166,10 @@ def test_actor_log_std_range_and_log_prob_matches_change_of_variables():
     log_std = jnp.array([[-0.5, 0.2]])
     action, log_prob = C.sample_action(mean, log_std, jax.random.PRNGKey(3))
     u = np.arctanh(np.asarray(action, np.float64))
-    hand = np.sum(stats.norm.logpdf(u, np.asarray(mean), np.exp(np.asarray(log_std)))
-                  - np.log(1 - np.asarray(action, np.float64) ** 2 + 1e-6))
+    hand = np.sum(
+        stats.norm.logpdf(u, np.asarray(mean), np.exp(np.asarray(log_std)))
+        - np.log(1 - np.asarray(action, np.float64) ** 2 + 1e-6)
+    )
     assert float(log_prob[0]) == pytest.approx(hand, rel=1e-3)
     nets = C.build_networks(C.Args(depth=4, width=8), 5, 2, 3)
     params = nets.actor.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
@@ -216,14 +222,23 @@ def _filled_buffer(episode_lengths_per_env, capacity, unroll=7):
         t, tid = 0, 0
         while t < total:
             n = lengths[tid % len(lengths)]
-            traj[t:t + n, e] = tid
+            traj[t : t + n, e] = tid
             t, tid = t + n, tid + 1
     buffer = C.buffer_init(capacity, traj.shape[1], 2, 1)
     for start in range(0, total - total % unroll, unroll):
-        s = np.stack([np.stack([np.full(unroll, 0.0) + np.arange(start, start + unroll) + 1,
-                                np.full(unroll, e)], -1) for e in range(traj.shape[1])], 1)
-        buffer = C.buffer_insert(buffer, jnp.asarray(s, jnp.float32), jnp.zeros((unroll, traj.shape[1], 1)),
-                                 jnp.asarray(traj[start:start + unroll]))
+        s = np.stack(
+            [
+                np.stack([np.full(unroll, 0.0) + np.arange(start, start + unroll) + 1, np.full(unroll, e)], -1)
+                for e in range(traj.shape[1])
+            ],
+            1,
+        )
+        buffer = C.buffer_insert(
+            buffer,
+            jnp.asarray(s, jnp.float32),
+            jnp.zeros((unroll, traj.shape[1], 1)),
+            jnp.asarray(traj[start : start + unroll]),
+        )
     return buffer, traj[: total - total % unroll]
 
 
@@ -254,12 +269,11 @@ def test_goals_follow_geometric_law_within_the_episode():
     # then P(k) ~ discount^k truncated at the episode's last stored step
     expected = np.zeros(capacity)
     for e in range(2):
-        anchors = [s for s in range(stored - capacity, stored)
-                   if s + 1 < stored and traj[s + 1, e] == traj[s, e]]
+        anchors = [s for s in range(stored - capacity, stored) if s + 1 < stored and traj[s + 1, e] == traj[s, e]]
         for s in anchors:
             horizon = sum(1 for u in range(s + 1, stored) if traj[u, e] == traj[s, e])
             pmf = discount ** np.arange(1, horizon + 1)
-            expected[1:horizon + 1] += pmf / pmf.sum() / len(anchors) / 2
+            expected[1 : horizon + 1] += pmf / pmf.sum() / len(anchors) / 2
     counts = np.bincount(g - t, minlength=capacity)[:capacity]
     keep = expected * len(t) >= 5
     observed = np.append(counts[keep], counts[~keep].sum())
@@ -299,16 +313,19 @@ def test_buffer_npz_round_trip_and_terminals(tmp_path):
 ENV_IDS = ("reacher", "ant")
 
 
-@pytest.mark.parametrize("change, devices, words", [
-    ({"env": "nope"}, 1, "unknown env 'nope'"),
-    ({"depth": 6}, 1, "--depth must be a positive multiple of 4"),
-    ({"critic_depth": 0}, 1, "--critic-depth must be a positive multiple of 4"),
-    ({"batch_size": 4096, "num_envs": 2, "min_replay_size": 1000}, 1, "larger than the buffer holds"),
-    ({"num_envs": 3}, 2, "not divisible by the 2 devices"),
-    ({"min_replay_size": 20_000}, 1, "exceeds --replay-size"),
-    ({"energy": "mrn", "repr_dim": 63}, 1, "--repr-dim must be even"),
-    ({"total_env_steps": 1000}, 1, "leaves no training step per epoch"),
-])
+@pytest.mark.parametrize(
+    "change, devices, words",
+    [
+        ({"env": "nope"}, 1, "unknown env 'nope'"),
+        ({"depth": 6}, 1, "--depth must be a positive multiple of 4"),
+        ({"critic_depth": 0}, 1, "--critic-depth must be a positive multiple of 4"),
+        ({"batch_size": 4096, "num_envs": 2, "min_replay_size": 1000}, 1, "larger than the buffer holds"),
+        ({"num_envs": 3}, 2, "not divisible by the 2 devices"),
+        ({"min_replay_size": 20_000}, 1, "exceeds --replay-size"),
+        ({"energy": "mrn", "repr_dim": 63}, 1, "--repr-dim must be even"),
+        ({"total_env_steps": 1000}, 1, "leaves no training step per epoch"),
+    ],
+)
 def test_bad_input_fails_with_one_clear_line(change, devices, words):
     with pytest.raises(SystemExit) as err:
         C.check_args(C.Args(**{"env": "reacher", **change}), ENV_IDS, devices)

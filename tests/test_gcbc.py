@@ -1,5 +1,6 @@
 """gcbc.py: hindsight goals inside one trajectory, the likelihood loss by hand, offline/online runs, and a
 learning check: offline GCBC imitates a scripted reacher demonstrator."""
+
 import json
 import os
 import subprocess
@@ -42,8 +43,12 @@ def write_dataset(path, lengths, state_dim=10, action_size=2):
 
 def device_data(dataset):
     anchor_rows = np.flatnonzero(dataset["traj_end"] > np.arange(len(dataset["traj_end"])))
-    return {"observations": jnp.asarray(dataset["observations"]), "actions": jnp.asarray(dataset["actions"]),
-            "traj_end": jnp.asarray(dataset["traj_end"]), "anchor_rows": jnp.asarray(anchor_rows, jnp.int32)}
+    return {
+        "observations": jnp.asarray(dataset["observations"]),
+        "actions": jnp.asarray(dataset["actions"]),
+        "traj_end": jnp.asarray(dataset["traj_end"]),
+        "anchor_rows": jnp.asarray(anchor_rows, jnp.int32),
+    }
 
 
 @pytest.mark.parametrize("goal_sampling", ["uniform_future", "geometric_future"])
@@ -103,9 +108,12 @@ def test_bc_loss_is_the_gaussian_negative_log_likelihood_of_valid_rows():
     policy = gcbc.build_networks(gcbc.Args(width=8, depth=4), 2)
     params = policy.init(jax.random.PRNGKey(0), jnp.zeros((1, 7)))
     rng = np.random.default_rng(0)
-    batch = {"state": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-             "goal": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32),
-             "action": jnp.asarray(rng.uniform(-1, 1, (3, 2)), jnp.float32), "valid": jnp.array([1.0, 1.0, 0.0])}
+    batch = {
+        "state": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "goal": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32),
+        "action": jnp.asarray(rng.uniform(-1, 1, (3, 2)), jnp.float32),
+        "valid": jnp.array([1.0, 1.0, 0.0]),
+    }
     loss, _ = gcbc.bc_loss_fn(params, policy, batch)
     mean, log_std = (np.asarray(x) for x in policy.apply(params, jnp.concatenate([batch["state"], batch["goal"]], -1)))
     std = np.exp(log_std)
@@ -118,8 +126,14 @@ def run_script(*flags, check=True, full_optimization=False):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "WANDB_MODE": "disabled"}
     if full_optimization:  # a compute-bound learning run: drop conftest's fast-compile XLA level
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "gcbc.py"), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "gcbc.py"), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -131,22 +145,52 @@ def read_rows(run):
 
 def test_bad_input_fails_early_with_one_line(tmp_path):
     proc = run_script("--mode", "offline", "--env", "reacher", check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: --mode offline needs --dataset PATH.npz"
+    assert (
+        proc.returncode == 1
+        and proc.stderr.strip().splitlines()[-1] == "error: --mode offline needs --dataset PATH.npz"
+    )
     with pytest.raises(SystemExit) as stop:  # the other checks, in-process (no interpreter start)
         gcbc.check_args(gcbc.Args(mode="online", env="reacher", dataset=str(tmp_path / "x.npz")), ("reacher",), 1)
     assert str(stop.value.code).startswith("error: ") and "\n" not in str(stop.value.code)
     with pytest.raises(SystemExit):
-        gcbc.check_args(gcbc.Args(mode="offline", env="reacher", dataset=str(tmp_path / "missing.npz")), ("reacher",), 1)
+        gcbc.check_args(
+            gcbc.Args(mode="offline", env="reacher", dataset=str(tmp_path / "missing.npz")), ("reacher",), 1
+        )
 
 
-SMALL = ["--env", "reacher", "--depth", "4", "--width", "16", "--num-eval-envs", "4", "--episode-length", "20",
-         "--batch-size", "8"]
+SMALL = [
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "16",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "20",
+    "--batch-size",
+    "8",
+]
 
 
 def test_tiny_offline_run_writes_outputs_and_resumes(tmp_path):
     write_dataset(tmp_path / "d.npz", [6, 5, 7])
-    run_script(*SMALL, "--mode", "offline", "--dataset", str(tmp_path / "d.npz"), "--train-steps", "20",
-               "--num-epochs", "2", "--run-dir", str(tmp_path), "--run-name", "off")
+    run_script(
+        *SMALL,
+        "--mode",
+        "offline",
+        "--dataset",
+        str(tmp_path / "d.npz"),
+        "--train-steps",
+        "20",
+        "--num-epochs",
+        "2",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "off",
+    )
     run = tmp_path / "off"
     rows = read_rows(run)
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["sgd_steps"] == 20
@@ -161,9 +205,31 @@ def test_tiny_offline_run_writes_outputs_and_resumes(tmp_path):
 
 
 def test_tiny_online_gcsl_run(tmp_path):
-    run_script(*SMALL, "--mode", "online", "--num-envs", "4", "--unroll-length", "5", "--sgd-steps-per-train-step",
-               "2", "--replay-size", "50", "--min-replay-size", "10", "--total-env-steps", "200", "--num-epochs", "2",
-               "--goal-sampling", "geometric_future", "--run-dir", str(tmp_path), "--run-name", "on")
+    run_script(
+        *SMALL,
+        "--mode",
+        "online",
+        "--num-envs",
+        "4",
+        "--unroll-length",
+        "5",
+        "--sgd-steps-per-train-step",
+        "2",
+        "--replay-size",
+        "50",
+        "--min-replay-size",
+        "10",
+        "--total-env-steps",
+        "200",
+        "--num-epochs",
+        "2",
+        "--goal-sampling",
+        "geometric_future",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "on",
+    )
     rows = read_rows(tmp_path / "on")
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["env_steps"] == 200
     assert np.isfinite(rows[1]["training/bc_loss"]) and rows[1]["sgd_steps"] == 2 * 4 * 2
@@ -199,7 +265,11 @@ def generate_reacher_dataset(path, num_episodes, episode_length, noise, scripted
             else:
                 action = jax.random.uniform(k, (num_episodes, 2), minval=-1.0, maxval=1.0)
             next_state = jax.vmap(env.step)(state, jnp.clip(action, -1.0, 1.0))
-            return next_state, (state.obs[:, :env.state_dim], jnp.clip(action, -1.0, 1.0), next_state.metrics["success"])
+            return next_state, (
+                state.obs[:, : env.state_dim],
+                jnp.clip(action, -1.0, 1.0),
+                next_state.metrics["success"],
+            )
 
         _, (states, actions, success) = jax.lax.scan(step, state, jax.random.split(key, episode_length))
         return states, actions, success.sum(0).mean()
@@ -207,7 +277,7 @@ def generate_reacher_dataset(path, num_episodes, episode_length, noise, scripted
     states, actions, success = jax.jit(rollout)(jax.random.PRNGKey(0))
     flat = lambda x: np.asarray(x).swapaxes(0, 1).reshape(num_episodes * episode_length, -1)
     terminals = np.zeros(num_episodes * episode_length, np.float32)
-    terminals[episode_length - 1::episode_length] = 1
+    terminals[episode_length - 1 :: episode_length] = 1
     if path is not None:
         np.savez(path, observations=flat(states), actions=flat(actions), terminals=terminals)
     return float(success)
@@ -217,14 +287,39 @@ def generate_reacher_dataset(path, num_episodes, episode_length, noise, scripted
 def test_offline_gcbc_imitates_a_scripted_reacher_demonstrator(tmp_path):
     demo_success = generate_reacher_dataset(tmp_path / "demo.npz", 64, 100, noise=0.3)
     random_success = generate_reacher_dataset(None, 256, 100, noise=0.0, scripted=False)
-    run_script("--env", "reacher", "--mode", "offline", "--dataset", str(tmp_path / "demo.npz"), "--width", "64",
-               "--depth", "4", "--num-eval-envs", "64", "--episode-length", "100", "--learning-rate", "1e-3",
-               "--train-steps", "3000", "--num-epochs", "3", "--run-dir", str(tmp_path), "--run-name", "learn",
-               full_optimization=True)
+    run_script(
+        "--env",
+        "reacher",
+        "--mode",
+        "offline",
+        "--dataset",
+        str(tmp_path / "demo.npz"),
+        "--width",
+        "64",
+        "--depth",
+        "4",
+        "--num-eval-envs",
+        "64",
+        "--episode-length",
+        "100",
+        "--learning-rate",
+        "1e-3",
+        "--train-steps",
+        "3000",
+        "--num-epochs",
+        "3",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "learn",
+        full_optimization=True,
+    )
     rows = read_rows(tmp_path / "learn")[:-1]
     losses = [r["training/bc_loss"] for r in rows]
     success = [r["eval/episode_success"] for r in rows]
-    print(f"GCBC offline reacher: bc_loss per epoch {np.round(losses, 3).tolist()}, eval/episode_success "
-          f"{np.round(success, 1).tolist()}; noisy demonstrator {demo_success:.1f}, random {random_success:.1f} (of 100)")
+    print(
+        f"GCBC offline reacher: bc_loss per epoch {np.round(losses, 3).tolist()}, eval/episode_success "
+        f"{np.round(success, 1).tolist()}; noisy demonstrator {demo_success:.1f}, random {random_success:.1f} (of 100)"
+    )
     assert losses[-1] < 0.6 * losses[0]
     assert success[-1] > 3 * random_success and success[-1] > 0.5 * demo_success

@@ -1,5 +1,6 @@
 """offline_crl.py: OGBench-format loading and goal sampling, losses by hand, depth flags, tiny runs on a
 dataset rolled out of an OGBench env and on one saved from our own env (crl_deep's buffer.npz layout)."""
+
 import json
 import math
 import os
@@ -78,16 +79,18 @@ def test_sampled_next_observations_and_goals_stay_in_their_trajectory(tmp_path):
 
 def test_geometric_and_uniform_goal_offsets_have_the_right_law(tmp_path):
     # one long trajectory: the geometric offset k >= 1 with P(k) ~ gamma^(k-1) has mean 1/(1-gamma)
-    long = oc.make_device_dataset(oc.load_dataset(write_npz(tmp_path / "l.npz", **labelled_dataset([200_000]))),
-                                  np.arange(2))
+    long = oc.make_device_dataset(
+        oc.load_dataset(write_npz(tmp_path / "l.npz", **labelled_dataset([200_000]))), np.arange(2)
+    )
     t, _, value_goal, _ = oc.sample_indices(long, jax.random.PRNGKey(1), 20_000, 0.9)
     k = np.asarray(value_goal - t)
     assert k.min() == 1
     assert abs(k.mean() - 10.0) < 0.3  # std of the mean = sqrt(90)/sqrt(20000) = 0.067
     assert abs(np.mean(k == 1) - 0.1) < 0.01
     # 5-row trajectories: from the first row the uniform goal is rows 1..4 with probability 1/4 each
-    short = oc.make_device_dataset(oc.load_dataset(write_npz(tmp_path / "s.npz", **labelled_dataset([5] * 50))),
-                                   np.arange(2))
+    short = oc.make_device_dataset(
+        oc.load_dataset(write_npz(tmp_path / "s.npz", **labelled_dataset([5] * 50))), np.arange(2)
+    )
     t, _, _, actor_goal = oc.sample_indices(short, jax.random.PRNGKey(2), 40_000, 0.99)
     t, actor_goal = np.asarray(t), np.asarray(actor_goal)
     first = (t % 5) == 0
@@ -96,16 +99,19 @@ def test_geometric_and_uniform_goal_offsets_have_the_right_law(tmp_path):
     assert np.all(actor_goal - t >= 1) and np.all(actor_goal <= (t // 5) * 5 + 4)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("actions"), "missing key(s) ['actions']"),
-    (lambda d: d.update(terminals=d["terminals"][:-1]), "mismatched lengths"),
-    (lambda d: d.update(qpos=np.zeros((3, 2))), "mismatched lengths"),
-    (lambda d: d["observations"].__setitem__((2, 1), np.nan), "NaN"),
-    (lambda d: d.update(terminals=np.zeros_like(d["terminals"])), "no complete trajectory"),
-    (lambda d: d.update(terminals=np.ones_like(d["terminals"])), "no complete trajectory"),
-    (lambda d: d.update(terminals=d["terminals"] * 2), "terminals must be 0 or 1"),
-    (lambda d: d.update(actions=d["actions"][:, 0]), "expected observations [N, D]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("actions"), "missing key(s) ['actions']"),
+        (lambda d: d.update(terminals=d["terminals"][:-1]), "mismatched lengths"),
+        (lambda d: d.update(qpos=np.zeros((3, 2))), "mismatched lengths"),
+        (lambda d: d["observations"].__setitem__((2, 1), np.nan), "NaN"),
+        (lambda d: d.update(terminals=np.zeros_like(d["terminals"])), "no complete trajectory"),
+        (lambda d: d.update(terminals=np.ones_like(d["terminals"])), "no complete trajectory"),
+        (lambda d: d.update(terminals=d["terminals"] * 2), "terminals must be 0 or 1"),
+        (lambda d: d.update(actions=d["actions"][:, 0]), "expected observations [N, D]"),
+    ],
+)
 def test_bad_datasets_are_rejected_with_their_message(tmp_path, change, message):
     raw = labelled_dataset([3, 4])
     change(raw)
@@ -118,9 +124,21 @@ def test_bad_dataset_fails_early_on_the_command_line(tmp_path):
     raw = labelled_dataset([3, 4])
     raw["observations"][0, 0] = np.inf
     path = write_npz(tmp_path / "bad.npz", **raw)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "offline_crl.py"), "--dataset", path,
-                             "--env", OGBENCH_ENV, "--run-dir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "offline_crl.py"),
+            "--dataset",
+            path,
+            "--env",
+            OGBENCH_ENV,
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1  # SystemExit("error: ...") as the other scripts (tools/grid.py reads its text)
     assert result.stderr.strip().splitlines()[-1] == f"error: {path}: observations contain NaN/inf or non-numbers"
     assert sorted(os.listdir(tmp_path)) == ["bad.npz"]
@@ -154,12 +172,14 @@ def test_energies_and_contrastive_losses_by_hand():
     np.testing.assert_allclose(oc.energy(phi, psi, "dot"), [[1, 3], [0, 0]])
     np.testing.assert_allclose(oc.energy(phi, psi, "scaled_dot"), np.array([[1, 3], [0, 0]]) / math.sqrt(2))
     np.testing.assert_allclose(oc.energy(phi, psi, "l2_squared"), [[0, -4], [-5, -13]], atol=1e-6)
-    np.testing.assert_allclose(oc.energy(phi, psi, "l2"), -np.sqrt(np.array([[0, 4], [5, 13]]) + oc.SQRT_EPS),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        oc.energy(phi, psi, "l2"), -np.sqrt(np.array([[0, 4], [5, 13]]) + oc.SQRT_EPS), rtol=1e-6
+    )
     np.testing.assert_allclose(oc.energy(phi, psi, "cosine"), [[1, 1], [0, 0]], atol=1e-6)
     for energy in ("l2", "l2_squared", "dot", "scaled_dot", "cosine"):
-        np.testing.assert_allclose(oc.energy_rowwise(phi, psi, energy), jnp.diagonal(oc.energy(phi, psi, energy)),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            oc.energy_rowwise(phi, psi, energy), jnp.diagonal(oc.energy(phi, psi, energy)), rtol=1e-5, atol=1e-6
+        )
     logits = jnp.array([[2.0, 0.0], [1.0, 0.0]])
     sp = lambda x: math.log1p(math.exp(x))  # softplus: -log sigmoid(-x)
     # binary NCE: positives -log sigmoid(l), negatives -log(1 - sigmoid(l)), mean over all 4 entries
@@ -240,9 +260,23 @@ TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--train-step
 
 def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path):
     dataset = str(tmp_path / "pm.npz")
-    run_script(os.path.join(ROOT, "tools", "make_ogbench_dataset.py"),
-               ["--env", OGBENCH_ENV, "--out", dataset, "--policy", "noisy_oracle", "--num-trajectories", "6",
-                "--trajectory-length", "100", "--val-trajectories", "2"])
+    run_script(
+        os.path.join(ROOT, "tools", "make_ogbench_dataset.py"),
+        [
+            "--env",
+            OGBENCH_ENV,
+            "--out",
+            dataset,
+            "--policy",
+            "noisy_oracle",
+            "--num-trajectories",
+            "6",
+            "--trajectory-length",
+            "100",
+            "--val-trajectories",
+            "2",
+        ],
+    )
     with np.load(dataset) as f:
         assert sorted(f.files) == ["actions", "observations", "qpos", "qvel", "terminals"]
         assert f["observations"].shape == (606, 2) and f["terminals"].sum() == 6
@@ -250,15 +284,35 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
     assert os.path.exists(str(tmp_path / "pm-val.npz"))
     # OGBench's own loader reads the file; its transitions are exactly ours
     from ogbench.utils import load_dataset as ogbench_load
+
     theirs = ogbench_load(dataset)
     ours = oc.load_dataset(dataset)
     rows, _ = oc.index_trajectories(ours["terminals"])
     np.testing.assert_array_equal(theirs["observations"], ours["observations"][rows])
     np.testing.assert_array_equal(theirs["next_observations"], ours["observations"][rows + 1])
     np.testing.assert_array_equal(theirs["actions"], ours["actions"][rows])
-    run_script(os.path.join(ROOT, "offline_crl.py"),
-               ["--dataset", dataset, "--env", OGBENCH_ENV, "--eval-episodes", "1", "--eval-episode-length", "20",
-                "--depth", "4", "--critic-depth", "8", "--run-dir", str(tmp_path), "--run-name", "run"] + TINY)
+    run_script(
+        os.path.join(ROOT, "offline_crl.py"),
+        [
+            "--dataset",
+            dataset,
+            "--env",
+            OGBENCH_ENV,
+            "--eval-episodes",
+            "1",
+            "--eval-episode-length",
+            "20",
+            "--depth",
+            "4",
+            "--critic-depth",
+            "8",
+            "--run-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+        ]
+        + TINY,
+    )
     run = tmp_path / "run"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r.get("epoch") for r in rows[:-1]] == [0, 1] and rows[-1]["summary"]
@@ -285,13 +339,14 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
 
 def test_tiny_run_on_a_buffer_saved_from_our_own_env(tmp_path):
     import envs
+
     env = envs.make("reacher")
     train_env = envs.wrap_for_training(env, episode_length=25)
     num_envs, steps = 4, 60
 
     def step(state, key):
         action = jax.random.uniform(key, (num_envs, env.action_size), minval=-1, maxval=1)
-        return train_env.step(state, action), (state.obs[:, :env.state_dim], action, state.info["traj_id"])
+        return train_env.step(state, action), (state.obs[:, : env.state_dim], action, state.info["traj_id"])
 
     @jax.jit
     def rollout(key):  # reset inside the jit: an un-jitted brax reset costs seconds op by op
@@ -304,13 +359,33 @@ def test_tiny_run_on_a_buffer_saved_from_our_own_env(tmp_path):
     obs, actions, traj = (np.swapaxes(np.asarray(x), 0, 1) for x in (obs, actions, traj))
     terminals = np.ones(traj.shape, np.float32)
     terminals[:, :-1] = traj[:, 1:] != traj[:, :-1]
-    dataset = write_npz(tmp_path / "buffer.npz", observations=obs.reshape(num_envs * steps, -1),
-                        actions=actions.reshape(num_envs * steps, -1), terminals=terminals.reshape(-1),
-                        _traj_id=traj.reshape(-1), _num_envs=np.asarray(num_envs))
+    dataset = write_npz(
+        tmp_path / "buffer.npz",
+        observations=obs.reshape(num_envs * steps, -1),
+        actions=actions.reshape(num_envs * steps, -1),
+        terminals=terminals.reshape(-1),
+        _traj_id=traj.reshape(-1),
+        _num_envs=np.asarray(num_envs),
+    )
     assert terminals.sum() == num_envs * 3  # 25-step episodes: ends at 24, 49, and the buffer end 59
-    run_script(os.path.join(ROOT, "offline_crl.py"),
-               ["--dataset", dataset, "--env", "reacher", "--eval-episodes", "2", "--eval-episode-length", "10",
-                "--run-dir", str(tmp_path), "--run-name", "run"] + TINY)
+    run_script(
+        os.path.join(ROOT, "offline_crl.py"),
+        [
+            "--dataset",
+            dataset,
+            "--env",
+            "reacher",
+            "--eval-episodes",
+            "2",
+            "--eval-episode-length",
+            "10",
+            "--run-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+        ]
+        + TINY,
+    )
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 3 and rows[-1]["summary"]
     for r in rows[:-1]:

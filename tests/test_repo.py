@@ -1,4 +1,5 @@
 """Repository contracts a fresh user relies on: the README's commands, exact pins, CI = README."""
+
 import os
 import re
 
@@ -33,12 +34,17 @@ def test_every_requirement_is_pinned_exactly():
             line = line.split("#")[0].strip()
             if not line or line.startswith("-r"):
                 continue
-            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.]*", line), f"{name}: {line!r} is not an exact pin"
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.]*", line), (
+                f"{name}: {line!r} is not an exact pin"
+            )
 
 
 def test_pins_of_the_paper_stack():
-    pins = dict(line.split("#")[0].strip().split("==") for line in _read("requirements.txt").splitlines()
-                if "==" in line.split("#")[0])
+    pins = dict(
+        line.split("#")[0].strip().split("==")
+        for line in _read("requirements.txt").splitlines()
+        if "==" in line.split("#")[0]
+    )
     assert pins["brax"] == "0.10.1" and pins["mujoco"] == "3.2.6" and pins["mujoco-mjx"] == "3.2.6"
 
 
@@ -63,20 +69,27 @@ def test_every_script_command_in_the_readme_parses_with_its_args():
         if not scripts or "<run>" in line or "*" in line:
             continue
         i = scripts[0]
-        spec = importlib.util.spec_from_file_location("_readme_" + os.path.basename(words[i])[:-3], os.path.join(ROOT, words[i]))
+        spec = importlib.util.spec_from_file_location(
+            "_readme_" + os.path.basename(words[i])[:-3], os.path.join(ROOT, words[i])
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
         spec.loader.exec_module(module)
         if not hasattr(module, "Args"):  # tools with their own parsers (grid.py) are tested elsewhere
             continue
-        tyro.cli(module.Args, args=words[i + 1:])
+        tyro.cli(module.Args, args=words[i + 1 :])
         checked += 1
     assert checked >= 8
 
 
-DOCS = ["README.md", "bench/RESULTS.md", *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
-                                             if f.endswith(".md"))]
-PATH_LIKE = re.compile(r"(?<![\w./<{}*-])((?:docs|tests|tools|bench|envs|sweeps|\.ci)/[\w./-]*\w|[\w-]+\.(?:py|md|toml|txt))\b(?![*{<])")
+DOCS = [
+    "README.md",
+    "bench/RESULTS.md",
+    *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")),
+]
+PATH_LIKE = re.compile(
+    r"(?<![\w./<{}*-])((?:docs|tests|tools|bench|envs|sweeps|\.ci)/[\w./-]*\w|[\w-]+\.(?:py|md|toml|txt))\b(?![*{<])"
+)
 
 
 def test_every_path_a_doc_names_exists_in_the_repo():
@@ -84,17 +97,40 @@ def test_every_path_a_doc_names_exists_in_the_repo():
     missing = []
     for doc in DOCS:
         text = _read(doc)
-        links = [os.path.normpath(os.path.join(os.path.dirname(doc), target))
-                 for target in re.findall(r"\]\(([^)#:]+)\)", text)]
+        links = [
+            os.path.normpath(os.path.join(os.path.dirname(doc), target))
+            for target in re.findall(r"\]\(([^)#:]+)\)", text)
+        ]
         named = [p for p in PATH_LIKE.findall(text) if "*" not in p and "<" not in p]
         for path in links + named:
-            candidates = [path, os.path.join(os.path.dirname(doc), path), os.path.join("tools", path),
-                          os.path.join("tests", path), os.path.join("bench", path), os.path.join("envs", path)]
+            candidates = [
+                path,
+                os.path.join(os.path.dirname(doc), path),
+                os.path.join("tools", path),
+                os.path.join("tests", path),
+                os.path.join("bench", path),
+                os.path.join("envs", path),
+            ]
             if not any(os.path.exists(os.path.join(ROOT, c)) for c in candidates):
                 missing.append(f"{doc}: {path}")
     # names of files a run or a user creates, and of other projects' files, are not repo paths
-    created = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.msgpack", "checkpoint.pkl", "buffer.npz",
-               "buffer_previous.npz", "_table.md", "rollout.mp4", "rollout.gif", "rollout.html", "r.gif", "r.mp4", "X.npz", "pm.npz")
+    created = (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.msgpack",
+        "checkpoint.pkl",
+        "buffer.npz",
+        "buffer_previous.npz",
+        "_table.md",
+        "rollout.mp4",
+        "rollout.gif",
+        "rollout.html",
+        "r.gif",
+        "r.mp4",
+        "X.npz",
+        "pm.npz",
+    )
     missing = [m for m in missing if not m.endswith(created) and "/data/" not in m and "figures/" not in m]
     assert missing == []
 

@@ -1,6 +1,7 @@
 """Trustworthy runs, for every script: input validated before anything compiles, checkpoints in flax
 msgpack behind a JSON header with one-line errors for bad files, --resume checked against the run, and a
 non-finite loss stopping the run at its epoch with the last good checkpoint intact."""
+
 import dataclasses
 import importlib
 import json
@@ -64,9 +65,15 @@ BAD_INPUT = [
     ({"unroll_length": 100, "episode_length": 50}, None, "--unroll-length 100 exceeds --episode-length 50"),
     ({"batch_size": 4096, "num_envs": 2, "min_replay_size": 100}, None, "larger than the buffer holds"),
 ]
-CASES = [(name, change, value, words) for name in SCRIPTS for change, value, words in BAD_INPUT
-         if all(f in {f.name for f in dataclasses.fields(module(name).Args)}
-                for f in ([change] if isinstance(change, str) else change))]
+CASES = [
+    (name, change, value, words)
+    for name in SCRIPTS
+    for change, value, words in BAD_INPUT
+    if all(
+        f in {f.name for f in dataclasses.fields(module(name).Args)}
+        for f in ([change] if isinstance(change, str) else change)
+    )
+]
 
 
 @pytest.mark.parametrize("name, change, value, words", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
@@ -97,8 +104,11 @@ def test_default_args_pass(name, tmp_path):
 def write_checkpoint(name, run, args=None, epoch=3):
     m = module(name)
     args = args or m.Args(env="reacher", depth=8, width=16)
-    state = {"params": {"actor": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}},
-             "opt": (np.zeros(2, np.float32), {"count": np.asarray(5, np.int32)}), "key": np.asarray([1, 2], np.uint32)}
+    state = {
+        "params": {"actor": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+        "opt": (np.zeros(2, np.float32), {"count": np.asarray(5, np.int32)}),
+        "key": np.asarray([1, 2], np.uint32),
+    }
     m.save_checkpoint(str(run), args, state, epoch, 1000, 12.5)
     return state
 
@@ -135,7 +145,10 @@ def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path):
     good = file.read_bytes()
     file.write_bytes(good[:-100])
     payload = len(good) - good.index(b"\n") - 1
-    assert error_of(C.load_checkpoint, str(tmp_path)) == f"error: {file}: truncated ({payload - 100} of {payload} payload bytes)"
+    assert (
+        error_of(C.load_checkpoint, str(tmp_path))
+        == f"error: {file}: truncated ({payload - 100} of {payload} payload bytes)"
+    )
     file.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     assert "corrupted" in error_of(C.load_checkpoint, str(tmp_path))
     file.write_bytes(b"\x00garbage\n" * 10)
@@ -185,8 +198,14 @@ def test_a_bad_checkpoint_stops_resume_before_any_compile(tmp_path):
     file = tmp_path / "checkpoint.msgpack"
     file.write_bytes(file.read_bytes()[:-10])
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "crl_deep.py"), "--resume", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "crl_deep.py"), "--resume", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {file}: truncated ({proc.stderr.split('(')[1].split(')')[0]})"]
 
@@ -195,13 +214,64 @@ def test_a_bad_checkpoint_stops_resume_before_any_compile(tmp_path):
 # Non-finite losses: inject a NaN learning rate after the first epoch's updates
 # ---------------------------------------------------------------------------------------------------
 TINY = {
-    "crl_deep": ["--env", "reacher", "--depth", "4", "--width", "16", "--repr-dim", "8", "--batch-size", "16",
-                 "--num-envs", "4", "--num-eval-envs", "2", "--episode-length", "20", "--unroll-length", "5",
-                 "--sgd-steps-per-train-step", "4", "--replay-size", "40", "--min-replay-size", "10",
-                 "--num-epochs", "3", "--total-env-steps", str(40 + 3 * 2 * 20)],
-    "sac_her": ["--env", "reacher", "--depth", "4", "--width", "16", "--num-envs", "4", "--num-eval-envs", "2",
-                "--episode-length", "20", "--unroll-length", "5", "--sgd-steps-per-train-step", "4", "--batch-size",
-                "8", "--replay-size", "50", "--min-replay-size", "10", "--total-env-steps", "200", "--num-epochs", "2"],
+    "crl_deep": [
+        "--env",
+        "reacher",
+        "--depth",
+        "4",
+        "--width",
+        "16",
+        "--repr-dim",
+        "8",
+        "--batch-size",
+        "16",
+        "--num-envs",
+        "4",
+        "--num-eval-envs",
+        "2",
+        "--episode-length",
+        "20",
+        "--unroll-length",
+        "5",
+        "--sgd-steps-per-train-step",
+        "4",
+        "--replay-size",
+        "40",
+        "--min-replay-size",
+        "10",
+        "--num-epochs",
+        "3",
+        "--total-env-steps",
+        str(40 + 3 * 2 * 20),
+    ],
+    "sac_her": [
+        "--env",
+        "reacher",
+        "--depth",
+        "4",
+        "--width",
+        "16",
+        "--num-envs",
+        "4",
+        "--num-eval-envs",
+        "2",
+        "--episode-length",
+        "20",
+        "--unroll-length",
+        "5",
+        "--sgd-steps-per-train-step",
+        "4",
+        "--batch-size",
+        "8",
+        "--replay-size",
+        "50",
+        "--min-replay-size",
+        "10",
+        "--total-env-steps",
+        "200",
+        "--num-epochs",
+        "2",
+    ],
 }
 TINY["td3_her"] = TINY["sac_her"]
 TINY["gcbc"] = [*TINY["sac_her"], "--mode", "online"]
@@ -214,8 +284,9 @@ def run_with_nan_after(name, steps, flags, monkeypatch):
     import optax
 
     adam = optax.adam
-    monkeypatch.setattr(optax, "adam", lambda lr, *a, **k: adam(lambda count: jnp.where(count < steps, lr, jnp.nan),
-                                                                  *a, **k))
+    monkeypatch.setattr(
+        optax, "adam", lambda lr, *a, **k: adam(lambda count: jnp.where(count < steps, lr, jnp.nan), *a, **k)
+    )
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *flags])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
@@ -289,10 +360,35 @@ def test_offline_crl_stops_at_the_nan_epoch_and_keeps_the_last_good_checkpoint(t
     rng = np.random.default_rng(0)
     terminals = np.zeros(200, np.float32)
     terminals[9::10] = 1.0  # 20 trajectories of 10 rows
-    np.savez(tmp_path / "d.npz", observations=rng.normal(size=(200, 10)).astype(np.float32),
-             actions=rng.uniform(-1, 1, (200, 2)).astype(np.float32), terminals=terminals)
-    flags = ["--dataset", str(tmp_path / "d.npz"), "--env", "reacher", "--train-steps", "6", "--eval-every", "2",
-             "--eval-episodes", "2", "--eval-episode-length", "5", "--width", "16", "--repr-dim", "8",
-             "--batch-size", "8", "--run-dir", str(tmp_path), "--run-name", "nan"]
+    np.savez(
+        tmp_path / "d.npz",
+        observations=rng.normal(size=(200, 10)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (200, 2)).astype(np.float32),
+        terminals=terminals,
+    )
+    flags = [
+        "--dataset",
+        str(tmp_path / "d.npz"),
+        "--env",
+        "reacher",
+        "--train-steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--eval-episodes",
+        "2",
+        "--eval-episode-length",
+        "5",
+        "--width",
+        "16",
+        "--repr-dim",
+        "8",
+        "--batch-size",
+        "8",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "nan",
+    ]
     message = run_with_nan_after("offline_crl", 2, flags, monkeypatch)
     assert_stopped_at_epoch_1("offline_crl", message, tmp_path / "nan")

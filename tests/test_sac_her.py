@@ -1,4 +1,5 @@
 """sac_her.py: HER relabelling inside one episode, TD targets and target updates by hand, runs end to end."""
+
 import json
 import os
 import subprocess
@@ -91,10 +92,14 @@ def test_her_ratio_zero_is_plain_sac_and_envs_are_sampled_evenly():
 
 def test_buffer_insert_wraps_around_the_ring():
     buf = sac_her.buffer_init(4, 1, 3, 1, 1)
-    chunk = lambda start: {"obs": jnp.full((3, 1, 3), start, jnp.float32) + jnp.arange(3.0)[:, None, None],
-                           "action": jnp.zeros((3, 1, 1)), "next_achieved": jnp.zeros((3, 1, 1)),
-                           "traj_id": jnp.zeros((3, 1), jnp.int32), "ended": jnp.zeros((3, 1), bool),
-                           "terminated": jnp.zeros((3, 1), bool)}
+    chunk = lambda start: {
+        "obs": jnp.full((3, 1, 3), start, jnp.float32) + jnp.arange(3.0)[:, None, None],
+        "action": jnp.zeros((3, 1, 1)),
+        "next_achieved": jnp.zeros((3, 1, 1)),
+        "traj_id": jnp.zeros((3, 1), jnp.int32),
+        "ended": jnp.zeros((3, 1), bool),
+        "terminated": jnp.zeros((3, 1), bool),
+    }
     buf = sac_her.buffer_insert(sac_her.buffer_insert(buf, chunk(0.0)), chunk(10.0))
     np.testing.assert_array_equal(np.asarray(buf["obs"][:, 0, 0]), [11.0, 12.0, 2.0, 10.0])
     assert int(buf["insert_pos"]) == 2 and int(buf["size"]) == 4
@@ -113,12 +118,18 @@ def test_critic_loss_on_a_tiny_batch_matches_a_hand_computation():
     ts = sac_her.init_train_state(jax.random.PRNGKey(0), nets, sac_her.optax.adam(1e-3), 5, 2)
     target_critic = jax.tree_util.tree_map(lambda x: x + 0.1, ts["params"]["critic"])  # differ from online
     rng = np.random.default_rng(0)
-    batch = {"obs": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "action": jnp.asarray(rng.uniform(-1, 1, (3, 2)), jnp.float32),
-             "next_obs": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "reward": jnp.array([1.0, 0.0, 1.0]),
-             "bootstrap": jnp.array([1.0, 1.0, 0.0]), "valid": jnp.array([1.0, 0.0, 1.0])}
+    batch = {
+        "obs": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        "action": jnp.asarray(rng.uniform(-1, 1, (3, 2)), jnp.float32),
+        "next_obs": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        "reward": jnp.array([1.0, 0.0, 1.0]),
+        "bootstrap": jnp.array([1.0, 1.0, 0.0]),
+        "valid": jnp.array([1.0, 0.0, 1.0]),
+    }
     log_alpha, key = jnp.log(0.5), jax.random.PRNGKey(3)
-    loss, _ = sac_her.critic_loss_fn(ts["params"]["critic"], target_critic, ts["params"]["actor"], log_alpha, batch,
-                                     key, nets, 0.9)
+    loss, _ = sac_her.critic_loss_fn(
+        ts["params"]["critic"], target_critic, ts["params"]["actor"], log_alpha, batch, key, nets, 0.9
+    )
     actor, critic = nets
     a_next, logp_next = sac_her.sample_action(*actor.apply(ts["params"]["actor"], batch["next_obs"]), key)
     q_next = np.asarray(critic.apply(target_critic, batch["next_obs"], a_next))  # [2, 3]
@@ -143,24 +154,59 @@ def run_script(*flags, check=True, full_optimization=False):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "WANDB_MODE": "disabled"}
     if full_optimization:  # a compute-bound learning run: drop conftest's fast-compile XLA level
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sac_her.py"), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sac_her.py"), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-TINY = ["--env", "reacher", "--depth", "4", "--width", "16", "--num-envs", "4", "--num-eval-envs", "4",
-        "--episode-length", "20", "--unroll-length", "5", "--sgd-steps-per-train-step", "2", "--batch-size", "8",
-        "--replay-size", "50", "--min-replay-size", "10", "--total-env-steps", "200", "--num-epochs", "2"]
+TINY = [
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "16",
+    "--num-envs",
+    "4",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "20",
+    "--unroll-length",
+    "5",
+    "--sgd-steps-per-train-step",
+    "2",
+    "--batch-size",
+    "8",
+    "--replay-size",
+    "50",
+    "--min-replay-size",
+    "10",
+    "--total-env-steps",
+    "200",
+    "--num-epochs",
+    "2",
+]
 
 
 def test_bad_input_fails_early_with_one_line(capsys):
     proc = run_script("--env", "nope", check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown env 'nope'")
-    for flags, message in [({"depth": 6}, "error: --depth must be a positive multiple of 4 (got 6)"),
-                           ({"min_replay_size": 20, "replay_size": 10},
-                            "error: --min-replay-size 20 exceeds --replay-size 10 (steps per env)")]:
+    for flags, message in [
+        ({"depth": 6}, "error: --depth must be a positive multiple of 4 (got 6)"),
+        (
+            {"min_replay_size": 20, "replay_size": 10},
+            "error: --min-replay-size 20 exceeds --replay-size 10 (steps per env)",
+        ),
+    ]:
         with pytest.raises(SystemExit) as stop:
             sac_her.check_args(sac_her.Args(env="reacher", **flags), ("reacher",), 1)
         assert stop.value.code == message
@@ -178,8 +224,9 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path):
     checkpoint = sac_her.load_checkpoint(str(run))
     assert set(checkpoint["params"]) == {"actor", "critic"} and checkpoint["epoch"] == 1
     # Pretend the run stopped after epoch 0: resume must redo epoch 1 only and finish the summary.
-    sac_her.save_checkpoint(str(run), sac_her.Args(**checkpoint["args"]), checkpoint["state"], 0, rows[0]["env_steps"],
-                            rows[0]["wall_time"])
+    sac_her.save_checkpoint(
+        str(run), sac_her.Args(**checkpoint["args"]), checkpoint["state"], 0, rows[0]["env_steps"], rows[0]["wall_time"]
+    )
     (run / "summary.json").unlink()
     run_script("--resume", str(run))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -208,14 +255,48 @@ def random_policy_success(episode_length, num_envs=256):
 
 @pytest.mark.slow
 def test_sac_her_learns_to_reach_on_reacher(tmp_path):
-    run_script("--env", "reacher", "--depth", "4", "--width", "64", "--num-envs", "16", "--num-eval-envs", "64",
-               "--episode-length", "100", "--unroll-length", "10", "--sgd-steps-per-train-step", "40",
-               "--batch-size", "256", "--replay-size", "2000", "--min-replay-size", "100", "--learning-rate", "1e-3",
-               "--total-env-steps", "21000", "--num-epochs", "3", "--seed", "0",
-               "--run-dir", str(tmp_path), "--run-name", "learn", full_optimization=True)
+    run_script(
+        "--env",
+        "reacher",
+        "--depth",
+        "4",
+        "--width",
+        "64",
+        "--num-envs",
+        "16",
+        "--num-eval-envs",
+        "64",
+        "--episode-length",
+        "100",
+        "--unroll-length",
+        "10",
+        "--sgd-steps-per-train-step",
+        "40",
+        "--batch-size",
+        "256",
+        "--replay-size",
+        "2000",
+        "--min-replay-size",
+        "100",
+        "--learning-rate",
+        "1e-3",
+        "--total-env-steps",
+        "21000",
+        "--num-epochs",
+        "3",
+        "--seed",
+        "0",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "learn",
+        full_optimization=True,
+    )
     rows = [json.loads(line) for line in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     final = rows[-2]["eval/episode_success"]
     baseline = random_policy_success(100)
-    print(f"SAC+HER reacher: eval/episode_success per epoch {[round(r['eval/episode_success'], 1) for r in rows[:-1]]}, "
-          f"random policy {baseline:.1f} (steps near the goal out of 100)")
+    print(
+        f"SAC+HER reacher: eval/episode_success per epoch {[round(r['eval/episode_success'], 1) for r in rows[:-1]]}, "
+        f"random policy {baseline:.1f} (steps near the goal out of 100)"
+    )
     assert final > 3 * baseline

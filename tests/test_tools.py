@@ -1,4 +1,5 @@
 """Figures and videos of tools/ from small run folders: curves, table, Q map, video."""
+
 import dataclasses
 import json
 import os
@@ -14,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Rendering needs OSMesa on CPU (apt-get install libosmesa6) or EGL on a GPU machine.
 needs_gl = pytest.mark.skipif(
     chosen_backend() == "osmesa" and not osmesa_available(),
-    reason="no OpenGL backend for MuJoCo: apt-get install libosmesa6 (or MUJOCO_GL=egl with a GPU)")
+    reason="no OpenGL backend for MuJoCo: apt-get install libosmesa6 (or MUJOCO_GL=egl with a GPU)",
+)
 
 
 # ---------------------------------------------------------------- learning curves and the table
@@ -23,7 +25,9 @@ needs_gl = pytest.mark.skipif(
 def _fake_run(root, name, env, depth, seed, ys, summary=None):
     path = root / name
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": {"env": env, "depth": depth, "seed": seed}}))
+    (path / "config.json").write_text(
+        json.dumps({"script": "crl_deep", "args": {"env": env, "depth": depth, "seed": seed}})
+    )
     lines = [json.dumps({"epoch": e, "env_steps": 1000 * (e + 1), "eval/episode_success": y}) for e, y in enumerate(ys)]
     if summary is not None:
         lines.append(json.dumps({"summary": True, "eval/episode_success_last5": summary}))
@@ -254,11 +258,24 @@ def test_collector_learner_plot_from_run_folders(tmp_path):
     for seed in (0, 1):
         path = tmp_path / f"cl_s{seed}"
         path.mkdir()
-        (path / "config.json").write_text(json.dumps({"script": "collector_learner", "args": {
-            "env": "ant_big_maze", "collector_depth": 32, "learner_depths": [4, 32], "seed": seed}}))
-        rows = [{"epoch": e, "env_steps": 100 * (e + 1), "eval/collector_d32/episode_success": 10.0 * e,
-                 "eval/learner_d4/episode_success": 1.0 * e, "eval/learner_d32/episode_success": 8.0 * e}
-                for e in range(4)]
+        (path / "config.json").write_text(
+            json.dumps(
+                {
+                    "script": "collector_learner",
+                    "args": {"env": "ant_big_maze", "collector_depth": 32, "learner_depths": [4, 32], "seed": seed},
+                }
+            )
+        )
+        rows = [
+            {
+                "epoch": e,
+                "env_steps": 100 * (e + 1),
+                "eval/collector_d32/episode_success": 10.0 * e,
+                "eval/learner_d4/episode_success": 1.0 * e,
+                "eval/learner_d32/episode_success": 8.0 * e,
+            }
+            for e in range(4)
+        ]
         (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert collector_learner.agent_names(32, [4, 32]) == ["collector_d32", "learner_d4", "learner_d32"]
     out = str(tmp_path / "cl.png")

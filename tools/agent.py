@@ -3,6 +3,7 @@
 Shared by the analysis tools (Q map, representations, residual norms, videos). Only crl_deep.py
 checkpoints are supported: the figures need its critic encoders phi(s, a) and psi(g).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,11 @@ class Agent:
     @property
     def label(self) -> str:
         a = self.args
-        depth = f"d{a.depth}" if not (a.actor_depth or a.critic_depth) else \
-            f"actor d{a.actor_depth or a.depth} / critic d{a.critic_depth or a.depth}"
+        depth = (
+            f"d{a.depth}"
+            if not (a.actor_depth or a.critic_depth)
+            else f"actor d{a.actor_depth or a.depth} / critic d{a.critic_depth or a.depth}"
+        )
         return f"{depth}, w{a.width} ({os.path.basename(os.path.normpath(self.run_path))})"
 
     def with_params(self, params) -> Agent:
@@ -74,8 +78,15 @@ def load_agent(path: str) -> Agent:
 
     env = envs.make(args.env)
     nets = module.build_networks(args, env.observation_size, len(env.goal_indices), env.action_size)
-    return Agent(run_path=run_path, module=module, args=args, params=ckpt["params"], nets=nets,
-                 epoch=int(ckpt.get("epoch", -1)), env_steps=int(ckpt.get("env_steps", 0)))
+    return Agent(
+        run_path=run_path,
+        module=module,
+        args=args,
+        params=ckpt["params"],
+        nets=nets,
+        epoch=int(ckpt.get("epoch", -1)),
+        env_steps=int(ckpt.get("env_steps", 0)),
+    )
 
 
 def rollout(env, agent: Agent, key, num_envs: int, num_steps: int):
@@ -103,14 +114,27 @@ def rollout(env, agent: Agent, key, num_envs: int, num_steps: int):
 
         first = (state.obs, state.pipeline_state.q, state.metrics["success"], state.metrics["dist"])
         _, (obs, actions, q, success, dist, alive) = jax.lax.scan(
-            step, (state, jnp.ones(num_envs)), None, length=num_steps)
+            step, (state, jnp.ones(num_envs)), None, length=num_steps
+        )
         cat = lambda a, b: jnp.concatenate([a[None], b])  # noqa: E731
-        return (cat(first[0], obs), actions, cat(first[1], q), cat(first[2], success), cat(first[3], dist),
-                cat(jnp.ones(num_envs), alive))
+        return (
+            cat(first[0], obs),
+            actions,
+            cat(first[1], q),
+            cat(first[2], success),
+            cat(first[3], dist),
+            cat(jnp.ones(num_envs), alive),
+        )
 
     obs, actions, q, success, dist, alive = jax.device_get(run(agent.params, key))
-    return {"obs": np.asarray(obs), "actions": np.asarray(actions), "qpos": np.asarray(q),
-            "success": np.asarray(success), "dist": np.asarray(dist), "alive": np.asarray(alive) > 0.5}
+    return {
+        "obs": np.asarray(obs),
+        "actions": np.asarray(actions),
+        "qpos": np.asarray(q),
+        "success": np.asarray(success),
+        "dist": np.asarray(dist),
+        "alive": np.asarray(alive) > 0.5,
+    }
 
 
 def best_episode(traj: dict) -> int:

@@ -14,6 +14,7 @@ Outputs in `<run-dir>/<run-name>/`: config.json, metrics.jsonl (`eval/<agent>/<m
 `training/<agent>/<metric>` with agents `collector_d<D>` and `learner_d<D>`), summary.json and
 collector_learner.png (success over env steps, one line per agent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,21 @@ def make_epoch_fn(crl, env, collector_nets, learner_nets, collector_args, learne
     def train_step(carry, _):
         key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
         env_state, states, actions, traj_ids = crl.collect_unroll(
-            env, collector_nets.actor, carry["agents"][0]["params"]["actor"], carry["env_state"], k_collect,
-            args.unroll_length, dims.state_dim)
+            env,
+            collector_nets.actor,
+            carry["agents"][0]["params"]["actor"],
+            carry["env_state"],
+            k_collect,
+            args.unroll_length,
+            dims.state_dim,
+        )
         buffer = crl.buffer_insert(carry["buffer"], states, actions, traj_ids)
         (agents, buffer), metrics = jax.lax.scan(
-            sgd, (carry["agents"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step))
-        return {"agents": agents, "buffer": buffer, "env_state": env_state, "key": key}, \
-            jax.tree_util.tree_map(jnp.mean, metrics)
+            sgd, (carry["agents"], buffer), jax.random.split(k_sgd, args.sgd_steps_per_train_step)
+        )
+        return {"agents": agents, "buffer": buffer, "env_state": env_state, "key": key}, jax.tree_util.tree_map(
+            jnp.mean, metrics
+        )
 
     def epoch(carry):
         carry, metrics = jax.lax.scan(train_step, carry, None, length=num_train_steps)
@@ -92,8 +101,14 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
     if os.path.exists(os.path.join(run_path, "summary.json")):
         raise SystemExit(f"error: {run_path} already holds a finished run")
     os.makedirs(run_path, exist_ok=True)
-    config = {"script": "collector_learner", "args": {**dataclasses.asdict(base), "collector_depth": collector_depth,
-                                                      "learner_depths": list(learner_depths)}}
+    config = {
+        "script": "collector_learner",
+        "args": {
+            **dataclasses.asdict(base),
+            "collector_depth": collector_depth,
+            "learner_depths": list(learner_depths),
+        },
+    }
     atomic_write(os.path.join(run_path, "config.json"), json.dumps(config, indent=2))
 
     raw_env = envs.make(base.env)
@@ -107,21 +122,39 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
     # crl_deep.py's key schedule, so the collector is the run crl_deep.py makes with the same flags
     key, k_init, k_reset, k_eval = jax.random.split(jax.random.PRNGKey(base.seed), 4)
     k_inits = [k_init] + [jax.random.fold_in(k_init, i) for i in range(1, len(all_nets))]
-    agents = [crl.init_train_state(k, n, crl.make_optimizers(a), a, dims)
-              for k, n, a in zip(k_inits, all_nets, [collector_args] + learner_args)]
-    carry = {"train_state": agents[0],
-             "buffer": crl.buffer_init(base.replay_size, base.num_envs, dims.state_dim, dims.action_size),
-             "env_state": jax.jit(env.reset)(jax.random.split(k_reset, base.num_envs)), "key": key}
-    carry = jax.jit(lambda c: crl.prefill(c, env, collector_nets, collector_args, dims, crl.prefill_unrolls(base)))(carry)
+    agents = [
+        crl.init_train_state(k, n, crl.make_optimizers(a), a, dims)
+        for k, n, a in zip(k_inits, all_nets, [collector_args] + learner_args)
+    ]
+    carry = {
+        "train_state": agents[0],
+        "buffer": crl.buffer_init(base.replay_size, base.num_envs, dims.state_dim, dims.action_size),
+        "env_state": jax.jit(env.reset)(jax.random.split(k_reset, base.num_envs)),
+        "key": key,
+    }
+    carry = jax.jit(lambda c: crl.prefill(c, env, collector_nets, collector_args, dims, crl.prefill_unrolls(base)))(
+        carry
+    )
     carry = {"agents": agents, "buffer": carry["buffer"], "env_state": carry["env_state"], "key": carry["key"]}
     num_train_steps = crl.train_steps_per_epoch(base)
-    epoch_fn = make_epoch_fn(crl, env, collector_nets, learner_nets, collector_args, learner_args, dims, num_train_steps)
+    epoch_fn = make_epoch_fn(
+        crl, env, collector_nets, learner_nets, collector_args, learner_args, dims, num_train_steps
+    )
     steps_per_epoch = num_train_steps * base.num_envs * base.unroll_length
     env_steps = crl.prefill_unrolls(base) * base.unroll_length * base.num_envs
 
-    evaluators = [jax.jit(lambda p, k, n=n: envs.evaluate(
-        eval_env, lambda obs: crl.deterministic_action(n.actor, p, obs), k, base.num_eval_envs, base.episode_length))
-        for n in all_nets]
+    evaluators = [
+        jax.jit(
+            lambda p, k, n=n: envs.evaluate(
+                eval_env,
+                lambda obs: crl.deterministic_action(n.actor, p, obs),
+                k,
+                base.num_eval_envs,
+                base.episode_length,
+            )
+        )
+        for n in all_nets
+    ]
     metrics_path = os.path.join(run_path, "metrics.jsonl")
     open(metrics_path, "w").close()
     history, start = [], time.time()
@@ -131,22 +164,40 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
         train_metrics = jax.device_get(train_metrics)
         epoch_seconds = time.time() - t0
         env_steps += steps_per_epoch
-        record = {"epoch": epoch, "env_steps": env_steps, "wall_time": time.time() - start,
-                  "sps": steps_per_epoch / epoch_seconds}
+        record = {
+            "epoch": epoch,
+            "env_steps": env_steps,
+            "wall_time": time.time() - start,
+            "sps": steps_per_epoch / epoch_seconds,
+        }
         k_epoch = jax.random.fold_in(k_eval, epoch)
         evals = {}
         for name, ts, m, ev in zip(names, carry["agents"], train_metrics, evaluators):
             record.update({f"training/{name}/{k}": float(v) for k, v in m.items()})
-            evals.update({f"eval/{name}/{k}": float(v) for k, v in jax.device_get(ev(ts["params"]["actor"], k_epoch)).items()})
+            evals.update(
+                {f"eval/{name}/{k}": float(v) for k, v in jax.device_get(ev(ts["params"]["actor"], k_epoch)).items()}
+            )
         record.update(evals)
         history.append(evals)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(json.dumps({"epoch": epoch, "env_steps": env_steps,
-                          **{n: round(evals[f"eval/{n}/episode_success"], 2) for n in names}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "epoch": epoch,
+                    "env_steps": env_steps,
+                    **{n: round(evals[f"eval/{n}/episode_success"], 2) for n in names},
+                }
+            ),
+            flush=True,
+        )
     last5 = history[-5:]
-    summary = {"summary": True, "epochs": len(history), "env_steps": env_steps,
-               **{f"{k}_last5": float(np.mean([h[k] for h in last5])) for k in last5[0]}}
+    summary = {
+        "summary": True,
+        "epochs": len(history),
+        "env_steps": env_steps,
+        **{f"{k}_last5": float(np.mean([h[k] for h in last5])) for k in last5[0]},
+    }
     with open(metrics_path, "a") as f:
         f.write(json.dumps(summary) + "\n")
     plot([run_path], os.path.join(run_path, "collector_learner.png"))
@@ -181,7 +232,7 @@ def plot(paths: list[str], out: str, metric: str = "episode_success") -> None:
             y = np.array([s[1][:length] for s in series])
             role, depth = name.split("_d")
             label = f"{role}, depth {depth}" + (" (acts, fills the buffer)" if role == "collector" else "")
-            line, = ax.plot(x, y.mean(0), style, lw=2, marker="o" if length < 15 else None, ms=3, label=label)
+            (line,) = ax.plot(x, y.mean(0), style, lw=2, marker="o" if length < 15 else None, ms=3, label=label)
             if len(members) > 1:
                 ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.2)
         ax.set_title(f"{env_id}: collector depth {cdepth} ({len(members)} seed{'s' * (len(members) > 1)})")
@@ -199,10 +250,20 @@ def plot(paths: list[str], out: str, metric: str = "episode_success") -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--collector-depth", type=int, default=32)
-    parser.add_argument("--learner-depths", type=int, nargs="+", default=[4, 32],
-                        help="depths of the learners (never act; train on the collector's batches)")
-    parser.add_argument("--plot", nargs="+", default=None, metavar="RUN",
-                        help="only plot these run folders (or folders of them) to --out")
+    parser.add_argument(
+        "--learner-depths",
+        type=int,
+        nargs="+",
+        default=[4, 32],
+        help="depths of the learners (never act; train on the collector's batches)",
+    )
+    parser.add_argument(
+        "--plot",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="only plot these run folders (or folders of them) to --out",
+    )
     parser.add_argument("--out", default="figures/collector_learner.png", help="figure path for --plot")
     args, crl_argv = parser.parse_known_args(argv)
     try:

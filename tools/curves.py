@@ -7,6 +7,7 @@ One panel per environment, one line per group (e.g. per depth): the mean over se
 with a single seed). The table (`<table>.md` and `<table>.csv`) gives each (env, group)'s score: the
 mean of the last 5 evaluations per run, then mean, std and count over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,15 @@ def plot_curves(runs, group_by, metric, out, facet_by="env", title=None):
             if x.size == 0:
                 continue
             seeds = len(members)
-            ax.plot(x, m, color=colors[g], lw=2, marker="o" if x.size < 15 else None, ms=3,
-                    label=f"{_label(group_by, g)} ({seeds} seed{'s' * (seeds > 1)})")
+            ax.plot(
+                x,
+                m,
+                color=colors[g],
+                lw=2,
+                marker="o" if x.size < 15 else None,
+                ms=3,
+                label=f"{_label(group_by, g)} ({seeds} seed{'s' * (seeds > 1)})",
+            )
             if seeds > 1:
                 ax.fill_between(x, m - s, m + s, color=colors[g], alpha=0.2, lw=0)
         lows = [np.nanmin(r.series(metric)[1]) for g in groups.values() for r in g if r.series(metric)[1]]
@@ -105,13 +113,15 @@ def score_table(runs, group_by, metric, facet_by="env") -> list[dict]:
             scores = np.array([r.score(metric) for r in members], dtype=float)
             scores = scores[~np.isnan(scores)]
             row = {facet_by: facet, **dict(zip(group_by, g))}
-            row.update({
-                "score_mean": float(scores.mean()) if scores.size else math.nan,
-                "score_std": float(scores.std()) if scores.size else math.nan,
-                "seeds": int(scores.size),
-                "finished": sum(r.finished for r in members),
-                "env_steps": max((r.epochs[-1].get("env_steps", 0) for r in members if r.epochs), default=0),
-            })
+            row.update(
+                {
+                    "score_mean": float(scores.mean()) if scores.size else math.nan,
+                    "score_std": float(scores.std()) if scores.size else math.nan,
+                    "seeds": int(scores.size),
+                    "finished": sum(r.finished for r in members),
+                    "env_steps": max((r.epochs[-1].get("env_steps", 0) for r in members if r.epochs), default=0),
+                }
+            )
             rows.append(row)
     return rows
 
@@ -128,9 +138,12 @@ def write_table(rows: list[dict], metric: str, stem: str) -> tuple[str, str]:
     atomic_write(stem + ".csv", buf.getvalue())
     score_keys = {"score_mean", "score_std"}
     head = [k for k in keys if k not in score_keys]
-    lines = [f"Score = mean of the last 5 evaluations of `{metric}` per run; mean +- std over seeds.", "",
-             "| " + " | ".join(head[:-3] + ["score", "seeds", "finished", "env steps"]) + " |",
-             "|" + "---|" * (len(head) + 1)]
+    lines = [
+        f"Score = mean of the last 5 evaluations of `{metric}` per run; mean +- std over seeds.",
+        "",
+        "| " + " | ".join(head[:-3] + ["score", "seeds", "finished", "env steps"]) + " |",
+        "|" + "---|" * (len(head) + 1),
+    ]
     for r in rows:
         cells = [str(r[k]) for k in head[:-3]]
         cells.append(f"{r['score_mean']:.2f} +- {r['score_std']:.2f}")

@@ -13,6 +13,7 @@ so an interrupted grid is finished by running the same command again.
 not part of the run name: use a separate `--runs-dir` for smoke tests so they never count as the
 real runs. Extra arguments after `--` go to every run unchanged (e.g. `-- --track`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +78,15 @@ def load_sweep(path: str) -> Sweep:
             raise ValueError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
         for v in values:
             if not isinstance(v, (bool, int, float, str)):
-                raise ValueError(f"{path}: parameter {name!r}: value {v!r} is not a scalar (wandb would pass "
-                                 f"--{name}={v}, which the scripts cannot parse)")
+                raise ValueError(
+                    f"{path}: parameter {name!r}: value {v!r} is not a scalar (wandb would pass "
+                    f"--{name}={v}, which the scripts cannot parse)"
+                )
             if v is False:
-                raise ValueError(f"{path}: parameter {name!r}: False is dropped by {WANDB_ARGS_MACRO}; "
-                                 f"leave the default or use a --no-... value in the script")
+                raise ValueError(
+                    f"{path}: parameter {name!r}: False is dropped by {WANDB_ARGS_MACRO}; "
+                    f"leave the default or use a --no-... value in the script"
+                )
         grid[name] = values
     name = spec.get("name") or os.path.splitext(os.path.basename(path))[0]
     return Sweep(path=path, name=name, program=spec["program"], grid=grid)
@@ -135,7 +140,8 @@ def can_resume(runs_dir: str, run: Run) -> bool:
     """Interrupted after at least one checkpoint: the script's --resume continues it."""
     # checkpoint.pkl: a run of the old format, which the script's --resume then names in a one-line error
     return not is_finished(runs_dir, run) and any(
-        os.path.exists(os.path.join(runs_dir, run.name, name)) for name in ("checkpoint.msgpack", "checkpoint.pkl"))
+        os.path.exists(os.path.join(runs_dir, run.name, name)) for name in ("checkpoint.msgpack", "checkpoint.pkl")
+    )
 
 
 def command(sweep: Sweep, run: Run, runs_dir: str, python: str, extra: list[str], resume: bool = False) -> list[str]:
@@ -233,12 +239,25 @@ def main(argv=None) -> int:
     parser.add_argument("sweep", help="path of a sweep yaml (sweeps/*.yaml)")
     parser.add_argument("--runs-dir", default="runs", help="parent folder of the run folders")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                        help="keep grid points where KEY equals VALUE (repeat a key to allow several)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter in every run (not part of the run name)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the commands and parse each with the program's tyro Args; run nothing")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep grid points where KEY equals VALUE (repeat a key to allow several)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter in every run (not part of the run name)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the commands and parse each with the program's tyro Args; run nothing",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
@@ -265,8 +284,17 @@ def main(argv=None) -> int:
     if args.dry_run:
         for run in runs:
             done = "finished" if is_finished(args.runs_dir, run) else "todo"
-            print(json.dumps({"run": run.name, "status": done, "command": command(
-            sweep, run, args.runs_dir, args.python, extra, can_resume(args.runs_dir, run))}))
+            print(
+                json.dumps(
+                    {
+                        "run": run.name,
+                        "status": done,
+                        "command": command(
+                            sweep, run, args.runs_dir, args.python, extra, can_resume(args.runs_dir, run)
+                        ),
+                    }
+                )
+            )
         print(f"{len(runs)} runs; every command line parses with {sweep.program}'s Args", file=sys.stderr)
         return 0
     failed = run_all(sweep, runs, args.runs_dir, args.python, extra, args.parallel)

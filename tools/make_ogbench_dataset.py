@@ -12,6 +12,7 @@ Policies: `random` (uniform actions; any env) and `noisy_oracle` (point mazes on
 next cell of the shortest path to a goal cell, plus Gaussian noise; a new random goal cell each time
 one is reached, like OGBench's navigate data). Start cells are drawn uniformly among free cells.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,9 +58,11 @@ def check_args(args: Args) -> None:
 def make_env(name: str, trajectory_length: int):
     """The env without its goal termination and with a time limit past the trajectory length."""
     import ogbench
+
     try:
-        return ogbench.make_env_and_datasets(name, env_only=True, terminate_at_goal=False,
-                                             max_episode_steps=trajectory_length + 1)
+        return ogbench.make_env_and_datasets(
+            name, env_only=True, terminate_at_goal=False, max_episode_steps=trajectory_length + 1
+        )
     except Exception as e:  # gymnasium raises several types for unknown names
         raise SystemExit(f"error: cannot make OGBench env {name!r} ({e})") from None
 

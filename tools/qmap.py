@@ -10,6 +10,7 @@ share one row of panels, each with its own colour scale (energies of different n
 comparable). The default goal is the `_eval` layout's goal cell farthest from the start along the
 corridors (so the wall lies between them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def q_grid(agent: Agent, env, goal_xy, points_per_cell: int = 8, key_seed: int =
     state = jax.jit(env.reset)(jax.random.PRNGKey(key_seed))
     base = np.array(state.obs[: env.state_dim])
     xy_idx = list(env.goal_indices[:2])  # the torso x, y entries of the state
-    goal = np.array(state.obs[env.state_dim:])
+    goal = np.array(state.obs[env.state_dim :])
     goal[:2] = goal_xy
     states = np.repeat(base[None], gx.size, 0)
     states[:, xy_idx[0]] = gx.ravel()
@@ -110,12 +111,19 @@ def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
     for ax, agent in zip(axes[0], agents):
         xs, ys, v, maze = q_grid(agent, env, goal_xy)
         half = maze.scale / 2
-        extent = (xs[0] - (xs[1] - xs[0]) / 2, xs[-1] + (xs[1] - xs[0]) / 2,
-                  ys[0] - (ys[1] - ys[0]) / 2, ys[-1] + (ys[1] - ys[0]) / 2)
+        extent = (
+            xs[0] - (xs[1] - xs[0]) / 2,
+            xs[-1] + (xs[1] - xs[0]) / 2,
+            ys[0] - (ys[1] - ys[0]) / 2,
+            ys[-1] + (ys[1] - ys[0]) / 2,
+        )
         im = ax.imshow(v, origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
-        for (wx, wy) in maze.walls:
-            ax.add_patch(patches.Rectangle((wx - half, wy - half), maze.scale, maze.scale,
-                                           facecolor="0.35", edgecolor="0.2", lw=0.5))
+        for wx, wy in maze.walls:
+            ax.add_patch(
+                patches.Rectangle(
+                    (wx - half, wy - half), maze.scale, maze.scale, facecolor="0.35", edgecolor="0.2", lw=0.5
+                )
+            )
         start = maze.starts[0]
         ax.plot(*start, marker="o", ms=10, mfc="white", mec="black", ls="none", label="start")
         ax.plot(*goal_xy, marker="*", ms=18, mfc="red", mec="white", ls="none", label="goal")
@@ -128,8 +136,9 @@ def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
         fig.colorbar(im, ax=ax, shrink=0.8, label=f"f(s, pi(s,g), g)  [{agent.args.energy}]")
         finite = v[np.isfinite(v)]
-        stats.append({"run": agent.run_path, "points": int(finite.size), "min": float(finite.min()),
-                      "max": float(finite.max())})
+        stats.append(
+            {"run": agent.run_path, "points": int(finite.size), "min": float(finite.min()), "max": float(finite.max())}
+        )
     fig.suptitle("Critic value of reaching the goal (red star) from each torso position; walls grey", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out)
@@ -141,8 +150,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="crl_deep run folders (same maze env)")
     parser.add_argument("--out", default="figures/qmap.png")
-    parser.add_argument("--goal", nargs=2, type=float, default=None, metavar=("X", "Y"),
-                        help="goal position; default: the eval layout goal cell farthest from the start by path")
+    parser.add_argument(
+        "--goal",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("X", "Y"),
+        help="goal position; default: the eval layout goal cell farthest from the start by path",
+    )
     args = parser.parse_args(argv)
     try:
         stats = plot_qmaps(args.runs, args.out, args.goal)

@@ -4,6 +4,7 @@ MuJoCo's offscreen renderer needs an OpenGL backend chosen before `mujoco` is im
 `MUJOCO_GL=osmesa` on CPU machines (Debian/Ubuntu package `libosmesa6`), `MUJOCO_GL=egl` on GPU
 machines. `setup_gl()` picks osmesa when nothing is set and no GPU device is visible.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,10 @@ def setup_gl() -> str:
     os.environ["MUJOCO_GL"] = backend = chosen_backend()
     if backend == "osmesa":
         if not osmesa_available():
-            raise RuntimeError("MuJoCo offscreen rendering on CPU needs OSMesa: apt-get install libosmesa6 "
-                               "(or MUJOCO_GL=egl on a GPU machine)")
+            raise RuntimeError(
+                "MuJoCo offscreen rendering on CPU needs OSMesa: apt-get install libosmesa6 "
+                "(or MUJOCO_GL=egl on a GPU machine)"
+            )
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     import mujoco.gl_context
 
@@ -46,8 +49,17 @@ def setup_gl() -> str:
     return backend
 
 
-def render_frames(mj_model, qpos_seq, goal_seq=None, goal_radius=0.1, width=480, height=360,
-                  camera="auto", root_body=1, scene_box=None):
+def render_frames(
+    mj_model,
+    qpos_seq,
+    goal_seq=None,
+    goal_radius=0.1,
+    width=480,
+    height=360,
+    camera="auto",
+    root_body=1,
+    scene_box=None,
+):
     """Renders one RGB frame (uint8 [H, W, 3]) per row of `qpos_seq` ([T, nq]).
 
     goal_seq ([T, 2 or 3]) adds a translucent green sphere of `goal_radius` (the env's success
@@ -110,8 +122,14 @@ def _add_goal_marker(scene, pos, radius):
 
     if scene.ngeom >= scene.maxgeom:
         return
-    mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE, np.full(3, radius), pos,
-                        np.eye(3).flatten(), np.array([0.1, 0.9, 0.2, 0.5], np.float32))
+    mujoco.mjv_initGeom(
+        scene.geoms[scene.ngeom],
+        mujoco.mjtGeom.mjGEOM_SPHERE,
+        np.full(3, radius),
+        pos,
+        np.eye(3).flatten(),
+        np.array([0.1, 0.9, 0.2, 0.5], np.float32),
+    )
     scene.ngeom += 1
 
 

@@ -10,6 +10,7 @@ critic value f(s_t, a_t, g) over the episode. The paper's observation: a shallow
 states near the goal tightly together, a deep one spreads them out; `near_goal_spread` (mean
 pairwise distance of phi over the at-goal steps, divided by that over all steps) measures it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def episode_embeddings(agent: Agent, env, steps: int, num_envs: int, seed: int) 
     alive = traj["alive"][:-1, i]  # steps with an action taken in a live state
     states = traj["obs"][:-1, i, : env.state_dim][alive]
     actions = traj["actions"][:, i][alive]
-    goal = traj["obs"][0, i, env.state_dim:]
+    goal = traj["obs"][0, i, env.state_dim :]
 
     @jax.jit
     def embed(params, states, actions, goal):
@@ -59,10 +60,17 @@ def episode_embeddings(agent: Agent, env, steps: int, num_envs: int, seed: int) 
         phi, psi = a.phi(states, actions), a.psi(goal[None])
         return phi, psi[0], agent.module.energy_rowwise(phi, jnp.broadcast_to(psi, phi.shape), agent.args.energy)
 
-    phi, psi, value = (np.asarray(x) for x in embed(agent.params, jnp.asarray(states), jnp.asarray(actions),
-                                                    jnp.asarray(goal)))
-    return {"phi": phi, "psi": psi, "value": value, "dist": traj["dist"][:-1, i][alive],
-            "success": traj["success"][:-1, i][alive] > 0.5, "episode": i}
+    phi, psi, value = (
+        np.asarray(x) for x in embed(agent.params, jnp.asarray(states), jnp.asarray(actions), jnp.asarray(goal))
+    )
+    return {
+        "phi": phi,
+        "psi": psi,
+        "value": value,
+        "dist": traj["dist"][:-1, i][alive],
+        "success": traj["success"][:-1, i][alive] > 0.5,
+        "episode": i,
+    }
 
 
 def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0) -> list[dict]:
@@ -74,8 +82,9 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
     import envs
 
     agents = [load_agent(p) for p in paths]
-    fig, axes = plt.subplots(2, len(agents), figsize=(5.2 * len(agents), 8.0), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2]})
+    fig, axes = plt.subplots(
+        2, len(agents), figsize=(5.2 * len(agents), 8.0), squeeze=False, gridspec_kw={"height_ratios": [3, 2]}
+    )
     stats = []
     for col, agent in enumerate(agents):
         eid = env_id or envs.eval_variant(agent.args.env)
@@ -87,12 +96,22 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
         ax.plot(proj[:, 0], proj[:, 1], color="0.7", lw=0.8, zorder=1)
         sc = ax.scatter(proj[:, 0], proj[:, 1], c=t, cmap="viridis", s=14, zorder=2)
         if e["success"].any():
-            ax.scatter(proj[e["success"], 0], proj[e["success"], 1], s=40, facecolors="none",
-                       edgecolors="red", lw=0.8, zorder=3)
+            ax.scatter(
+                proj[e["success"], 0],
+                proj[e["success"], 1],
+                s=40,
+                facecolors="none",
+                edgecolors="red",
+                lw=0.8,
+                zorder=3,
+            )
         ax.scatter(goal_proj[:, 0], goal_proj[:, 1], marker="*", s=300, c="red", edgecolors="white", zorder=4)
-        ax.set_title(f"{eid}: {agent.label}\nphi(s,a) along episode {e['episode']}, PCA 2-D "
-                     f"({100 * ratio:.0f}% of variance)\nred star: psi(goal); red rings: steps at the goal "
-                     f"({int(e['success'].sum())})", fontsize=9)
+        ax.set_title(
+            f"{eid}: {agent.label}\nphi(s,a) along episode {e['episode']}, PCA 2-D "
+            f"({100 * ratio:.0f}% of variance)\nred star: psi(goal); red rings: steps at the goal "
+            f"({int(e['success'].sum())})",
+            fontsize=9,
+        )
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         fig.colorbar(sc, ax=ax, label="time step")
@@ -108,11 +127,17 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
         ax.legend(handles=handles, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
         spread_goal = mean_pairwise_distance(e["phi"][e["success"]])
         spread_all = mean_pairwise_distance(e["phi"])
-        stats.append({"run": agent.run_path, "env": eid, "episode": e["episode"], "steps": int(len(t)),
-                      "steps_at_goal": int(e["success"].sum()),
-                      # None (JSON null) when fewer than two steps reached the goal
-                      "near_goal_spread": spread_goal / spread_all if spread_all > 0 and np.isfinite(spread_goal)
-                      else None})
+        stats.append(
+            {
+                "run": agent.run_path,
+                "env": eid,
+                "episode": e["episode"],
+                "steps": int(len(t)),
+                "steps_at_goal": int(e["success"].sum()),
+                # None (JSON null) when fewer than two steps reached the goal
+                "near_goal_spread": spread_goal / spread_all if spread_all > 0 and np.isfinite(spread_goal) else None,
+            }
+        )
     fig.suptitle("State-action representations along the most successful episode", fontsize=11)
     fig.tight_layout()
     save_figure(fig, out)

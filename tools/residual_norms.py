@@ -9,6 +9,7 @@ crl_deep's residual blocks record the batch-mean L2 norm of the branch (before t
 Panels: actor, phi(s, a), psi(g); one line per run, x = block index (block k holds layers
 4k+1..4k+4). The paper reports norms shrinking with block index in deep critics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def residual_norms(agent: Agent, obs, actions, state_dim: int) -> dict:
     import jax.numpy as jnp
 
     obs = jnp.asarray(obs)
-    inputs = {"actor": obs, "sa_encoder": jnp.concatenate([obs[:, :state_dim], jnp.asarray(actions)], -1),
-              "g_encoder": obs[:, state_dim:]}
+    inputs = {
+        "actor": obs,
+        "sa_encoder": jnp.concatenate([obs[:, :state_dim], jnp.asarray(actions)], -1),
+        "g_encoder": obs[:, state_dim:],
+    }
     out = {}
     for name, _ in NETWORKS:
         net = getattr(agent.nets, name)
@@ -68,10 +72,16 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
         color = cmap(0.9 * k / max(1, len(agents) - 1))
         for ax, (name, _) in zip(axes[0], NETWORKS):
             blocks = np.arange(1, len(norms[name]) + 1)
-            ax.plot(blocks, norms[name], marker="o" if len(blocks) <= 32 else None, ms=3, color=color,
-                    label=agent.label)
-        results.append({"run": agent.run_path, "batch": int(len(obs)),
-                        **{name: [round(float(v), 5) for v in norms[name]] for name, _ in NETWORKS}})
+            ax.plot(
+                blocks, norms[name], marker="o" if len(blocks) <= 32 else None, ms=3, color=color, label=agent.label
+            )
+        results.append(
+            {
+                "run": agent.run_path,
+                "batch": int(len(obs)),
+                **{name: [round(float(v), 5) for v in norms[name]] for name, _ in NETWORKS},
+            }
+        )
     for ax, (_, title) in zip(axes[0], NETWORKS):
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,5 +1,6 @@
 """Reading run folders (`runs/<run>/config.json`, `metrics.jsonl`, `summary.json`) and writing files
 atomically; shared by the figure tools. Needs nothing but the files on disk (no wandb)."""
+
 from __future__ import annotations
 
 import glob
@@ -69,8 +70,7 @@ def load_run(path: str) -> RunData:
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-    return RunData(path=path, script=cfg.get("script", "?"), args=cfg.get("args", {}), epochs=epochs,
-                   summary=summary)
+    return RunData(path=path, script=cfg.get("script", "?"), args=cfg.get("args", {}), epochs=epochs, summary=summary)
 
 
 def find_runs(paths: list[str]) -> list[RunData]:

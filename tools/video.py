@@ -9,6 +9,7 @@ a translucent green sphere of the success radius (plus the env's own target body
 On CPU MuJoCo renders through OSMesa (`apt-get install libosmesa6`); on GPU machines MUJOCO_GL=egl.
 `--html` also writes brax's interactive HTML viewer of the same episode (needs no OpenGL).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,19 @@ from tools.render import render_frames, write_video
 from tools.runs import atomic_write
 
 
-def make_video(run: str, out: str, env_id: str | None = None, steps: int = 1000, every: int = 2,
-               num_envs: int = 8, seed: int = 0, width: int = 640, height: int = 480, camera: str = "auto",
-               html: str | None = None) -> dict:
+def make_video(
+    run: str,
+    out: str,
+    env_id: str | None = None,
+    steps: int = 1000,
+    every: int = 2,
+    num_envs: int = 8,
+    seed: int = 0,
+    width: int = 640,
+    height: int = 480,
+    camera: str = "auto",
+    html: str | None = None,
+) -> dict:
     import jax
     import numpy as np
 
@@ -48,17 +59,25 @@ def make_video(run: str, out: str, env_id: str | None = None, steps: int = 1000,
     last = int(np.nonzero(alive)[0][-1])  # stop at termination (the raw env keeps stepping)
     idx = np.arange(0, last + 1, every)
     qpos = traj["qpos"][idx, i]
-    goals = traj["obs"][idx, i, env.state_dim:]
+    goals = traj["obs"][idx, i, env.state_dim :]
     scene_box = None
     if hasattr(env, "maze"):  # frame the maze, not the whole floor
         n_rows, n_cols, scale = len(env.maze.rows), len(env.maze.rows[0]), env.maze.scale
         scene_box = (((n_rows - 1) * scale / 2, (n_cols - 1) * scale / 2, 0.0), max(n_rows, n_cols) * scale)
-    frames = render_frames(env.sys.mj_model, qpos, goals, env.goal_reach_thresh, width, height, camera,
-                           scene_box=scene_box)
+    frames = render_frames(
+        env.sys.mj_model, qpos, goals, env.goal_reach_thresh, width, height, camera, scene_box=scene_box
+    )
     fps = 1.0 / (env.dt * every)
     write_video(frames, out, fps)
-    info = {"video": out, "env": env_id, "episode": i, "frames": len(frames), "fps": round(fps, 2),
-            "steps_at_goal": int((traj["success"][: last + 1, i]).sum()), "final_dist": float(traj["dist"][last, i])}
+    info = {
+        "video": out,
+        "env": env_id,
+        "episode": i,
+        "frames": len(frames),
+        "fps": round(fps, 2),
+        "steps_at_goal": int((traj["success"][: last + 1, i]).sum()),
+        "final_dist": float(traj["dist"][last, i]),
+    }
     if html:
         info["html"] = write_html(env, qpos, html)
     return info
@@ -91,8 +110,19 @@ def main(argv=None) -> int:
     parser.add_argument("--html", default=None, help="also write brax's HTML viewer to this path")
     args = parser.parse_args(argv)
     try:
-        info = make_video(args.run, args.out, args.env, args.steps, args.every, args.num_envs, args.seed,
-                          args.width, args.height, args.camera, args.html)
+        info = make_video(
+            args.run,
+            args.out,
+            args.env,
+            args.steps,
+            args.every,
+            args.num_envs,
+            args.seed,
+            args.width,
+            args.height,
+            args.camera,
+            args.html,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
