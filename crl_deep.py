@@ -44,6 +44,8 @@ class Args:
     """environment id (one of envs.ENV_IDS)"""
     eval_env: Optional[str] = None
     """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    true_inertia_obs: bool = False
+    """humanoid envs only: observe each link's physical inertia instead of the paper's code's features"""
     depth: int = 4
     """Dense layers inside the residual blocks of actor, phi and psi (a positive multiple of 4)"""
     actor_depth: Optional[int] = None
@@ -703,6 +705,8 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if args.eval_env is not None and args.eval_env not in env_ids:
         fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
+    if args.true_inertia_obs and not all(e.startswith("humanoid") for e in (args.env, args.eval_env or args.env)):
+        fail("--true-inertia-obs applies to humanoid envs only")
     check_common(args)
     if args.batch_size < 2:
         fail(f"--batch-size must be at least 2 for contrastive negatives (got {args.batch_size})")
@@ -1049,7 +1053,7 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
     state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
+    payload = flax.serialization.msgpack_serialize(nested_dict(state))
     config = dataclasses.asdict(args)
     header = {
         "format": CHECKPOINT_FORMAT,
@@ -1089,16 +1093,42 @@ def load_checkpoint(path: str) -> dict:
     }
 
 
+def _key_name(key) -> str:
+    """A pytree key path entry (dict key, dataclass field, sequence index) as a msgpack map key."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def nested_dict(tree) -> dict:
+    """Any pytree as nested dicts of its leaves, keyed by dict key, field name or index: the form flax
+    msgpack writes. Unlike flax's to_state_dict it also walks pytrees flax does not know (MJX's Data
+    inside the arm envs' states)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(_key_name(key), {})
+        node[_key_name(path[-1])] = leaf
+    return out
+
+
 def restore_state(template, saved: dict, path: str):
     """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
-    try:
-        restored = flax.serialization.from_state_dict(template, saved)
-        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
-    if not all(jax.tree_util.tree_leaves(same)):
-        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
-    return restored
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for key_path, like in paths_and_leaves:
+        node = saved
+        for key in key_path:
+            if not isinstance(node, dict) or _key_name(key) not in node:
+                where = jax.tree_util.keystr(key_path)
+                fail(f"{checkpoint_path(path)}: its state does not fit this configuration (no {where})")
+            node = node[_key_name(key)]
+        if np.shape(node) != np.shape(like):
+            fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class RunLog:
@@ -1200,12 +1230,19 @@ if __name__ == "__main__":
     check_args(args, envs.ENV_IDS, jax.device_count())
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_path = open_run(args)
+    devices = ", ".join(f"{d} ({d.device_kind})" for d in jax.devices())
+    print(
+        f"crl_deep: jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s): {devices}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     # ---- setup: environments, networks, optimizers, the initial state, the compiled epoch ----
-    raw_env = envs.make(args.env)
+    env_options = {"true_inertia_obs": True} if args.true_inertia_obs else {}
+    raw_env = envs.make(args.env, **env_options)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
     stepper = types.SimpleNamespace(step=jax.jit(env.step))  # prefill and epoch share one traced step
-    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
+    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env), **env_options)
     dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
     nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
     optimizers = make_optimizers(args)

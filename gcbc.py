@@ -780,7 +780,7 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
     state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
+    payload = flax.serialization.msgpack_serialize(nested_dict(state))
     config = dataclasses.asdict(args)
     header = {
         "format": CHECKPOINT_FORMAT,
@@ -820,16 +820,42 @@ def load_checkpoint(path: str) -> dict:
     }
 
 
+def _key_name(key) -> str:
+    """A pytree key path entry (dict key, dataclass field, sequence index) as a msgpack map key."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def nested_dict(tree) -> dict:
+    """Any pytree as nested dicts of its leaves, keyed by dict key, field name or index: the form flax
+    msgpack writes. Unlike flax's to_state_dict it also walks pytrees flax does not know (MJX's Data
+    inside the arm envs' states)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(_key_name(key), {})
+        node[_key_name(path[-1])] = leaf
+    return out
+
+
 def restore_state(template, saved: dict, path: str):
     """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
-    try:
-        restored = flax.serialization.from_state_dict(template, saved)
-        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
-    if not all(jax.tree_util.tree_leaves(same)):
-        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
-    return restored
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for key_path, like in paths_and_leaves:
+        node = saved
+        for key in key_path:
+            if not isinstance(node, dict) or _key_name(key) not in node:
+                where = jax.tree_util.keystr(key_path)
+                fail(f"{checkpoint_path(path)}: its state does not fit this configuration (no {where})")
+            node = node[_key_name(key)]
+        if np.shape(node) != np.shape(like):
+            fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class RunLog:

@@ -997,9 +997,25 @@ def check_args(args: Args, env_ids=None):
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
-POSITIVE_FLAGS = ("width", "repr_dim", "batch_size", "num_envs", "num_eval_envs", "episode_length", "num_epochs",
-                  "unroll_length", "sgd_steps_per_train_step", "replay_size", "min_replay_size", "scan_unroll",
-                  "train_steps", "eval_every", "eval_episodes", "eval_episode_length", "policy_delay")
+POSITIVE_FLAGS = (
+    "width",
+    "repr_dim",
+    "batch_size",
+    "num_envs",
+    "num_eval_envs",
+    "episode_length",
+    "num_epochs",
+    "unroll_length",
+    "sgd_steps_per_train_step",
+    "replay_size",
+    "min_replay_size",
+    "scan_unroll",
+    "train_steps",
+    "eval_every",
+    "eval_episodes",
+    "eval_episode_length",
+    "policy_delay",
+)
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
 
@@ -1040,8 +1056,10 @@ def check_common(args):
         if args.unroll_length > args.episode_length:
             fail(f"--unroll-length {args.unroll_length} exceeds --episode-length {args.episode_length}")
         if args.batch_size > args.num_envs * args.min_replay_size:
-            fail(f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
-                 f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})")
+            fail(
+                f"--batch-size {args.batch_size} is larger than the buffer holds when training starts "
+                f"(num-envs x min-replay-size = {args.num_envs * args.min_replay_size})"
+            )
 
 
 def write_atomic(path: str, data: bytes):
@@ -1079,8 +1097,13 @@ def versions() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -1102,14 +1125,17 @@ def parse_args(argv=None):
     saved = Args(**header["args"])
     given = {name for name in fields for a in argv if a.split("=")[0] in (flag(name), "--no-" + flag(name)[2:])}
     changed = sorted(name for name in given if getattr(args, name) != getattr(saved, name))
-    conflicts = [f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})"
-                 for n in changed if n not in RUN_FLAGS]
+    conflicts = [
+        f"{flag(n)} {getattr(args, n)!r} (the run has {getattr(saved, n)!r})" for n in changed if n not in RUN_FLAGS
+    ]
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
     if applied:
-        print("resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-              file=sys.stderr)
+        print(
+            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
+            file=sys.stderr,
+        )
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
@@ -1123,8 +1149,13 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
         fail(f"{path} already holds a run; use --resume {path}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
-        config = {"script": SCRIPT, "args": dataclasses.asdict(args), **(extra_config or {}),
-                  "versions": versions(), "git_commit": git_commit()}
+        config = {
+            "script": SCRIPT,
+            "args": dataclasses.asdict(args),
+            **(extra_config or {}),
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
     return path
 
@@ -1171,13 +1202,23 @@ def save_checkpoint(run_path: str, args, state: dict, epoch: int, env_steps: int
     state = to_numpy(state)
     if jax.process_index() != 0:
         return
-    payload = flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(state))
+    payload = flax.serialization.msgpack_serialize(nested_dict(state))
     config = dataclasses.asdict(args)
-    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": SCRIPT, "env": args.env,
-              "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-              "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-              "seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config,
-              "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "script": SCRIPT,
+        "env": args.env,
+        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
+        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
+        "seed": args.seed,
+        "epoch": epoch,
+        "env_steps": env_steps,
+        "wall_time": wall_time,
+        "args": config,
+        "payload_bytes": len(payload),
+        "payload_crc32": zlib.crc32(payload),
+    }
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 
@@ -1190,20 +1231,53 @@ def load_checkpoint(path: str) -> dict:
         state = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on a bad payload
         fail(f"{checkpoint_path(path)}: unreadable payload ({type(e).__name__})")
-    return {"header": header, "args": header["args"], "epoch": header["epoch"], "env_steps": header["env_steps"],
-            "wall_time": header["wall_time"], "params": state["params"], "state": state}
+    return {
+        "header": header,
+        "args": header["args"],
+        "epoch": header["epoch"],
+        "env_steps": header["env_steps"],
+        "wall_time": header["wall_time"],
+        "params": state["params"],
+        "state": state,
+    }
+
+
+def _key_name(key) -> str:
+    """A pytree key path entry (dict key, dataclass field, sequence index) as a msgpack map key."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def nested_dict(tree) -> dict:
+    """Any pytree as nested dicts of its leaves, keyed by dict key, field name or index: the form flax
+    msgpack writes. Unlike flax's to_state_dict it also walks pytrees flax does not know (MJX's Data
+    inside the arm envs' states)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(_key_name(key), {})
+        node[_key_name(path[-1])] = leaf
+    return out
 
 
 def restore_state(template, saved: dict, path: str):
     """The saved state in the structure of `template` (arrays or shapes); one line if they differ."""
-    try:
-        restored = flax.serialization.from_state_dict(template, saved)
-        same = jax.tree_util.tree_map(lambda t, s: np.shape(t) == np.shape(s), template, restored)
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{checkpoint_path(path)}: its state does not fit this configuration ({e})")
-    if not all(jax.tree_util.tree_leaves(same)):
-        fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
-    return restored
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for key_path, like in paths_and_leaves:
+        node = saved
+        for key in key_path:
+            if not isinstance(node, dict) or _key_name(key) not in node:
+                where = jax.tree_util.keystr(key_path)
+                fail(f"{checkpoint_path(path)}: its state does not fit this configuration (no {where})")
+            node = node[_key_name(key)]
+        if np.shape(node) != np.shape(like):
+            fail(f"{checkpoint_path(path)}: its arrays' shapes do not fit this configuration")
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class RunLog:
@@ -1229,12 +1303,24 @@ class RunLog:
             import wandb
 
             wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name, id=wandb_id,
-                                    resume="allow", config=dataclasses.asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                config=dataclasses.asdict(args),
+            )
         from tqdm import tqdm
 
-        self.epochs = tqdm(range(start_epoch, num_epochs), initial=start_epoch, total=num_epochs, desc=run_name,
-                           dynamic_ncols=True, disable=not self.writer)
+        self.epochs = tqdm(
+            range(start_epoch, num_epochs),
+            initial=start_epoch,
+            total=num_epochs,
+            desc=run_name,
+            dynamic_ncols=True,
+            disable=not self.writer,
+        )
 
     def check_finite(self, train_metrics: dict, epoch: int):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
@@ -1242,8 +1328,11 @@ class RunLog:
         if bad:
             self.epochs.close()
             file = os.path.join(self.run_path, CHECKPOINT_FILE)
-            last_good = (f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
-                         if os.path.isfile(file) else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {file} (epoch {read_checkpoint(file, True)[0]['epoch']})"
+                if os.path.isfile(file)
+                else "no checkpoint was written yet"
+            )
             fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
 
     def log(self, record: dict, step: int, headline: str):
@@ -1259,8 +1348,12 @@ class RunLog:
     def finish(self, env_steps: int) -> dict:
         """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
         last5 = self.eval_history[-5:]
-        summary = {"summary": True, "epochs": len(self.eval_history), "env_steps": env_steps,
-                   **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})}}
+        summary = {
+            "summary": True,
+            "epochs": len(self.eval_history),
+            "env_steps": env_steps,
+            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
+        }
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")

@@ -11,6 +11,7 @@ same MJX model as envs/arm.py, so compare on one machine and one core (`--cpu-co
 Random actions in [-1, 1], a jitted lax.scan over vmapped steps; the clock starts after a warm-up
 call, so compile time is reported separately (`compile_s`).
 """
+
 from __future__ import annotations
 
 import dataclasses

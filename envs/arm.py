@@ -34,6 +34,7 @@ position bias exceeds their gain, so those joints settle at 0.571 x (joints 3, 4
 
 `env.reset_to(q, qd, goal)` starts from a given physical state and goal (goldens, replays).
 """
+
 from __future__ import annotations
 
 import os
@@ -103,8 +104,8 @@ class ArmEnv(PipelineEnv):
         self._cube_center = jnp.array(cube_center)
         self._goal_center = jnp.array([*goal_center, GOAL_Z])
         q = jnp.zeros(NQ).at[CUBE_Q + 3].set(1.0).at[MARKER_Q + 3].set(1.0)  # identity quats
-        q = q.at[ARM_Q:ARM_Q + 7].set(jnp.array(ARM_START))
-        self._init_q = q.at[FINGER_Q:FINGER_Q + 2].set(FINGER_START)
+        q = q.at[ARM_Q : ARM_Q + 7].set(jnp.array(ARM_START))
+        self._init_q = q.at[FINGER_Q : FINGER_Q + 2].set(FINGER_START)
 
     @property
     def dt(self) -> float:
@@ -132,13 +133,13 @@ class ArmEnv(PipelineEnv):
         cube_xy = self._cube_center + self._noise * jax.random.uniform(key_cube, (2,), minval=-1.0, maxval=1.0)
         goal_offset = jax.random.uniform(key_goal, (3,), minval=-1.0, maxval=1.0)
         goal = self._goal_center + jnp.array([self._noise, self._noise, 0.0]) * goal_offset
-        q = self._init_q.at[CUBE_Q:CUBE_Q + 3].set(jnp.array([cube_xy[0], cube_xy[1], CUBE_START_Z]))
+        q = self._init_q.at[CUBE_Q : CUBE_Q + 3].set(jnp.array([cube_xy[0], cube_xy[1], CUBE_START_Z]))
         return q, jnp.zeros(NV), goal
 
     def reset_to(self, q: jax.Array, qd: jax.Array, goal: jax.Array) -> State:
         """The state a reset gives with physical state (q [23], qd [21]) and goal [3]; the goal
         marker (q[7:10]) is moved to the goal."""
-        q = jnp.asarray(q, jnp.float32).at[MARKER_Q:MARKER_Q + 3].set(goal)
+        q = jnp.asarray(q, jnp.float32).at[MARKER_Q : MARKER_Q + 3].set(goal)
         pipeline_state = self.pipeline_init(q, jnp.asarray(qd, jnp.float32))
         obs = self._observe(pipeline_state, jnp.asarray(goal, jnp.float32))
         zero = jnp.zeros(())
@@ -146,7 +147,7 @@ class ArmEnv(PipelineEnv):
 
     def step(self, state: State, action: jax.Array) -> State:
         pipeline_state = self.pipeline_step(state.pipeline_state, self._control(action))
-        obs = self._observe(pipeline_state, state.obs[self.state_dim:])
+        obs = self._observe(pipeline_state, state.obs[self.state_dim :])
         metrics = self._metrics(obs)
         state.metrics.update(metrics)
         return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"])
@@ -161,11 +162,19 @@ class ArmEnv(PipelineEnv):
     def _observe(self, pipeline_state, goal: jax.Array) -> jax.Array:
         q, x = pipeline_state.q, pipeline_state.x
         fingers = jnp.linalg.norm(x.pos[LEFT_FINGER] - x.pos[RIGHT_FINGER])
-        return jnp.concatenate([q[CUBE_Q:CUBE_Q + 3], q[ARM_Q:ARM_Q + 7], x.pos[LINK7],
-                                pipeline_state.xd.vel[LINK7], fingers[None], goal])
+        return jnp.concatenate(
+            [
+                q[CUBE_Q : CUBE_Q + 3],
+                q[ARM_Q : ARM_Q + 7],
+                x.pos[LINK7],
+                pipeline_state.xd.vel[LINK7],
+                fingers[None],
+                goal,
+            ]
+        )
 
     def _metrics(self, obs: jax.Array) -> dict[str, jax.Array]:
-        dist = jnp.linalg.norm(obs[0:3] - obs[self.state_dim:])
+        dist = jnp.linalg.norm(obs[0:3] - obs[self.state_dim :])
         return {
             "success": (dist < self.goal_reach_thresh).astype(jnp.float32),
             "dist": dist,

@@ -13,10 +13,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = re.compile(r"^# --- shared block: (\w+) \(identical in every script; tests/test_copies\.py\) ---$", re.M)
-# Which scripts must carry which block (qrl.py and any new script join by carrying the markers).
+# Which scripts must carry which block (a new script joins by carrying the markers).
 REQUIRED = {
-    "tower": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py"),
-    "scaffold": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py"),
+    "tower": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
+    "scaffold": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
     "energies": ("crl_deep.py", "offline_crl.py"),
     "tanh_gaussian": ("crl_deep.py", "sac_her.py"),
 }

@@ -7,6 +7,7 @@ MJX on CPU compiles slowly, so only arm_push_easy's reset_to and step are compil
 module, for one batch size; `reset` is `reset_to(*sample_start(key))`); the other two tasks are
 checked through their models and start draws.
 """
+
 import jax
 import jax.numpy as jnp
 import mujoco
@@ -71,10 +72,21 @@ def test_model_is_the_papers_fused_model(task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the asset path does not depend on the working directory
     m = arm.load_model(task)
     qpos_adr = {m.joint(j).name: int(m.jnt_qposadr[j]) for j in range(m.njnt)}
-    assert qpos_adr == {"cube": 0, "goal_marker": 7, **{f"joint{i}": 13 + i for i in range(1, 8)},
-                        "finger_joint1": 21, "finger_joint2": 22}
+    assert qpos_adr == {
+        "cube": 0,
+        "goal_marker": 7,
+        **{f"joint{i}": 13 + i for i in range(1, 8)},
+        "finger_joint1": 21,
+        "finger_joint2": 22,
+    }
     assert [m.body(b).name for b in range(m.nbody)] == [
-        "world", "cube", "goal_marker", *[f"link{i}" for i in range(1, 8)], "left_finger", "right_finger"]
+        "world",
+        "cube",
+        "goal_marker",
+        *[f"link{i}" for i in range(1, 8)],
+        "left_finger",
+        "right_finger",
+    ]
     # joints: no damping/armature on the arm, only joints 2, 4, 6 and the fingers limited
     np.testing.assert_array_equal(m.dof_damping, [0.0] * 19 + [5.0, 5.0])
     np.testing.assert_allclose(m.dof_armature, [0.0] * 19 + [0.1, 0.1])
@@ -82,8 +94,11 @@ def test_model_is_the_papers_fused_model(task, tmp_path, monkeypatch):
     assert limited == ["joint2", "joint4", "joint6", "finger_joint1", "finger_joint2"]
     np.testing.assert_allclose(m.jnt_range[[3, 5, 7]], [[-1.7628, 1.7628], [-3.0718, -0.0698], [-0.0175, 3.7525]])
     # masses: link7 carries no hand mass; cube and marker 0.216 kg; the marker's gravity cancelled
-    np.testing.assert_allclose(m.body_mass[1:], [0.216, 0.216, 4.970684, 0.646926, 3.228604, 3.587895,
-                                                 1.225946, 1.666555, 0.735522, 0.015, 0.015], rtol=1e-6)
+    np.testing.assert_allclose(
+        m.body_mass[1:],
+        [0.216, 0.216, 4.970684, 0.646926, 3.228604, 3.587895, 1.225946, 1.666555, 0.735522, 0.015, 0.015],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(m.body_inertia[3], [0.707137, 0.703435, 0.008525], atol=2e-6)
     assert list(m.body_gravcomp) == [0, 0, 1] + [0] * 9
     # contacts only through explicit pairs, all with the pair defaults (mu 1, condim 3)
@@ -133,14 +148,23 @@ def test_action_mapping_by_hand():
 def test_success_metrics_by_distance():
     env = envs.make("arm_push_easy")
     goal = np.array([0.1, 0.6, 0.03])
-    for offset, success, easy, hard in [(0.0, 1, 1, 1), (0.02, 1, 1, 1), (0.05, 1, 1, 0),
-                                        (0.2, 0, 1, 0), (0.5, 0, 0, 0)]:
+    for offset, success, easy, hard in [
+        (0.0, 1, 1, 1),
+        (0.02, 1, 1, 1),
+        (0.05, 1, 1, 0),
+        (0.2, 0, 1, 0),
+        (0.5, 0, 0, 0),
+    ]:
         obs = np.zeros(20)
         obs[0:3] = goal + np.array([offset, 0.0, 0.0])
         obs[17:20] = goal
         metrics = env._metrics(jnp.asarray(obs))
         assert float(metrics["dist"]) == pytest.approx(offset, abs=1e-6)
-        assert (float(metrics["success"]), float(metrics["success_easy"]), float(metrics["success_hard"])) == (success, easy, hard)
+        assert (float(metrics["success"]), float(metrics["success_easy"]), float(metrics["success_hard"])) == (
+            success,
+            easy,
+            hard,
+        )
 
 
 @pytest.mark.parametrize("env_id", ARM_IDS)
@@ -181,7 +205,9 @@ def test_reset_observation_and_reset_to(push_easy):
     np.testing.assert_allclose(obs[:, 16], 0.08, atol=1e-6)  # fingers open
     np.testing.assert_array_equal(obs[:, 17:20], np.asarray(goal))
     np.testing.assert_array_equal(np.asarray(state.pipeline_state.q[:, 7:10]), np.asarray(goal))  # marker at goal
-    np.testing.assert_allclose(np.asarray(state.metrics["dist"]), np.linalg.norm(obs[:, 0:3] - obs[:, 17:20], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.metrics["dist"]), np.linalg.norm(obs[:, 0:3] - obs[:, 17:20], axis=1), rtol=1e-6
+    )
     # from another state and goal it starts there
     moved_q = q.at[:, 14].set(1.2).at[:, 0].add(0.05)
     moved_qd = qd.at[:, 12].set(0.5)

@@ -1,4 +1,5 @@
 """tools/evaluate.py: a saved run's checkpoint, evaluated again, gives the numbers the run logged."""
+
 import json
 import os
 import subprocess
@@ -10,10 +11,38 @@ from tools import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/test_crl_runs.py's tiny reacher config, 2 epochs (2 training steps each after a 2-unroll prefill)
-CRL_TINY = ["--env", "reacher", "--depth", "8", "--width", "32", "--repr-dim", "16", "--batch-size", "32",
-            "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "50", "--unroll-length", "10",
-            "--sgd-steps-per-train-step", "60", "--replay-size", "200", "--min-replay-size", "20",
-            "--num-epochs", "2", "--total-env-steps", str(80 + 2 * 2 * 40), "--seed", "3"]
+CRL_TINY = [
+    "--env",
+    "reacher",
+    "--depth",
+    "8",
+    "--width",
+    "32",
+    "--repr-dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--num-envs",
+    "4",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "50",
+    "--unroll-length",
+    "10",
+    "--sgd-steps-per-train-step",
+    "60",
+    "--replay-size",
+    "200",
+    "--min-replay-size",
+    "20",
+    "--num-epochs",
+    "2",
+    "--total-env-steps",
+    str(80 + 2 * 2 * 40),
+    "--seed",
+    "3",
+]
 
 
 def _env():
@@ -21,8 +50,14 @@ def _env():
 
 
 def train(tmp_path, script, *argv):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--run-dir", str(tmp_path),
-                           "--run-name", script], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--run-dir", str(tmp_path), "--run-name", script],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / script
 
@@ -46,8 +81,14 @@ def crl_run(tmp_path_factory):
 
 
 def test_cli_repeats_the_runs_last_evaluation(crl_run):
-    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", str(crl_run)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.evaluate", str(crl_run)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["script"] == "crl_deep" and result["env"] == "reacher" and result["episodes"] == 4
@@ -83,8 +124,14 @@ def test_video_of_the_best_evaluated_episode(crl_run, tmp_path):
     if not (osmesa_available() or os.environ.get("MUJOCO_GL")):
         pytest.skip("no OpenGL backend for MuJoCo (apt-get install libosmesa6)")
     out = tmp_path / "r.gif"
-    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", str(crl_run), "--video", str(out)], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.evaluate", str(crl_run), "--video", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert_same_as_logged(result, last_logged(crl_run))  # rendering changes nothing of the evaluation
@@ -93,10 +140,36 @@ def test_video_of_the_best_evaluated_episode(crl_run, tmp_path):
     assert result["eval/episode_success"] <= result["video"]["steps_at_goal"] <= 50
 
 
-BASELINE_TINY = ["--env", "reacher", "--depth", "4", "--width", "16", "--num-envs", "4", "--num-eval-envs", "4",
-                 "--episode-length", "20", "--unroll-length", "5", "--sgd-steps-per-train-step", "2",
-                 "--batch-size", "8", "--replay-size", "50", "--min-replay-size", "10", "--total-env-steps", "200",
-                 "--num-epochs", "2", "--seed", "5"]
+BASELINE_TINY = [
+    "--env",
+    "reacher",
+    "--depth",
+    "4",
+    "--width",
+    "16",
+    "--num-envs",
+    "4",
+    "--num-eval-envs",
+    "4",
+    "--episode-length",
+    "20",
+    "--unroll-length",
+    "5",
+    "--sgd-steps-per-train-step",
+    "2",
+    "--batch-size",
+    "8",
+    "--replay-size",
+    "50",
+    "--min-replay-size",
+    "10",
+    "--total-env-steps",
+    "200",
+    "--num-epochs",
+    "2",
+    "--seed",
+    "5",
+]
 
 
 def random_dataset(path, state_dim, action_dim):
@@ -106,36 +179,143 @@ def random_dataset(path, state_dim, action_dim):
     rng = np.random.default_rng(0)
     terminals = np.zeros(200, np.float32)
     terminals[49::50] = 1
-    np.savez(path, observations=rng.normal(size=(200, state_dim)).astype(np.float32),
-             actions=rng.uniform(-1, 1, size=(200, action_dim)).astype(np.float32), terminals=terminals)
+    np.savez(
+        path,
+        observations=rng.normal(size=(200, state_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, size=(200, action_dim)).astype(np.float32),
+        terminals=terminals,
+    )
     return str(path)
 
 
-OFFLINE_TINY = ["--width", "32", "--repr-dim", "16", "--batch-size", "32", "--train-steps", "40", "--eval-every", "20",
-                "--seed", "2"]
+OFFLINE_TINY = [
+    "--width",
+    "32",
+    "--repr-dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--train-steps",
+    "40",
+    "--eval-every",
+    "20",
+    "--seed",
+    "2",
+]
 
-QRL_OFFLINE_TINY = ["--width", "32", "--latent-dim", "16", "--batch-size", "32", "--train-steps", "40",
-                    "--eval-every", "20", "--seed", "2"]
+QRL_OFFLINE_TINY = [
+    "--width",
+    "32",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--train-steps",
+    "40",
+    "--eval-every",
+    "20",
+    "--seed",
+    "2",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, argv", [
-    ("sac_her", BASELINE_TINY),
-    ("td3_her", BASELINE_TINY),
-    ("gcbc", ["--mode", "online", *BASELINE_TINY]),
-    ("offline_crl", ["--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10", *OFFLINE_TINY]),
-    ("offline_crl", ["--env", "pointmaze-medium-navigate-v0", "--eval-episodes", "2", "--eval-episode-length", "20",
-                     *OFFLINE_TINY]),  # evaluated by the script's OGBench loop
-    ("qrl", ["--mode", "online", "--env", "reacher", "--depth", "4", "--width", "16", "--latent-dim", "16",
-             "--batch-size", "16", "--num-envs", "4", "--num-eval-envs", "4", "--episode-length", "20",
-             "--unroll-length", "5", "--sgd-steps-per-train-step", "2", "--replay-size", "100",
-             "--min-replay-size", "10", "--num-epochs", "2", "--total-env-steps", "120", "--seed", "5"]),
-    ("qrl", ["--mode", "offline", "--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10",
-             *QRL_OFFLINE_TINY]),
-    ("qrl", ["--mode", "offline", "--env", "pointmaze-medium-navigate-v0", "--eval-episodes", "2",
-             "--eval-episode-length", "20", *QRL_OFFLINE_TINY]),
-], ids=["sac_her", "td3_her", "gcbc", "offline_crl", "offline_crl_ogbench", "qrl_online", "qrl_offline",
-        "qrl_offline_ogbench"])
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("sac_her", BASELINE_TINY),
+        ("td3_her", BASELINE_TINY),
+        ("gcbc", ["--mode", "online", *BASELINE_TINY]),
+        ("offline_crl", ["--env", "reacher", "--eval-episodes", "3", "--eval-episode-length", "10", *OFFLINE_TINY]),
+        (
+            "offline_crl",
+            [
+                "--env",
+                "pointmaze-medium-navigate-v0",
+                "--eval-episodes",
+                "2",
+                "--eval-episode-length",
+                "20",
+                *OFFLINE_TINY,
+            ],
+        ),  # evaluated by the script's OGBench loop
+        (
+            "qrl",
+            [
+                "--mode",
+                "online",
+                "--env",
+                "reacher",
+                "--depth",
+                "4",
+                "--width",
+                "16",
+                "--latent-dim",
+                "16",
+                "--batch-size",
+                "16",
+                "--num-envs",
+                "4",
+                "--num-eval-envs",
+                "4",
+                "--episode-length",
+                "20",
+                "--unroll-length",
+                "5",
+                "--sgd-steps-per-train-step",
+                "2",
+                "--replay-size",
+                "100",
+                "--min-replay-size",
+                "10",
+                "--num-epochs",
+                "2",
+                "--total-env-steps",
+                "120",
+                "--seed",
+                "5",
+            ],
+        ),
+        (
+            "qrl",
+            [
+                "--mode",
+                "offline",
+                "--env",
+                "reacher",
+                "--eval-episodes",
+                "3",
+                "--eval-episode-length",
+                "10",
+                *QRL_OFFLINE_TINY,
+            ],
+        ),
+        (
+            "qrl",
+            [
+                "--mode",
+                "offline",
+                "--env",
+                "pointmaze-medium-navigate-v0",
+                "--eval-episodes",
+                "2",
+                "--eval-episode-length",
+                "20",
+                *QRL_OFFLINE_TINY,
+            ],
+        ),
+    ],
+    ids=[
+        "sac_her",
+        "td3_her",
+        "gcbc",
+        "offline_crl",
+        "offline_crl_ogbench",
+        "qrl_online",
+        "qrl_offline",
+        "qrl_offline_ogbench",
+    ],
+)
 def test_every_script_repeats_its_logged_evaluation(tmp_path, script, argv):
     if script == "offline_crl" or "offline" in argv:  # a dataset of random steps
         sizes = (10, 2) if "reacher" in argv else (2, 2)

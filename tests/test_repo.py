@@ -29,7 +29,7 @@ def test_readme_install_and_train_command_trains_on_cpu():
 
 
 def test_every_requirement_is_pinned_exactly():
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-gpu.txt"):
         for line in _read(name).splitlines():
             line = line.split("#")[0].strip()
             if not line or line.startswith("-r"):

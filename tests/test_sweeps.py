@@ -1,8 +1,8 @@
 """Sweep yamls and the local grid runner (tools/grid.py)."""
+
 import glob
 import json
 import os
-import sys
 import textwrap
 
 import pytest
@@ -15,8 +15,17 @@ SWEEPS = sorted(glob.glob(os.path.join(ROOT, "sweeps", "*.yaml")))
 
 def test_there_are_sweeps_for_the_paper_figures():
     names = {os.path.basename(p) for p in SWEEPS}
-    assert {"depth.yaml", "width_vs_depth__width.yaml", "width_vs_depth__depth.yaml",
-            "batch_vs_depth.yaml", "actor_vs_critic_depth.yaml", "depth_small.yaml"} <= names
+    assert {
+        "depth.yaml",
+        "width_vs_depth__width.yaml",
+        "width_vs_depth__depth.yaml",
+        "batch_vs_depth.yaml",
+        "actor_vs_critic_depth.yaml",
+        "depth_small.yaml",
+        "table1.yaml",
+        "qrl_online_depth.yaml",
+        "qrl_offline_depth.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
@@ -44,7 +53,11 @@ def test_local_arguments_are_what_wandb_agent_passes(path):
 
 def test_to_argv_by_hand():
     assert grid.to_argv({"env": "ant", "depth": 8, "lr": 0.0003, "track": True, "cached_reset": False}) == [
-        "--env=ant", "--depth=8", "--lr=0.0003", "--track"]
+        "--env=ant",
+        "--depth=8",
+        "--lr=0.0003",
+        "--track",
+    ]
 
 
 def _write(path, text):
@@ -53,7 +66,7 @@ def _write(path, text):
     return str(path)
 
 
-FAKE_SCRIPT = '''
+FAKE_SCRIPT = """
 import dataclasses, json, os, sys, tyro
 
 @dataclasses.dataclass
@@ -82,14 +95,17 @@ if __name__ == "__main__":
     json.dump({"script": "fake", "args": vars(args)}, open(os.path.join(d, "config.json"), "w"))
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for e in range(args.num_epochs):
-            f.write(json.dumps({"epoch": e, "env_steps": 100 * (e + 1), "eval/episode_success": e * args.depth}) + "\\n")
+            line = {"epoch": e, "env_steps": 100 * (e + 1), "eval/episode_success": e * args.depth}
+            f.write(json.dumps(line) + "\\n")
     json.dump({"summary": True}, open(os.path.join(d, "summary.json"), "w"))
-'''
+"""
 
 
 def _sweep_yaml(tmp_path, depths):
     program = _write(tmp_path / "fake.py", FAKE_SCRIPT)
-    return _write(tmp_path / "two.yaml", f"""
+    return _write(
+        tmp_path / "two.yaml",
+        f"""
         name: two
         program: {program}
         method: grid
@@ -98,7 +114,8 @@ def _sweep_yaml(tmp_path, depths):
           env: {{value: ant}}
           depth: {{values: {depths}}}
           num_epochs: {{value: 50}}
-        """)
+        """,
+    )
 
 
 def test_grid_runner_runs_a_two_point_grid_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
@@ -155,14 +172,20 @@ def test_only_filters_and_names_are_stable(tmp_path):
     assert runs[0].params == {"env": "ant", "depth": 8, "num_epochs": 1}
 
 
-@pytest.mark.parametrize("body, message", [
-    ('program: x.py\nparameters: {depth: {values: [4]}}\ncommand: ["${program}", "${args}"]', "args_no_boolean_flags"),
-    ("program: x.py\nmethod: bayes\nparameters: {depth: {values: [4]}}", "grid"),
-    ("program: x.py\nparameters: {depth: {min: 4, max: 8}}", "'value' or 'values'"),
-    ("program: x.py\nparameters: {track: {value: false}}", "False is dropped"),
-    ("parameters: {depth: {value: 4}}", "program"),
-    ("program: x.py\nparameters: [", "invalid yaml"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            'program: x.py\nparameters: {depth: {values: [4]}}\ncommand: ["${program}", "${args}"]',
+            "args_no_boolean_flags",
+        ),
+        ("program: x.py\nmethod: bayes\nparameters: {depth: {values: [4]}}", "grid"),
+        ("program: x.py\nparameters: {depth: {min: 4, max: 8}}", "'value' or 'values'"),
+        ("program: x.py\nparameters: {track: {value: false}}", "False is dropped"),
+        ("parameters: {depth: {value: 4}}", "program"),
+        ("program: x.py\nparameters: [", "invalid yaml"),
+    ],
+)
 def test_bad_sweep_fails_with_one_line(tmp_path, capsys, body, message):
     path = _write(tmp_path / "bad.yaml", body)
     assert grid.main([path, "--dry-run"]) == 2

@@ -1,4 +1,5 @@
 """tools/table1.py on hand-written run folders: scores, ratios, the paper's numbers, the flags."""
+
 import json
 import math
 import os
@@ -13,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = 98_946_048  # what crl_deep reaches with the paper's settings
 
 
-def write_run(path, env, depth, seed, successes, steps, finished=True, script="crl_deep", batch_size=256,
-              seed_field=False):
+def write_run(
+    path, env, depth, seed, successes, steps, finished=True, script="crl_deep", batch_size=256, seed_field=False
+):
     """A run folder as crl_deep writes it: config.json, metrics.jsonl (+ summary line), summary.json.
     `successes` is one list per epoch ({seed: value} when seed_field: several seeds in one folder)."""
     path.mkdir(parents=True)
@@ -23,7 +25,9 @@ def write_run(path, env, depth, seed, successes, steps, finished=True, script="c
     lines = []
     for epoch, (value, step) in enumerate(zip(successes, steps)):
         if seed_field:
-            lines += [{"epoch": epoch, "seed": s, "env_steps": step, "eval/episode_success": v} for s, v in value.items()]
+            lines += [
+                {"epoch": epoch, "seed": s, "env_steps": step, "eval/episode_success": v} for s, v in value.items()
+            ]
         else:
             lines.append({"epoch": epoch, "env_steps": step, "eval/episode_success": value})
     if finished and not seed_field:
@@ -39,16 +43,30 @@ def grid(tmp_path):
     steps6 = [FULL // 6 * (i + 1) for i in range(5)] + [FULL]
     # ant_u4_maze depth 4: three finished seeds, last-5 means 10, 20, 30 (first epoch is left out)
     for seed, base in enumerate([10, 20, 30]):
-        write_run(tmp_path / f"u4_d4_s{seed}", "ant_u4_maze", 4, seed, [999] + [base - 2, base - 1, base, base + 1, base + 2],
-                  steps6)
+        write_run(
+            tmp_path / f"u4_d4_s{seed}",
+            "ant_u4_maze",
+            4,
+            seed,
+            [999] + [base - 2, base - 1, base, base + 1, base + 2],
+            steps6,
+        )
     # depth 64: two finished seeds (last-5 200 and 300) and one folder holding no summary (interrupted at
     # epoch 3 of 6: its score is the mean of its 4 evaluations, its steps the shortest)
     write_run(tmp_path / "u4_d64_s0", "ant_u4_maze", 64, 0, [0, 200, 200, 200, 200, 200], steps6)
     write_run(tmp_path / "u4_d64_s1", "ant_u4_maze", 64, 1, [0, 300, 300, 300, 300, 300], steps6)
     write_run(tmp_path / "u4_d64_s2", "ant_u4_maze", 64, 2, [40, 80, 120, 160], steps6[:4], finished=False)
     # humanoid: two seeds trained in one process (a `seed` field per line), 2M steps, batch 512
-    write_run(tmp_path / "hum_d4", "humanoid", 4, 7, [{7: 1.0, 8: 3.0}, {7: 2.0, 8: 4.0}], [1_000_000, 2_000_000],
-              seed_field=True, batch_size=512)
+    write_run(
+        tmp_path / "hum_d4",
+        "humanoid",
+        4,
+        7,
+        [{7: 1.0, 8: 3.0}, {7: 2.0, 8: 4.0}],
+        [1_000_000, 2_000_000],
+        seed_field=True,
+        batch_size=512,
+    )
     # a run of another script is left out
     write_run(tmp_path / "sac", "humanoid", 4, 0, [5.0], [FULL], script="sac_her")
     return tmp_path
@@ -80,21 +98,29 @@ def steps6_at(i):
 
 def test_cli_prints_the_markdown_table(grid, tmp_path):
     out = tmp_path / "t.md"
-    proc = subprocess.run([sys.executable, "-m", "tools.table1", str(grid), "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.table1", str(grid), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 run folder(s) not made by crl_deep.py left out" in proc.stderr
     assert out.read_text() == proc.stdout
     lines = proc.stdout.splitlines()
     assert lines[2].startswith("| env | depth | ours | seeds | paper | ratio (ours) | ratio (paper) |")
     assert lines[4] == "| ant_u4_maze | 4 | 20.0 +- 8.2 | 3 | 11.4 | - | - | 98,946,048 | 256 |  |"
-    assert lines[5].startswith("| ant_u4_maze | 64 | 200 +- 81.6 | 3 | 286 | 10x | 25x | 65,964,032 | 256 | SHORT: 66.0%")
+    assert lines[5].startswith(
+        "| ant_u4_maze | 64 | 200 +- 81.6 | 3 | 286 | 10x | 25x | 65,964,032 | 256 | SHORT: 66.0%"
+    )
     assert lines[6].startswith("| humanoid | 4 | 2.5 +- 1.0 | 2 | 12.6 | - | - | 2,000,000 | 512 | SHORT: 2.0%")
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tools.table1", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.table1", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: no crl_deep run folders")
 
@@ -112,7 +138,7 @@ def test_documented_commands_are_the_sweeps_runs_at_the_papers_settings():
 
     text = open(os.path.join(ROOT, "docs", "table1.md")).read()
     paper = re.search(r'^PAPER="(.*)"$', text, flags=re.M).group(1)
-    lines = [l for l in text.splitlines() if l.startswith("python crl_deep.py $PAPER ")]
+    lines = [line for line in text.splitlines() if line.startswith("python crl_deep.py $PAPER ")]
     sweep = grid.load_sweep(os.path.join(ROOT, "sweeps", "table1.yaml"))
     points = {r.params["env"]: r for r in grid.expand(sweep, only={"depth": ["64"], "seed": ["0"]})}
     assert len(lines) == 10 and len(points) == 10
@@ -123,10 +149,19 @@ def test_documented_commands_are_the_sweeps_runs_at_the_papers_settings():
         swept = tyro.cli(crl_deep.Args, args=points.pop(documented.env).argv())
         assert dataclasses.replace(documented, eval_env=None) == swept  # the sweep leaves the eval env to the default
         assert documented.eval_env == __import__("envs").eval_variant(documented.env)
-        assert (documented.num_envs, documented.unroll_length, documented.sgd_steps_per_train_step,
-                documented.replay_size, documented.min_replay_size, documented.num_epochs,
-                documented.total_env_steps, documented.num_eval_envs) == (512, 62, 800, 10_000, 1_000, 100, 10**8, 128)
-        steps = (crl_deep.prefill_unrolls(documented) * 62 * 512
-                 + 100 * crl_deep.train_steps_per_epoch(documented) * 512 * 62)
+        assert (
+            documented.num_envs,
+            documented.unroll_length,
+            documented.sgd_steps_per_train_step,
+            documented.replay_size,
+            documented.min_replay_size,
+            documented.num_epochs,
+            documented.total_env_steps,
+            documented.num_eval_envs,
+        ) == (512, 62, 800, 10_000, 1_000, 100, 10**8, 128)
+        steps = (
+            crl_deep.prefill_unrolls(documented) * 62 * 512
+            + 100 * crl_deep.train_steps_per_epoch(documented) * 512 * 62
+        )
         assert steps == FULL >= table1.FULL_LENGTH * table1.PAPER_ENV_STEPS  # a full run is not flagged SHORT
     assert not points

@@ -16,6 +16,7 @@ offline_crl and offline qrl runs on OGBench envs are evaluated with the script's
 `--video out.mp4` (or .gif) renders the best of the evaluated episodes (most steps at the goal)
 the way tools/video.py does; it needs an OpenGL backend (docs/tools.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Policy:
     env_steps: int
 
     # params bound, swappable for traced ones (jit a function of the params, not of constants)
-    def with_params(self, params) -> "Policy":
+    def with_params(self, params) -> Policy:
         return dataclasses.replace(self, params=params)
 
     def __call__(self, obs):
@@ -57,8 +58,9 @@ def run_script(run_path: str) -> str:
     with open(cfg_path) as f:
         script = json.load(f).get("script")
     if script not in POLICY_BUILDERS:
-        raise ValueError(f"{run_path}: config.json names script {script!r}; this tool evaluates "
-                         f"{', '.join(POLICY_BUILDERS)}")
+        raise ValueError(
+            f"{run_path}: config.json names script {script!r}; this tool evaluates {', '.join(POLICY_BUILDERS)}"
+        )
     return script
 
 
@@ -78,8 +80,16 @@ def load_policy(run_path: str) -> Policy:
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
     act = POLICY_BUILDERS[script](module, args)
-    return Policy(run_path=run_path, script=script, module=module, args=args, act=act,
-                  params=ckpt["params"]["actor"], epoch=int(ckpt["epoch"]), env_steps=int(ckpt.get("env_steps", 0)))
+    return Policy(
+        run_path=run_path,
+        script=script,
+        module=module,
+        args=args,
+        act=act,
+        params=ckpt["params"]["actor"],
+        epoch=int(ckpt["epoch"]),
+        env_steps=int(ckpt.get("env_steps", 0)),
+    )
 
 
 # --- one policy constructor per script: its own network builders and deterministic action ---
@@ -129,13 +139,21 @@ def _offline_crl(module, args):
 def _qrl(module, args):
     dims = module.Dims(*_sizes(module, args))
     actor = module.build_networks(args, dims).actor
-    return lambda params, obs: module.policy_action(actor, params, obs[..., :dims.state_dim], obs[..., dims.state_dim:])
+    return lambda params, obs: module.policy_action(
+        actor, params, obs[..., : dims.state_dim], obs[..., dims.state_dim :]
+    )
 
 
 # script -> builder(module, args) -> act(params, obs); a new training script adds its entry here
 # (and, if its evaluation key is derived differently, a case in run_eval_setup)
-POLICY_BUILDERS = {"crl_deep": _crl_deep, "sac_her": _actor_first, "td3_her": _actor_first, "gcbc": _gcbc,
-                   "offline_crl": _offline_crl, "qrl": _qrl}
+POLICY_BUILDERS = {
+    "crl_deep": _crl_deep,
+    "sac_her": _actor_first,
+    "td3_her": _actor_first,
+    "gcbc": _gcbc,
+    "offline_crl": _offline_crl,
+    "qrl": _qrl,
+}
 
 
 # --- what the script's own evaluation after epoch `epoch` used ---
@@ -150,8 +168,12 @@ def run_eval_setup(policy: Policy) -> dict:
     if policy.script == "offline_crl" or (policy.script == "qrl" and a.mode == "offline"):
         length = a.eval_episode_length or 1000
         if a.env not in envs.ENV_IDS:
-            return {"env": a.env, "episodes": a.eval_episodes, "episode_length": a.eval_episode_length,
-                    "ogbench_seed": a.seed}
+            return {
+                "env": a.env,
+                "episodes": a.eval_episodes,
+                "episode_length": a.eval_episode_length,
+                "ogbench_seed": a.seed,
+            }
         # key, k_init = split(PRNGKey(seed)); then per epoch: key, k_train, k_val, k_eval = split(key, 4)
         key = jax.random.split(jax.random.PRNGKey(a.seed))[0]
         for _ in range(epoch + 1):
@@ -161,12 +183,21 @@ def run_eval_setup(policy: Policy) -> dict:
         k_eval_base = jax.random.PRNGKey(a.seed + 1)
     else:  # crl_deep, sac_her, td3_her, gcbc: key, k_init, k_reset, k_eval_base = split(PRNGKey(seed), 4)
         k_eval_base = jax.random.split(jax.random.PRNGKey(a.seed), 4)[3]
-    return {"env": a.eval_env or envs.eval_variant(a.env), "episodes": a.num_eval_envs,
-            "episode_length": a.episode_length, "key": jax.random.fold_in(k_eval_base, epoch)}
+    return {
+        "env": a.eval_env or envs.eval_variant(a.env),
+        "episodes": a.num_eval_envs,
+        "episode_length": a.episode_length,
+        "key": jax.random.fold_in(k_eval_base, epoch),
+    }
 
 
-def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = None, seed: int | None = None,
-             video: str | None = None) -> dict:
+def evaluate(
+    run_path: str,
+    env_id: str | None = None,
+    episodes: int | None = None,
+    seed: int | None = None,
+    video: str | None = None,
+) -> dict:
     """The paper's metrics of the run's deterministic policy, named as in metrics.jsonl (`eval/...`)."""
     import jax
 
@@ -179,8 +210,14 @@ def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = No
     own = env_id is None and episodes is None and seed is None
     env_id = env_id or setup["env"]
     episodes = episodes or setup["episodes"]
-    out = {"run": policy.run_path, "script": policy.script, "epoch": policy.epoch, "env_steps": policy.env_steps,
-           "env": env_id, "episodes": episodes}
+    out = {
+        "run": policy.run_path,
+        "script": policy.script,
+        "epoch": policy.epoch,
+        "env_steps": policy.env_steps,
+        "env": env_id,
+        "episodes": episodes,
+    }
     if "ogbench_seed" in setup:  # offline_crl / qrl on an OGBench env: the script's own loop
         if video:
             raise ValueError("--video renders envs/ ids only; this run is evaluated on OGBench")
@@ -190,8 +227,9 @@ def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = No
         except Exception as e:  # gymnasium raises several types for unknown names
             raise ValueError(f"--env {env_id!r}: not an OGBench env ({type(e).__name__}: {e})") from None
         act = jax.jit(lambda params, obs, goals: policy.act(params, jax.numpy.concatenate([obs, goals], -1)))
-        metrics = module.evaluate_ogbench(eval_envs, lambda o, g: act(policy.params, o, g),
-                                          a.seed if seed is None else seed)
+        metrics = module.evaluate_ogbench(
+            eval_envs, lambda o, g: act(policy.params, o, g), a.seed if seed is None else seed
+        )
         out["key"] = "run" if seed is None else f"seed {seed}"
     else:
         if env_id not in envs.ENV_IDS:
@@ -199,13 +237,16 @@ def evaluate(run_path: str, env_id: str | None = None, episodes: int | None = No
         env = envs.make(env_id)
         train_env = envs.make(policy.args.env)
         if (env.observation_size, env.action_size) != (train_env.observation_size, train_env.action_size):
-            raise ValueError(f"--env {env_id}: observations {env.observation_size} / actions {env.action_size}; the "
-                             f"run's policy takes {train_env.observation_size} / {train_env.action_size}")
+            raise ValueError(
+                f"--env {env_id}: observations {env.observation_size} / actions {env.action_size}; the "
+                f"run's policy takes {train_env.observation_size} / {train_env.action_size}"
+            )
         key = setup["key"] if seed is None else jax.random.PRNGKey(seed)
         length = setup["episode_length"]
         # the scripts' own evaluate_policy: a jitted envs.evaluate with the actor's params as the argument
-        evaluate_fn = jax.jit(lambda params, key: envs.evaluate(
-            env, lambda obs: policy.act(params, obs), key, episodes, length))
+        evaluate_fn = jax.jit(
+            lambda params, key: envs.evaluate(env, lambda obs: policy.act(params, obs), key, episodes, length)
+        )
         metrics = jax.device_get(evaluate_fn(policy.params, key))
         out["key"] = "run" if seed is None else f"seed {seed}"
         out["episode_length"] = length
@@ -233,8 +274,16 @@ def render_video(policy: Policy, env, key, episodes: int, length: int, path: str
     if hasattr(env, "maze"):
         n_rows, n_cols, scale = len(env.maze.rows), len(env.maze.rows[0]), env.maze.scale
         scene_box = (((n_rows - 1) * scale / 2, (n_cols - 1) * scale / 2, 0.0), max(n_rows, n_cols) * scale)
-    frames = render_frames(env.sys.mj_model, traj["qpos"][idx, i], traj["obs"][idx, i, env.state_dim:],
-                           env.goal_reach_thresh, 640, 480, "auto", scene_box=scene_box)
+    frames = render_frames(
+        env.sys.mj_model,
+        traj["qpos"][idx, i],
+        traj["obs"][idx, i, env.state_dim :],
+        env.goal_reach_thresh,
+        640,
+        480,
+        "auto",
+        scene_box=scene_box,
+    )
     write_video(frames, path, 1.0 / (env.dt * every))
     # the episode's own `episode_success`: steps (after the reset) at the goal while not yet terminated
     steps_at_goal = (traj["success"][1:, i] * traj["alive"][:-1, i]).sum()
@@ -262,10 +311,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder (config.json + the script's checkpoint)")
     parser.add_argument("--env", default=None, help="env id to evaluate on; default: the run's eval env")
-    parser.add_argument("--episodes", type=int, default=None,
-                        help="episodes (one per eval env; OGBench: per task); default: the run's")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="evaluation key PRNGKey(SEED); default: the key the run used for this epoch")
+    parser.add_argument(
+        "--episodes", type=int, default=None, help="episodes (one per eval env; OGBench: per task); default: the run's"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="evaluation key PRNGKey(SEED); default: the key the run used for this epoch",
+    )
     parser.add_argument("--video", default=None, help="also render the best evaluated episode (.mp4 or .gif)")
     args = parser.parse_args(argv)
     if args.video:  # the OpenGL backend must be chosen before anything imports mujoco

@@ -10,6 +10,7 @@ row the depth-64 / depth-4 ratio, ours and the paper's; the env steps the shorte
 notes where a cell is not comparable to the paper's yet: fewer env steps than the paper's 100M
 budget, unfinished runs, fewer than 3 seeds, several batch sizes mixed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def seed_scores(run: run_files.RunData) -> list[SeedScore]:
             score = run.score(METRIC)
             seed = run.args.get("seed")
         else:
-            values = [r[METRIC] for r in rows if METRIC in r][-run_files.SCORE_WINDOW:]
+            values = [r[METRIC] for r in rows if METRIC in r][-run_files.SCORE_WINDOW :]
             score = sum(values) / len(values) if values else math.nan
         steps = max((r.get("env_steps", 0) for r in rows), default=0)
         out.append(SeedScore(run.path, env, depth, batch, seed, score, steps, run.finished))
@@ -101,9 +102,19 @@ def table_rows(runs: list[run_files.RunData]) -> list[dict]:
         batches = sorted({s.batch_size for s in members if s.batch_size is not None})
         if len(batches) > 1:
             notes.append(f"batch sizes mixed: {batches}")
-        rows.append({"env": env, "depth": depth, "mean": mean, "std": std, "seeds": len(scores),
-                     "batch_size": batches[0] if len(batches) == 1 else None,
-                     "paper": PAPER.get(env, {}).get(depth), "env_steps": steps, "notes": notes})
+        rows.append(
+            {
+                "env": env,
+                "depth": depth,
+                "mean": mean,
+                "std": std,
+                "seeds": len(scores),
+                "batch_size": batches[0] if len(batches) == 1 else None,
+                "paper": PAPER.get(env, {}).get(depth),
+                "env_steps": steps,
+                "notes": notes,
+            }
+        )
     by_cell = {(r["env"], r["depth"]): r for r in rows}
     for r in rows:
         r["ratio"] = r["paper_ratio"] = None
@@ -136,16 +147,21 @@ def _ratio_text(x) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"Score = `{METRIC}` (steps near the goal, out of 1000), mean of the last 5 evaluations per "
-             "seed, then mean +- std over seeds. Paper = its Table 1. Ratio = depth 64 / depth 4.", "",
-             "| env | depth | ours | seeds | paper | ratio (ours) | ratio (paper) | env steps | batch | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Score = `{METRIC}` (steps near the goal, out of 1000), mean of the last 5 evaluations per "
+        "seed, then mean +- std over seeds. Paper = its Table 1. Ratio = depth 64 / depth 4.",
+        "",
+        "| env | depth | ours | seeds | paper | ratio (ours) | ratio (paper) | env steps | batch | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ours = f"{_number(r['mean'])} +- {_number(r['std'])}" if r["seeds"] else "-"
         paper = "-" if r["paper"] is None else f"{r['paper']:g}"  # as published
-        lines.append(f"| {r['env']} | {r['depth']} | {ours} | {r['seeds']} | {paper} | "
-                     f"{_ratio_text(r['ratio'])} | {_ratio_text(r['paper_ratio'])} | {r['env_steps']:,} | "
-                     f"{r['batch_size'] if r['batch_size'] is not None else '-'} | {'; '.join(r['notes'])} |")
+        lines.append(
+            f"| {r['env']} | {r['depth']} | {ours} | {r['seeds']} | {paper} | "
+            f"{_ratio_text(r['ratio'])} | {_ratio_text(r['paper_ratio'])} | {r['env_steps']:,} | "
+            f"{r['batch_size'] if r['batch_size'] is not None else '-'} | {'; '.join(r['notes'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
