@@ -676,6 +676,39 @@ def train_epoch(
     return carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
+def compile_epoch(carry_shapes, shardings, mesh: Mesh, env, nets: Networks, optimizers: Optimizers, args: Args, dims):
+    """The whole epoch as one XLA program, compiled from shapes alone, its carry donated (updated in place)."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    epoch = lambda c: train_epoch(c, env, nets, optimizers, args, dims, train_steps_per_epoch(args), batch_sharding)
+    out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
+    jitted = jax.jit(epoch, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
+    return jitted.lower(carry_shapes).compile()
+
+
+def run_prefill(carry: dict, shardings, env, nets: Networks, args: Args, dims: Dims) -> dict:
+    """The replay buffer filled by `prefill_unrolls(args)` unrolls of the initial policy, in one jitted scan."""
+    fill = lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args))
+    return jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+
+
+def make_evaluator(eval_env, nets: Networks, args: Args):
+    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes."""
+    import envs
+
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(nets.actor, actor_params, obs)
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    return jax.jit(evaluate_policy)
+
+
+def log_backend():
+    """One stderr line naming the backend and devices, so a GPU run that fell back to the CPU is seen at once."""
+    devices = ", ".join(f"{d} ({d.device_kind})" for d in jax.devices())
+    backend = f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)"
+    print(f"{SCRIPT}: {backend}: {devices}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Input checks, the run's state on disk
 # --------------------------------------------------------------------------------------------
@@ -1230,12 +1263,7 @@ if __name__ == "__main__":
     check_args(args, envs.ENV_IDS, jax.device_count())
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_path = open_run(args)
-    devices = ", ".join(f"{d} ({d.device_kind})" for d in jax.devices())
-    print(
-        f"crl_deep: jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s): {devices}",
-        file=sys.stderr,
-        flush=True,
-    )
+    log_backend()
 
     # ---- setup: environments, networks, optimizers, the initial state, the compiled epoch ----
     env_options = {"true_inertia_obs": True} if args.true_inertia_obs else {}
@@ -1247,8 +1275,7 @@ if __name__ == "__main__":
     nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
     optimizers = make_optimizers(args)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    num_train_steps = train_steps_per_epoch(args)
-    env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
+    env_steps_per_epoch = train_steps_per_epoch(args) * args.num_envs * args.unroll_length
     key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
     def make_carry(k_init, k_reset, key):
@@ -1270,25 +1297,7 @@ if __name__ == "__main__":
     compile_start = time.time()
     with ThreadPoolExecutor(1) as pool:
         pending_carry = pool.submit(initial_carry, k_init, k_reset, key)
-        epoch_fn = (
-            jax.jit(
-                lambda c: train_epoch(
-                    c,
-                    stepper,
-                    nets,
-                    optimizers,
-                    args,
-                    dims,
-                    num_train_steps,
-                    NamedSharding(mesh, PartitionSpec("data")),
-                ),
-                in_shardings=(shardings,),
-                out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                donate_argnums=0,
-            )
-            .lower(carry_shapes)
-            .compile()
-        )
+        epoch_fn = compile_epoch(carry_shapes, shardings, mesh, stepper, nets, optimizers, args, dims)
         compile_seconds = time.time() - compile_start
         carry = pending_carry.result()
     start_epoch, env_steps, wall_offset, buffer_loaded = 0, 0, 0.0, False
@@ -1296,23 +1305,10 @@ if __name__ == "__main__":
         carry, buffer_loaded = resumed_carry(carry, saved, run_path, checkpoint["epoch"], args, shardings)
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     carry = jax.device_put(carry, shardings)
-    evaluate_policy = jax.jit(
-        lambda actor_params, key: envs.evaluate(
-            eval_env,
-            lambda obs: deterministic_action(nets.actor, actor_params, obs),
-            key,
-            args.num_eval_envs,
-            args.episode_length,
-        )
-    )
+    evaluate_policy = make_evaluator(eval_env, nets, args)
     start_time = time.time() - wall_offset
     if not buffer_loaded:  # a fresh run, or a resume whose buffer was not saved: refill it
-        carry = jax.jit(
-            lambda c: prefill(c, stepper, nets, args, dims, prefill_unrolls(args)),
-            in_shardings=(shardings,),
-            out_shardings=shardings,
-            donate_argnums=0,
-        )(carry)
+        carry = run_prefill(carry, shardings, stepper, nets, args, dims)
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
     # ---- the loop: one jitted epoch (collect + update), then evaluate, log, checkpoint ----

@@ -490,6 +490,24 @@ def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: i
     return {**carry, "train_state": train_state, "key": key}, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
+def compile_epoch(epoch_body, carry, shardings, mesh: Mesh):
+    """The whole epoch (online: collect + update; offline: update) as one XLA program, its carry donated."""
+    out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
+    jitted = jax.jit(epoch_body, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
+    return jitted.lower(carry).compile()
+
+
+def make_evaluator(eval_env, policy, args: Args):
+    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes."""
+    import envs
+
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(policy, actor_params, obs)
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    return jax.jit(evaluate_policy)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Input checks, the run's state on disk
 # ----------------------------------------------------------------------------------------------------
@@ -980,28 +998,14 @@ if __name__ == "__main__":
         env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
         carry["env_state"] = jax.jit(env.reset)(jax.random.split(k_reset, args.num_envs))
         carry["buffer"] = buffer_init(args.replay_size, args.num_envs, raw_env.state_dim, raw_env.action_size)
-        epoch_body = partial(
-            online_epoch,
-            env=env,
-            policy=policy,
-            optimizer=optimizer,
-            dims=dims,
-            args=args,
-            num_train_steps=num_train_steps,
-            batch_sharding=NamedSharding(mesh, PartitionSpec("data")),
-        )
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        epoch_body = partial(online_epoch, env=env, policy=policy, optimizer=optimizer, dims=dims, args=args)
+        epoch_body = partial(epoch_body, num_train_steps=num_train_steps, batch_sharding=batch_sharding)
         env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
     else:
         data = device_dataset(dataset)
-        epoch_body = partial(
-            offline_epoch,
-            data=data,
-            policy=policy,
-            optimizer=optimizer,
-            dims=dims,
-            args=args,
-            sgd_steps=num_train_steps,
-        )
+        epoch_body = partial(offline_epoch, data=data, policy=policy, optimizer=optimizer, dims=dims, args=args)
+        epoch_body = partial(epoch_body, sgd_steps=num_train_steps)
         env_steps_per_epoch = 0
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
@@ -1012,34 +1016,13 @@ if __name__ == "__main__":
     shardings = carry_shardings(carry, mesh, args.num_envs)
     carry = jax.device_put(carry, shardings)
     compile_start = time.time()
-    epoch_fn = (
-        jax.jit(
-            epoch_body,
-            in_shardings=(shardings,),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0,
-        )
-        .lower(carry)
-        .compile()
-    )
+    epoch_fn = compile_epoch(epoch_body, carry, shardings, mesh)
     compile_seconds = time.time() - compile_start
-    evaluate_policy = jax.jit(
-        lambda actor_params, key: envs.evaluate(
-            eval_env,
-            lambda obs: deterministic_action(policy, actor_params, obs),
-            key,
-            args.num_eval_envs,
-            args.episode_length,
-        )
-    )
+    evaluate_policy = make_evaluator(eval_env, policy, args)
     start_time = time.time() - wall_offset
     if args.mode == "online":  # a resume refills the buffer too
-        carry = jax.jit(
-            lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args)),
-            in_shardings=(shardings,),
-            out_shardings=shardings,
-            donate_argnums=0,
-        )(carry)
+        fill = lambda c: online_prefill(c, env, policy, dims, args, prefill_unrolls(args))
+        carry = jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs if checkpoint is None else 0
 
     # ---- the loop: one jitted epoch (collect +) update, then evaluate, log, checkpoint ----

@@ -549,6 +549,38 @@ def epoch_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def compile_epoch(carry, shardings, mesh: Mesh, env, nets, optimizer, dims: dict, args: Args):
+    """The whole epoch as one XLA program, its carry donated (updated in place)."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    epoch = lambda c: train_epoch(c, env, nets, optimizer, dims, args, train_steps_per_epoch(args), batch_sharding)
+    out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
+    jitted = jax.jit(epoch, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
+    return jitted.lower(carry).compile()
+
+
+def run_prefill(carry: dict, shardings, env, dims: dict, args: Args) -> dict:
+    """The replay buffer filled by `prefill_unrolls(args)` unrolls of a uniform random policy (one jitted scan)."""
+    fill = lambda c: prefill(c, env, dims, args, prefill_unrolls(args))
+    return jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
+
+
+def make_evaluator(eval_env, nets, args: Args):
+    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes."""
+    import envs
+
+    def evaluate_policy(actor_params, key):
+        act = lambda obs: deterministic_action(nets[0], actor_params, obs)
+        return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
+
+    return jax.jit(evaluate_policy)
+
+
+def resumed_carry(carry: dict, saved: dict) -> dict:
+    """The fresh carry with the checkpoint's train state, env state and key (the buffer is refilled)."""
+    train_state = {"params": saved["params"], **saved["train_state"]}
+    return {"train_state": train_state, "buffer": carry["buffer"], "env_state": saved["env_state"], "key": saved["key"]}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Input checks, the run's state on disk
 # ----------------------------------------------------------------------------------------------------
@@ -1017,8 +1049,7 @@ if __name__ == "__main__":
     nets = build_networks(args, raw_env.action_size)
     optimizer = optax.adam(args.learning_rate)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    num_train_steps = train_steps_per_epoch(args)
-    env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
+    env_steps_per_epoch = train_steps_per_epoch(args) * args.num_envs * args.unroll_length
     key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
     @jax.jit
@@ -1042,44 +1073,15 @@ if __name__ == "__main__":
     carry = initial_carry(k_init, k_reset, key)
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
-        carry = {
-            "train_state": {"params": saved["params"], **saved["train_state"]},
-            "buffer": carry["buffer"],
-            "env_state": saved["env_state"],
-            "key": saved["key"],
-        }
+        carry = resumed_carry(carry, saved)
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     carry = jax.device_put(carry, shardings)
     compile_start = time.time()
-    epoch_fn = (
-        jax.jit(
-            lambda c: train_epoch(
-                c, env, nets, optimizer, dims, args, num_train_steps, NamedSharding(mesh, PartitionSpec("data"))
-            ),
-            in_shardings=(shardings,),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0,
-        )
-        .lower(carry)
-        .compile()
-    )
+    epoch_fn = compile_epoch(carry, shardings, mesh, env, nets, optimizer, dims, args)
     compile_seconds = time.time() - compile_start
-    evaluate_policy = jax.jit(
-        lambda actor_params, key: envs.evaluate(
-            eval_env,
-            lambda obs: deterministic_action(nets[0], actor_params, obs),
-            key,
-            args.num_eval_envs,
-            args.episode_length,
-        )
-    )
+    evaluate_policy = make_evaluator(eval_env, nets, args)
     start_time = time.time() - wall_offset
-    carry = jax.jit(
-        lambda c: prefill(c, env, dims, args, prefill_unrolls(args)),  # a resume refills it too
-        in_shardings=(shardings,),
-        out_shardings=shardings,
-        donate_argnums=0,
-    )(carry)
+    carry = run_prefill(carry, shardings, env, dims, args)  # a resume refills it too
     if checkpoint is None:
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
