@@ -23,7 +23,6 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal, Optional
 
 import flax
@@ -999,13 +998,11 @@ if __name__ == "__main__":
         carry["env_state"] = jax.jit(env.reset)(jax.random.split(k_reset, args.num_envs))
         carry["buffer"] = buffer_init(args.replay_size, args.num_envs, raw_env.state_dim, raw_env.action_size)
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        epoch_body = partial(online_epoch, env=env, policy=policy, optimizer=optimizer, dims=dims, args=args)
-        epoch_body = partial(epoch_body, num_train_steps=num_train_steps, batch_sharding=batch_sharding)
+        epoch_body = lambda c: online_epoch(c, env, policy, optimizer, dims, args, num_train_steps, batch_sharding)
         env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
     else:
         data = device_dataset(dataset)
-        epoch_body = partial(offline_epoch, data=data, policy=policy, optimizer=optimizer, dims=dims, args=args)
-        epoch_body = partial(epoch_body, sgd_steps=num_train_steps)
+        epoch_body = lambda c: offline_epoch(c, data, policy, optimizer, dims, args, num_train_steps)
         env_steps_per_epoch = 0
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
