@@ -101,6 +101,9 @@ class Args:
     resume: Optional[str] = None
     """checkpoint.msgpack (or its run folder) of an interrupted run to continue with its own settings (flags
     given again must agree, except --track, --wandb-*)"""
+    dry_run: bool = False
+    """compile the training epoch from shapes, print its parameters, FLOPs, dataset bytes and XLA's memory
+    estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "offline_crl"
@@ -1017,12 +1020,138 @@ class RunLog:
 
 # --- end shared block: scaffold ---
 
+
+# --- shared block: dry_run (identical in every script; tests/test_copies.py) ---
+# --dry-run: what a configuration will cost, before it runs. The script builds its training state from
+# shapes alone (jax.eval_shape: no parameter is drawn, no env is stepped), AOT-compiles the epoch
+# function a real run would use (same donation, same shardings) and passes the compiled program here;
+# dry_run_report prints one JSON line. Nothing is written to disk (no run folder, no wandb).
+#
+# FLOPs per SGD step count the Dense layers only: a forward pass of one example through a Dense of
+# kernel [in, out] costs 2 * in * out (a multiply and an add per weight). A pass whose parameters get
+# gradients costs 3x its forward (forward, backward to the inputs, backward to the weights), a pass
+# through a frozen network that only carries gradients to its input (e.g. the critic under the actor's
+# loss) 2x, a forward-only pass (targets, stop_gradient inputs) 1x. Not counted: biases, LayerNorm,
+# activations, the losses (e.g. the batch x batch logits), and the recomputation of --remat (one more
+# forward of the residual blocks per differentiated pass).
+FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs, as above
+MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
+
+
+def tree_size(tree) -> int:
+    """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or jax.ShapeDtypeStructs."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def as_shapes(tree):
+    """jax.ShapeDtypeStructs of a pytree of arrays (host or device): what AOT lowering needs."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def dense_flops(params) -> int:
+    """Forward FLOPs of ONE example through every Dense kernel in `params`: 2 x the kernels' elements.
+    Stacked kernels count every copy: the scanned residual blocks [depth/4, in, out], twin critics [2, ...]."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return 2 * sum(math.prod(x.shape) for path, x in flat if getattr(path[-1], "key", None) == "kernel")
+
+
+def dry_run_report(
+    args, compiled, compile_seconds: float, params: dict, flops_per_sgd_step: int, buffer_bytes: int, extra=None
+) -> dict:
+    """The one JSON line of --dry-run, printed to stdout and returned.
+
+    args: the run's Args (all go into the line); compiled: the epoch's `jax.jit(...).lower(...).compile()`;
+    params: {network name: its params (or shapes)}; buffer_bytes: the replay buffer or the dataset the
+    epoch reads. The memory figures are
+    XLA's own for this program on this backend, per device: arguments (the whole carry: train state,
+    buffer, env states), outputs, temporaries, generated code, and the outputs that alias donated
+    arguments. peak_bytes = arguments + outputs - aliased + temporaries (donated buffers are updated in
+    place, so they count once); the generated code is left out (it is host memory on CPU)."""
+    stats = compiled.memory_analysis()
+    memory = {
+        f"{name}_bytes": None if stats is None else int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in MEMORY_FIELDS
+    }
+    peak = None
+    if stats is not None:
+        peak = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    report = {
+        "script": SCRIPT,
+        "params": {name: tree_size(tree) for name, tree in params.items()},
+        "params_total": sum(tree_size(tree) for tree in params.values()),
+        "flops_per_sgd_step": int(flops_per_sgd_step),
+        "buffer_bytes": int(buffer_bytes),
+        "memory": memory,
+        "peak_bytes": peak,
+        "peak_gib": None if peak is None else round(peak / 2**30, 3),
+        "compile_seconds": round(compile_seconds, 3),
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        **(extra or {}),
+        "args": dataclasses.asdict(args),
+    }
+    print(json.dumps(report), flush=True)
+    return report
+
+
+# --- end shared block: dry_run ---
+
+
+def dry_run(args: Args) -> dict:
+    """--dry-run: the epoch a real run would compile (from shapes, same donation), its costs printed as
+    one JSON line (dry_run_report). The dataset is read and checked as in a real run, but kept on the host."""
+    dataset, _, goal_indices, _ = load_inputs(args)
+    alpha = default_alpha(args.env) if args.alpha is None else args.alpha
+    discount = default_discount(args.env) if args.discount is None else args.discount
+    with jax.default_device(jax.devices("cpu")[0]):
+        data = as_shapes(make_device_dataset(dataset, goal_indices))
+    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    sa_encoder, g_encoder, actor = make_networks(args, action_dim)
+    actor_optimizer, critic_optimizer = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
+    critic_loss_fn, actor_loss_fn = make_losses(args, sa_encoder, g_encoder, actor, alpha)
+    key = jax.random.PRNGKey(args.seed)
+    train_state = jax.eval_shape(
+        lambda k: init_train_state(
+            k, sa_encoder, g_encoder, actor, obs_dim, action_dim, len(goal_indices), actor_optimizer, critic_optimizer
+        ),
+        key,
+    )
+    update = make_update(critic_loss_fn, actor_loss_fn, critic_optimizer, actor_optimizer)
+    epoch_fn = jax.jit(
+        partial(train_epoch, update=update, steps=args.eval_every, batch_size=args.batch_size, discount=discount),
+        donate_argnums=(0,),
+    )
+    compile_start = time.time()
+    compiled = epoch_fn.lower(train_state, data, as_shapes(key)).compile()
+    compile_seconds = time.time() - compile_start
+    params = {"actor": train_state["actor"], **train_state["critic"]}
+    # critic loss: phi(s, a) and psi(g) trained; actor loss: the actor trained, phi(s, mu) passing the
+    # gradient to the action, psi(g) forward only
+    flops = args.batch_size * (
+        dense_flops(params["sa_encoder"]) * (PARAM_GRAD + INPUT_GRAD)
+        + dense_flops(params["g_encoder"]) * (PARAM_GRAD + FORWARD)
+        + dense_flops(params["actor"]) * PARAM_GRAD
+    )
+    extra = {"sgd_steps_per_epoch": args.eval_every}
+    return dry_run_report(args, compiled, compile_seconds, params, flops, tree_bytes(data), extra)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     args = parse_args()
     check_args(args)
+    if args.dry_run:  # compile, print the costs, exit: no run folder
+        dry_run(args)
+        sys.exit(0)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     dataset, val_dataset, goal_indices, eval_env = load_inputs(args)
     alpha = default_alpha(args.env) if args.alpha is None else args.alpha
