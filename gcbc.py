@@ -3,12 +3,19 @@
 The policy maximises the likelihood of the action taken in s_t given the goal reached later in the same
 trajectory, goal = s_{t+k}[goal_indices], k >= 1 (uniform over the rest of the trajectory, or geometric).
 
-    python gcbc.py --mode offline --dataset data.npz --env reacher   # GCBC on an OGBench-format dataset
+    python gcbc.py --mode offline --dataset data/antmaze-medium-stitch-v0.npz --env antmaze-medium-stitch-v0
+    python gcbc.py --mode offline --dataset data/antmaze-giant-navigate-v0.npz \
+        --env antmaze-giant-navigate-v0 --no-goal                    # plain BC: the policy never sees the goal
+    python gcbc.py --mode offline --dataset runs/<run>/buffer.npz --env reacher   # a dataset of our own envs
     python gcbc.py --mode online --env ant_u4_maze                   # GCSL: collect, relabel, clone, repeat
 
-Offline, the dataset's `observations` are the state part of the `--env` observation (state_dim wide; the
-goal is a slice of a state), `terminals` is 1 on the last row of each trajectory. Evaluation always runs the
-deterministic policy (the Gaussian mean) with `envs.evaluate` on `--eval-env` (default: --env's eval variant).
+Offline, `--env` is an OGBench dataset id or one of our envs/ ids. OGBench: the dataset's `observations`
+are OGBench observations, the goal is a whole observation, evaluation runs OGBench's 5 tasks of `--env`
+(as offline_crl.py), and the defaults are OGBench's GCBC settings (batch 1024, width 512, 1M steps).
+Our envs: `observations` are the state part of the `--env` observation (state_dim wide; the goal is a
+slice of a state). `terminals` is 1 on the last row of each trajectory. Evaluation always runs the
+deterministic policy (the Gaussian mean); on our envs with `envs.evaluate` on `--eval-env` (default:
+--env's eval variant).
 """
 
 from __future__ import annotations
@@ -41,17 +48,20 @@ class Args:
     dataset: Optional[str] = None
     """offline: OGBench-format .npz with observations (states), actions, terminals"""
     env: str = "humanoid_u_maze"
-    """environment id (one of envs.ENV_IDS): evaluated on (offline), trained and evaluated on (online)"""
+    """environment id: one of envs.ENV_IDS (trained and evaluated on online; evaluated on offline) or, offline,
+    an OGBench dataset id (e.g. antmaze-medium-stitch-v0; evaluated on its 5 tasks)"""
     eval_env: Optional[str] = None
-    """environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    """envs/ ids only: environment used for evaluation; default: the `_eval` variant of --env where one exists"""
+    no_goal: bool = False
+    """offline only: plain behaviour cloning, pi(a | state); the goal is dropped from the policy's input"""
     goal_sampling: Literal["uniform_future", "geometric_future"] = "uniform_future"
     """goal of s_t: s_{t+k}, k uniform in 1..(steps left in the trajectory), or P(k) ~ discount^k truncated"""
     discount: float = 0.99
     """gamma of geometric_future goal sampling (unused by uniform_future)"""
     depth: int = 4
     """Dense layers inside the residual blocks of the policy (a positive multiple of 4)"""
-    width: int = 256
-    """hidden width of every Dense layer of the tower"""
+    width: Optional[int] = None
+    """hidden width of every Dense layer of the tower (default: 512 on OGBench datasets, as OGBench's GCBC; 256)"""
     layer_norm: bool = True
     """LayerNorm after every hidden Dense (the paper's scaling recipe; --no-layer-norm ablates it)"""
     activation: Literal["swish", "relu"] = "swish"
@@ -61,20 +71,22 @@ class Args:
     without it only the blocks' matmul outputs are kept and LayerNorm/swish are recomputed"""
     scan_unroll: int = 1
     """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
-    batch_size: int = 256
-    """(state, action, goal) samples per SGD step"""
+    batch_size: Optional[int] = None
+    """(state, action, goal) samples per SGD step (default: 1024 on OGBench datasets, as OGBench's GCBC; 256)"""
     learning_rate: float = 3e-4
     """Adam learning rate"""
     train_steps: int = 1_000_000
     """offline: SGD steps in total (split evenly over --num-epochs)"""
-    num_epochs: int = 100
-    """epochs; after each one the host evaluates, logs and checkpoints"""
+    num_epochs: Optional[int] = None
+    """epochs; after each one the host evaluates, logs and checkpoints (default: 10 on OGBench datasets, i.e.
+    an evaluation every 100k of the 1M steps as OGBench; 100)"""
     num_envs: int = 512
     """online: parallel training environments"""
-    num_eval_envs: int = 128
-    """parallel evaluation environments (one episode each per epoch)"""
-    episode_length: int = 1000
-    """steps per episode, training and evaluation"""
+    num_eval_envs: Optional[int] = None
+    """evaluation episodes per epoch: parallel envs, one episode each (default 128); OGBench: episodes per task
+    (default 50, as OGBench's GCBC runs)"""
+    episode_length: Optional[int] = None
+    """steps per episode, training and evaluation (default 1000; OGBench: the env's own limit)"""
     total_env_steps: int = 50_000_000
     """online: environment steps of the whole run, prefill included"""
     unroll_length: int = 62
@@ -105,6 +117,39 @@ class Args:
 
 
 SCRIPT = "gcbc"
+# OGBench's GCBC agent (impls/agents/gcbc.py, get_config; impls/hyperparameters.sh): batch 1024, lr 3e-4, actor
+# MLP 512 wide, actor goals uniform over the future states of the same trajectory, 1M steps, evaluated every 100k
+# steps with 50 episodes per task. The paper's tower replaces the MLP (--depth 4 is its base network).
+OGBENCH_DEFAULTS = {"batch_size": 1024, "width": 512, "num_epochs": 10, "num_eval_envs": 50, "episode_length": None}
+OUR_DEFAULTS = {"batch_size": 256, "width": 256, "num_epochs": 100, "num_eval_envs": 128, "episode_length": 1000}
+
+
+def is_ogbench_run(args: Args, env_ids=None) -> bool:
+    """Offline on an OGBench dataset id (anything offline that is not one of our envs/ ids)."""
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    return args.mode == "offline" and args.env not in env_ids
+
+
+def resolve(args: Args, env_ids=None) -> Args:
+    """Fills the defaults left None: OGBench's GCBC settings on OGBench datasets, this script's otherwise."""
+    defaults = OGBENCH_DEFAULTS if is_ogbench_run(args, env_ids) else OUR_DEFAULTS
+    return dataclasses.replace(args, **{name: value for name, value in defaults.items() if getattr(args, name) is None})
+
+
+def is_ogbench_id(name: str) -> bool:
+    """A goal-conditioned OGBench dataset id (`<env>-<dataset type>-v<n>`) whose env OGBench registers."""
+    splits = name.split("-")
+    if len(splits) < 3 or "singletask" in splits or "oraclerep" in splits:
+        return False
+    try:
+        import gymnasium
+        import ogbench  # noqa: F401 (registers the OGBench envs with gymnasium)
+    except ImportError:
+        return False
+    return "-".join(splits[:-2] + splits[-1:]) in gymnasium.registry
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,23 +240,29 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class GaussianPolicy(nn.Module):
-    """pi(a | state, goal) = N(mean, diag(std^2)), mean = tanh(.) in the action box, log_std in [-5, 2]."""
+    """pi(a | state, goal) = N(mean, diag(std^2)), mean = tanh(.) in the action box, log_std in [-5, 2].
+
+    The input is always concat[state, goal]; with `state_dim` set (--no-goal) only the first state_dim
+    entries reach the tower, so the output cannot depend on the goal and no weight sees it."""
 
     tower: Tower
     action_size: int
+    state_dim: Optional[int] = None
 
     @nn.compact
     def __call__(self, obs):
-        h = self.tower(obs)
+        h = self.tower(obs if self.state_dim is None else obs[..., : self.state_dim])
         mean = jnp.tanh(nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(h))
         raw = nn.Dense(self.action_size, kernel_init=kernel_init, name="log_std")(h)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(raw) + 1.0)
         return mean, log_std
 
 
-def build_networks(args: Args, action_size: int) -> GaussianPolicy:
-    """The policy at --depth / --width (tools may import this)."""
-    return GaussianPolicy(make_tower(args, args.depth), action_size)
+def build_networks(args: Args, action_size: int, state_dim: Optional[int] = None) -> GaussianPolicy:
+    """The policy at --depth / --width (tools may import this); --no-goal needs the state width."""
+    if args.no_goal and state_dim is None:
+        raise ValueError("--no-goal: build_networks needs state_dim (the policy reads only the state)")
+    return GaussianPolicy(make_tower(args, args.depth), action_size, state_dim if args.no_goal else None)
 
 
 def gaussian_log_prob(mean, log_std, action):
@@ -266,10 +317,13 @@ def sample_goal_offsets(key, horizon, goal_sampling: str, discount: float):
 # Offline data: OGBench npz -> rows with their trajectory end
 # ----------------------------------------------------------------------------------------------------
 def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
-    """Reads and checks an OGBench-format npz; raises ValueError with one clear line on a bad file.
+    """Reads and checks an OGBench-format npz (offline_crl.py's checks, plus the widths the env needs);
+    raises ValueError with one clear line on a bad file.
 
-    Rows after the last terminal (an unfinished trajectory) are dropped. Returns observations, actions
-    and, per row, the index of the last row of its trajectory (`traj_end`)."""
+    Rows after the last terminal (an unfinished trajectory) are dropped; extra keys are ignored. Returns
+    observations, actions (clipped to the action box) and, per row, the index of the last row of its
+    trajectory (`traj_end`). A terminal row is a goal but never an anchor (its next state is not recorded),
+    exactly OGBench's transitions."""
     try:
         with np.load(path) as f:
             raw = {k: f[k] for k in f.files}
@@ -279,11 +333,16 @@ def load_dataset(path: str, state_dim: int, action_size: int) -> dict:
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; an OGBench dataset has observations, actions, terminals")
     obs, actions, terminals = raw["observations"], raw["actions"], raw["terminals"]
-    if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1 or not len(obs) == len(actions) == len(terminals):
+    if obs.ndim != 2 or actions.ndim != 2 or terminals.ndim != 1:
         raise ValueError(
             f"{path}: expected observations [N, D], actions [N, A], terminals [N]; got shapes "
             f"{obs.shape}, {actions.shape}, {terminals.shape}"
         )
+    lengths = {k: len(raw[k]) for k in ("observations", "actions", "terminals", "qpos", "qvel") if k in raw}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: mismatched lengths {lengths}")
+    if not all(np.issubdtype(raw[k].dtype, np.number) for k in ("observations", "actions", "terminals")):
+        raise ValueError(f"{path}: observations, actions and terminals must be numbers")
     if obs.shape[1] != state_dim or actions.shape[1] != action_size:
         raise ValueError(
             f"{path}: observations/actions are {obs.shape[1]}/{actions.shape[1]} wide; the env needs "
@@ -496,8 +555,56 @@ def compile_epoch(epoch_body, carry, shardings, mesh: Mesh):
     return jitted.lower(carry).compile()
 
 
+def make_ogbench_env(name: str, episode_length: Optional[int]):
+    import ogbench
+
+    kwargs = {} if episode_length is None else {"max_episode_steps": episode_length}
+    return ogbench.make_env_and_datasets(name, env_only=True, **kwargs)
+
+
+def evaluate_ogbench(eval_envs, act, seed: int) -> dict:
+    """Success rate per task (OGBench's evaluation tasks, ids 1..5), one episode per env in `eval_envs`
+    run in lockstep; an episode succeeds if info['success'] is 1 at any step. Seeds are fixed, so
+    every evaluation of a run sees the same start noise. (offline_crl.py's loop: same seeds, same metrics.)"""
+    metrics, all_success, all_length = {}, [], []
+    for task in range(1, len(eval_envs[0].unwrapped.task_infos) + 1):
+        obs, goals = [], []
+        for i, env in enumerate(eval_envs):
+            ob, info = env.reset(seed=seed * 100_000 + task * 1000 + i, options={"task_id": task})
+            obs.append(ob)
+            goals.append(info["goal"])
+        obs, goals = np.asarray(obs, np.float32), np.asarray(goals, np.float32)
+        active = np.ones(len(eval_envs), bool)
+        success = np.zeros(len(eval_envs))
+        length = np.zeros(len(eval_envs))
+        while active.any():
+            actions = np.asarray(act(obs, goals))
+            for i in np.flatnonzero(active):
+                ob, _, terminated, truncated, info = eval_envs[i].step(actions[i])
+                obs[i] = ob
+                length[i] += 1
+                success[i] = max(success[i], float(info["success"]))
+                active[i] = not (terminated or truncated)
+        metrics[f"task{task}_success"] = float(success.mean())
+        all_success.append(success.mean())
+        all_length.append(length.mean())
+    metrics["success"] = float(np.mean(all_success))
+    metrics["episode_length"] = float(np.mean(all_length))
+    return metrics
+
+
 def make_evaluator(eval_env, policy, args: Args):
-    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes."""
+    """(actor params, key) -> the paper's metrics of the deterministic policy: a jitted envs.evaluate over
+    num_eval_envs episodes on our envs; OGBench's 5 tasks, num_eval_envs episodes each, on an OGBench id
+    (`eval_env` is then the first of the OGBench envs; the key is unused, the seeds are fixed)."""
+    if is_ogbench_run(args):
+        eval_envs = [eval_env] + [
+            make_ogbench_env(args.env, args.episode_length) for _ in range(args.num_eval_envs - 1)
+        ]
+        act = jax.jit(
+            lambda params, obs, goals: deterministic_action(policy, params, jnp.concatenate([obs, goals], -1))
+        )
+        return lambda params, key: evaluate_ogbench(eval_envs, lambda o, g: act(params, o, g), args.seed)
     import envs
 
     def evaluate_policy(actor_params, key):
@@ -523,7 +630,8 @@ def train_steps_per_epoch(args: Args) -> int:
 
 
 def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
-    """Every bad-input check that needs no env and no compilation; calls `fail` on the first.
+    """Every bad-input check that needs no file, no env and no compilation; calls `fail` on the first.
+    (The dataset file is checked when a run starts: tools/grid.py vets sweeps whose data is elsewhere.)
 
     env_ids / num_devices default to envs.ENV_IDS / jax.device_count() (tools/grid.py passes args only)."""
     if env_ids is None:
@@ -531,16 +639,24 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
 
         env_ids = envs.ENV_IDS
     num_devices = jax.device_count() if num_devices is None else num_devices
-    if args.env not in env_ids:
+    args = resolve(args, env_ids)
+    if args.mode == "online" and args.env not in env_ids:
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
+    if args.mode == "offline" and args.env not in env_ids and not is_ogbench_id(args.env):
+        fail(
+            f"unknown env {args.env!r}: neither one of our envs/ ids ({', '.join(env_ids)}) nor a goal-conditioned "
+            "OGBench dataset id (e.g. antmaze-medium-stitch-v0)"
+        )
+    if args.eval_env is not None and is_ogbench_run(args, env_ids):
+        fail("--eval-env is for our envs/ ids; an OGBench run is evaluated on the tasks of --env")
     if args.eval_env is not None and args.eval_env not in env_ids:
         fail(f"unknown eval env {args.eval_env!r}; valid: {', '.join(env_ids)}")
     if args.mode == "offline" and not args.dataset:
         fail("--mode offline needs --dataset PATH.npz")
-    if args.mode == "offline" and not os.path.isfile(args.dataset):
-        fail(f"--dataset {args.dataset!r} does not exist")
     if args.mode == "online" and args.dataset:
         fail("--dataset is only read by --mode offline")
+    if args.mode == "online" and args.no_goal:
+        fail("--no-goal (plain behaviour cloning of a dataset) needs --mode offline; GCSL clones toward goals")
     check_common(args)
     if args.batch_size % num_devices:
         fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
@@ -556,6 +672,58 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
             if args.mode == "offline"
             else f"--total-env-steps {args.total_env_steps} leaves no training step per epoch: need at least {needed}"
         )
+
+
+def make_envs(args: Args):
+    """(training env or None, evaluation env, dims). dims: state_dim, goal_indices (the goal is
+    state[goal_indices]; an OGBench goal is a whole observation), action_size. A bad OGBench id stops
+    here with one line, before anything compiles."""
+    import envs
+
+    if is_ogbench_run(args):
+        try:
+            eval_env = make_ogbench_env(args.env, args.episode_length)
+        except Exception as e:  # gymnasium raises several types for unknown names
+            fail(f"--env {args.env!r}: not an OGBench env ({type(e).__name__}: {e})")
+        state_dim = int(np.prod(eval_env.observation_space.shape))
+        dims = {"state_dim": state_dim, "goal_indices": tuple(range(state_dim))}
+        return None, eval_env, {**dims, "action_size": int(eval_env.action_space.shape[0])}
+    raw_env = envs.make(args.env)
+    dims = {
+        "state_dim": raw_env.state_dim,
+        "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
+        "action_size": raw_env.action_size,
+    }
+    return raw_env, envs.make(args.eval_env or envs.eval_variant(args.env)), dims
+
+
+def load_offline_dataset(args: Args, dims: dict):
+    """(the --dataset file, its `-val.npz` twin or None), checked against the env's widths; one line and
+    exit on a bad or missing file."""
+    if not os.path.isfile(args.dataset):
+        fail(f"--dataset {args.dataset!r} does not exist")
+    val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else ""
+    try:
+        dataset = load_dataset(args.dataset, dims["state_dim"], dims["action_size"])
+        val_dataset = (
+            load_dataset(val_path, dims["state_dim"], dims["action_size"]) if os.path.isfile(val_path) else None
+        )
+    except ValueError as e:
+        fail(str(e))
+    return dataset, val_dataset
+
+
+def make_validation(policy, dims, args: Args):
+    """jit(actor params, data, key) -> the loss metrics on one batch of the -val twin (overfitting shows as
+    a gap to training/)."""
+
+    def validation_metrics(actor_params, data, key):
+        batch = sample_offline_batch(
+            data, key, args.batch_size, dims["goal_indices"], args.goal_sampling, args.discount
+        )
+        return bc_loss_fn(actor_params, policy, batch)[1]
+
+    return jax.jit(validation_metrics)
 
 
 def checkpoint_state(carry: dict) -> dict:
@@ -966,32 +1134,23 @@ class RunLog:
 # Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    args = parse_args()
+    args = resolve(parse_args())
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
-    raw_env = envs.make(args.env)
-    dims = {
-        "state_dim": raw_env.state_dim,
-        "goal_indices": tuple(int(i) for i in raw_env.goal_indices),
-        "action_size": raw_env.action_size,
-    }
+    raw_env, eval_env, dims = make_envs(args)
     if args.mode == "offline":
-        try:
-            dataset = load_dataset(args.dataset, raw_env.state_dim, raw_env.action_size)
-        except ValueError as e:
-            fail(str(e))
+        dataset, val_dataset = load_offline_dataset(args, dims)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_path = open_run(args)
 
     # ---- setup: data or environments, the policy, the optimizer, the initial state, the compiled epoch ----
-    eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
-    policy = build_networks(args, raw_env.action_size)
+    policy = build_networks(args, dims["action_size"], dims["state_dim"])
     optimizer = optax.adam(args.learning_rate)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     num_train_steps = train_steps_per_epoch(args)
     key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    params = {"actor": policy.init(k_init, jnp.zeros((1, raw_env.observation_size)))}
+    params = {"actor": policy.init(k_init, jnp.zeros((1, dims["state_dim"] + len(dims["goal_indices"]))))}
     carry = {"train_state": {"params": params, "opt_state": optimizer.init(params["actor"])}, "key": key}
     if args.mode == "online":
         env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
@@ -1002,6 +1161,8 @@ if __name__ == "__main__":
         env_steps_per_epoch = num_train_steps * args.num_envs * args.unroll_length
     else:
         data = device_dataset(dataset)
+        val_data = device_dataset(val_dataset) if val_dataset is not None else None
+        validation_metrics = make_validation(policy, dims, args)
         epoch_body = lambda c: offline_epoch(c, data, policy, optimizer, dims, args, num_train_steps)
         env_steps_per_epoch = 0
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
@@ -1044,6 +1205,11 @@ if __name__ == "__main__":
             **{f"training/{k}": v for k, v in train_metrics.items()},
             **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()},
         }
-        log.log(record, env_steps if args.mode == "online" else sgd_steps, "eval/episode_success")
+        headline = "eval/success" if is_ogbench_run(args) else "eval/episode_success"
+        if args.mode == "offline" and val_data is not None:  # its own key: the run's other draws stay as they were
+            k_val = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1), epoch)
+            val_metrics = validation_metrics(carry["train_state"]["params"]["actor"], val_data, k_val)
+            record.update({f"validation/{k}": float(v) for k, v in jax.device_get(val_metrics).items()})
+        log.log(record, env_steps if args.mode == "online" else sgd_steps, headline)
         save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
     log.finish(env_steps)

@@ -152,10 +152,87 @@ def test_bad_input_fails_early_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as stop:  # the other checks, in-process (no interpreter start)
         gcbc.check_args(gcbc.Args(mode="online", env="reacher", dataset=str(tmp_path / "x.npz")), ("reacher",), 1)
     assert str(stop.value.code).startswith("error: ") and "\n" not in str(stop.value.code)
-    with pytest.raises(SystemExit):
-        gcbc.check_args(
-            gcbc.Args(mode="offline", env="reacher", dataset=str(tmp_path / "missing.npz")), ("reacher",), 1
+    # a missing file passes check_args (tools/grid.py vets sweeps whose data lies elsewhere), the run stops on it
+    missing = str(tmp_path / "missing.npz")
+    gcbc.check_args(gcbc.Args(mode="offline", env="reacher", dataset=missing), ("reacher",), 1)
+    proc = run_script(
+        "--mode", "offline", "--env", "reacher", "--dataset", missing, "--run-dir", str(tmp_path), check=False
+    )
+    assert (
+        proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: --dataset {missing!r} does not exist"
+    )
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(mode="online", no_goal=True, dataset=""),
+            "--no-goal (plain behaviour cloning of a dataset) needs --mode offline",
+        ),
+        (dict(env="antmaze-nope-navigate-v0"), "unknown env 'antmaze-nope-navigate-v0': neither one of our envs/ ids"),
+        (dict(env="antmaze-medium-navigate-singletask-v0"), "nor a goal-conditioned OGBench dataset id"),
+        (dict(env="antmaze-medium-stitch-v0", eval_env="reacher"), "--eval-env is for our envs/ ids"),
+        (dict(env="antmaze-medium-stitch-v0", width=0), "--width must be positive (got 0)"),
+        (dict(mode="online", env="antmaze-medium-stitch-v0", dataset=""), "unknown env 'antmaze-medium-stitch-v0'"),
+    ],
+)
+def test_bad_ogbench_and_no_goal_flags_fail_with_one_line(change, message):
+    args = gcbc.Args(**{"mode": "offline", "env": "reacher", "dataset": "d.npz", **change})
+    with pytest.raises(SystemExit) as stop:
+        gcbc.check_args(args, ("reacher",), 1)
+    code = str(stop.value.code)
+    assert code.startswith("error: ") and message in code and "\n" not in code
+
+
+def test_defaults_are_ogbenchs_gcbc_on_ogbench_ids_and_unchanged_on_our_envs():
+    ogbench_args = gcbc.resolve(
+        gcbc.Args(mode="offline", env="antmaze-medium-stitch-v0", dataset="d.npz"), ("reacher",)
+    )
+    assert (ogbench_args.batch_size, ogbench_args.width, ogbench_args.learning_rate) == (1024, 512, 3e-4)
+    assert (ogbench_args.num_epochs, ogbench_args.num_eval_envs, ogbench_args.episode_length) == (10, 50, None)
+    assert ogbench_args.goal_sampling == "uniform_future" and ogbench_args.train_steps == 1_000_000
+    for mode in ("online", "offline"):
+        ours = gcbc.resolve(gcbc.Args(mode=mode, env="reacher"), ("reacher",))
+        assert (ours.batch_size, ours.width, ours.num_epochs, ours.num_eval_envs, ours.episode_length) == (
+            256,
+            256,
+            100,
+            128,
+            1000,
         )
+    given = gcbc.resolve(gcbc.Args(mode="offline", env="antmaze-medium-stitch-v0", batch_size=64), ("reacher",))
+    assert given.batch_size == 64 and given.width == 512  # a flag given wins
+    assert gcbc.is_ogbench_id("antmaze-giant-navigate-v0") and gcbc.is_ogbench_id("pointmaze-giant-stitch-v0")
+    assert not gcbc.is_ogbench_id("antmaze-huge-navigate-v0") and not gcbc.is_ogbench_id("reacher")
+
+
+def test_no_goal_policy_has_no_goal_weights_and_ignores_the_goal():
+    state_dim, goal_dim = 5, 3
+    args = gcbc.Args(width=16, depth=4, no_goal=True)
+    policy = gcbc.build_networks(args, 2, state_dim)
+    params = policy.init(jax.random.PRNGKey(0), jnp.zeros((1, state_dim + goal_dim)))
+    assert params["params"]["tower"]["Dense_0"]["kernel"].shape == (state_dim, 16)
+    with_goal = gcbc.build_networks(gcbc.Args(width=16, depth=4), 2, state_dim)
+    goal_params = with_goal.init(jax.random.PRNGKey(0), jnp.zeros((1, state_dim + goal_dim)))
+    assert goal_params["params"]["tower"]["Dense_0"]["kernel"].shape == (state_dim + goal_dim, 16)
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(64, state_dim)).astype(np.float32)
+    goals = [rng.normal(size=(64, goal_dim)).astype(np.float32) * scale for scale in (0.0, 1.0, 100.0)]
+    outputs = [np.asarray(gcbc.deterministic_action(policy, params, np.concatenate([state, g], -1))) for g in goals]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+    batch = {"state": state, "goal": goals[1], "action": np.zeros((64, 2), np.float32), "valid": np.ones(64)}
+    grads = jax.grad(lambda p: gcbc.bc_loss_fn(p, policy, batch)[0])(params)
+    assert np.all(np.isfinite(np.asarray(grads["params"]["tower"]["Dense_0"]["kernel"])))
+    # the goal-conditioned policy does read the goal (so the check above can fail)
+    moved = [
+        np.asarray(gcbc.deterministic_action(with_goal, goal_params, np.concatenate([state, g], -1))) for g in goals
+    ]
+    assert np.abs(moved[0] - moved[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="needs state_dim"):
+        gcbc.build_networks(args, 2)
 
 
 SMALL = [
@@ -323,3 +400,112 @@ def test_offline_gcbc_imitates_a_scripted_reacher_demonstrator(tmp_path):
     )
     assert losses[-1] < 0.6 * losses[0]
     assert success[-1] > 3 * random_success and success[-1] > 0.5 * demo_success
+
+
+# ---- OGBench datasets and evaluation -----------------------------------------------------------------------
+OGBENCH_ENV = "pointmaze-medium-navigate-v0"  # 2-D observations and actions: a quick env to roll out here
+
+
+def test_ogbench_format_rows_are_ogbenchs_transitions_and_goals_stay_in_their_trajectory(tmp_path):
+    """OGBench layout: a goal is a whole observation; observation = (trajectory id, time index) here."""
+    lengths = [3, 1, 5, 2, 40]
+    obs = np.asarray([(i, t) for i, n in enumerate(lengths) for t in range(n)] + [(9, 0), (9, 1)], np.float32)
+    terminals = np.zeros(len(obs), np.float32)
+    terminals[np.cumsum(lengths) - 1] = 1  # the last 2 rows: an unfinished trajectory, dropped
+    np.savez(tmp_path / "d.npz", observations=obs, actions=obs * 0.01, terminals=terminals, qpos=obs, qvel=obs)
+    dataset = gcbc.load_dataset(str(tmp_path / "d.npz"), 2, 2)
+    assert len(dataset["observations"]) == sum(lengths)
+    data = gcbc.device_dataset(dataset)
+    # the anchors are exactly the rows OGBench's own loader makes transitions of (which also keeps the
+    # unfinished trajectory's first row: offline_crl.py and this script drop unfinished trajectories)
+    from ogbench.utils import load_dataset as ogbench_load
+
+    theirs = ogbench_load(str(tmp_path / "d.npz"))["observations"]
+    anchors = dataset["observations"][np.asarray(data["anchor_rows"])]
+    np.testing.assert_array_equal(theirs[: len(anchors)], anchors)
+    assert np.all(theirs[len(anchors) :, 0] == 9)
+    batch = gcbc.sample_offline_batch(data, jax.random.PRNGKey(0), 8192, (0, 1), "uniform_future", 0.99)
+    s, g = np.asarray(batch["state"]), np.asarray(batch["goal"])
+    np.testing.assert_allclose(np.asarray(batch["action"]), s * 0.01)
+    assert np.all(g[:, 0] == s[:, 0]) and np.all(g[:, 1] > s[:, 1])  # same trajectory, strictly later
+    assert np.all(g[:, 1] <= np.asarray(lengths)[s[:, 0].astype(int)] - 1)
+    assert not np.any(s[:, 0] == 1)  # the 1-row trajectory holds no transition
+    # OGBench's GCBC goal: uniform over the later rows, k in 1..h (h = rows left): E[k / (h + 1)] = 1/2
+    long = s[:, 0] == 4
+    k, h = g[long, 1] - s[long, 1], 39 - s[long, 1]
+    assert long.sum() > 5000 and abs(np.mean(k / (h + 1)) - 0.5) < 0.015 and np.all(k <= h)
+    np.savez(tmp_path / "bad.npz", observations=obs, actions=obs, terminals=terminals, qpos=obs[:-1])
+    with pytest.raises(ValueError, match="mismatched lengths"):
+        gcbc.load_dataset(str(tmp_path / "bad.npz"), 2, 2)
+
+
+def make_ogbench_dataset(tmp_path, val=True):
+    """A dataset in OGBench's exact format rolled out of the OGBench env here (tools/make_ogbench_dataset)."""
+    path = str(tmp_path / "pm.npz")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.make_ogbench_dataset",
+            "--env",
+            OGBENCH_ENV,
+            "--out",
+            path,
+            "--policy",
+            "noisy_oracle",
+            "--num-trajectories",
+            "6",
+            "--trajectory-length",
+            "100",
+            "--val-trajectories",
+            "2" if val else "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return path
+
+
+OGBENCH_TINY = [
+    "--mode",
+    "offline",
+    "--env",
+    OGBENCH_ENV,
+    "--width",
+    "32",
+    "--batch-size",
+    "32",
+    "--train-steps",
+    "40",
+    "--num-epochs",
+    "2",
+    "--num-eval-envs",
+    "2",
+    "--episode-length",
+    "20",
+]
+
+
+@pytest.mark.parametrize("no_goal", [False, True], ids=["gcbc", "bc"])
+def test_tiny_offline_run_on_an_ogbench_dataset_evaluates_ogbenchs_tasks(tmp_path, no_goal):
+    dataset = make_ogbench_dataset(tmp_path)
+    flags = [*OGBENCH_TINY, "--dataset", dataset, "--run-dir", str(tmp_path), "--run-name", "run"]
+    run_script(*flags, *(["--no-goal"] if no_goal else []))
+    run = tmp_path / "run"
+    rows = read_rows(run)
+    assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["sgd_steps"] == 40
+    for r in rows[:-1]:  # offline_crl.py's OGBench metrics, and validation losses from the -val twin
+        assert {f"eval/task{i}_success" for i in range(1, 6)} | {"eval/success", "eval/episode_length"} <= set(r)
+        assert 0.0 <= r["eval/success"] <= 1.0 and r["eval/episode_length"] <= 20
+        assert np.isfinite(r["training/bc_loss"]) and np.isfinite(r["validation/bc_loss"])
+    assert rows[0]["training/bc_loss"] > rows[1]["training/bc_loss"]
+    assert rows[-1]["eval/success_last5"] == pytest.approx(np.mean([r["eval/success"] for r in rows[:-1]]))
+    checkpoint = gcbc.load_checkpoint(str(run))
+    args = checkpoint["args"]
+    assert args["no_goal"] is no_goal and args["width"] == 32 and args["num_epochs"] == 2
+    assert args["episode_length"] == 20 and args["learning_rate"] == 3e-4
+    first_kernel = checkpoint["params"]["actor"]["params"]["tower"]["Dense_0"]["kernel"]
+    assert first_kernel.shape == ((2 if no_goal else 4), 32)  # observation (2) [+ goal observation (2)]

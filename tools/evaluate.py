@@ -11,7 +11,8 @@ deterministic policy exactly as the script evaluates after each epoch: `envs.eva
 eval env (`--eval-env`, else the `_eval` variant of `--env`), one episode per eval env. With no
 options the key is the one the run used for that checkpoint's epoch, so the printed numbers are
 the ones `metrics.jsonl` logged for it; `--env`, `--episodes` or `--seed` evaluate afresh.
-offline_crl and offline qrl runs on OGBench envs are evaluated with the script's own OGBench loop.
+offline_crl, offline qrl and offline gcbc (GCBC or --no-goal BC) runs on OGBench envs are evaluated with
+the script's own OGBench loop (its 5 tasks, the run's episodes per task and seed).
 
 `--video out.mp4` (or .gif) renders the best of the evaluated episodes (most steps at the goal)
 the way tools/video.py does; it needs an OpenGL backend (docs/tools.md).
@@ -111,7 +112,8 @@ def _actor_first(module, args):  # sac_her, td3_her: build_networks -> (actor, c
 
 
 def _gcbc(module, args):
-    policy = module.build_networks(args, _train_env(args).action_size)
+    state_dim, _, action_size = _sizes(module, args)
+    policy = module.build_networks(args, action_size, state_dim)  # --no-goal reads only the state part
     return lambda params, obs: module.deterministic_action(policy, params, obs)
 
 
@@ -125,7 +127,7 @@ def _sizes(module, args):
     if args.env in envs.ENV_IDS:
         env = _train_env(args)
         return env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size
-    probe = module.make_ogbench_env(args.env, args.eval_episode_length)
+    probe = module.make_ogbench_env(args.env, None)
     state_dim = int(np.prod(probe.observation_space.shape))
     return state_dim, tuple(range(state_dim)), int(probe.action_space.shape[0])
 
@@ -165,6 +167,8 @@ def run_eval_setup(policy: Policy) -> dict:
     import envs
 
     a, epoch = policy.args, policy.epoch
+    if policy.script == "gcbc" and a.mode == "offline" and a.env not in envs.ENV_IDS:  # OGBench: fixed seeds
+        return {"env": a.env, "episodes": a.num_eval_envs, "episode_length": a.episode_length, "ogbench_seed": a.seed}
     if policy.script == "offline_crl" or (policy.script == "qrl" and a.mode == "offline"):
         length = a.eval_episode_length or 1000
         if a.env not in envs.ENV_IDS:
@@ -218,7 +222,7 @@ def evaluate(
         "env": env_id,
         "episodes": episodes,
     }
-    if "ogbench_seed" in setup:  # offline_crl / qrl on an OGBench env: the script's own loop
+    if "ogbench_seed" in setup:  # offline_crl / qrl / gcbc on an OGBench env: the script's own loop
         if video:
             raise ValueError("--video renders envs/ ids only; this run is evaluated on OGBench")
         module, a = policy.module, policy.args
