@@ -125,6 +125,9 @@ class Args:
     """default: {env}__qrl_{mode}__d{depth}__s{seed}__{unix time}"""
     resume: Optional[str] = None
     """continue the run stored in this folder (its own args are used; other flags are ignored)"""
+    dry_run: bool = False
+    """compile the training epoch from shapes, print its parameters, FLOPs, buffer (or dataset) bytes and XLA's
+    memory estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "qrl"
@@ -1368,6 +1371,89 @@ class RunLog:
 # --- end shared block: scaffold ---
 
 
+# --- shared block: dry_run (identical in every script; tests/test_copies.py) ---
+# --dry-run: what a configuration will cost, before it runs. The script builds its training state from
+# shapes alone (jax.eval_shape: no parameter is drawn, no env is stepped), AOT-compiles the epoch
+# function a real run would use (same donation, same shardings) and passes the compiled program here;
+# dry_run_report prints one JSON line. Nothing is written to disk (no run folder, no wandb).
+#
+# FLOPs per SGD step count the Dense layers only: a forward pass of one example through a Dense of
+# kernel [in, out] costs 2 * in * out (a multiply and an add per weight). A pass whose parameters get
+# gradients costs 3x its forward (forward, backward to the inputs, backward to the weights), a pass
+# through a frozen network that only carries gradients to its input (e.g. the critic under the actor's
+# loss) 2x, a forward-only pass (targets, stop_gradient inputs) 1x. Not counted: biases, LayerNorm,
+# activations, the losses (e.g. the batch x batch logits), and the recomputation of --remat (one more
+# forward of the residual blocks per differentiated pass).
+FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs, as above
+MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
+
+
+def tree_size(tree) -> int:
+    """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or jax.ShapeDtypeStructs."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def as_shapes(tree):
+    """jax.ShapeDtypeStructs of a pytree of arrays (host or device): what AOT lowering needs."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def dense_flops(params) -> int:
+    """Forward FLOPs of ONE example through every Dense kernel in `params`: 2 x the kernels' elements.
+    Stacked kernels count every copy: the scanned residual blocks [depth/4, in, out], twin critics [2, ...]."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return 2 * sum(math.prod(x.shape) for path, x in flat if getattr(path[-1], "key", None) == "kernel")
+
+
+def dry_run_report(
+    args, compiled, compile_seconds: float, params: dict, flops_per_sgd_step: int, buffer_bytes: int, extra=None
+) -> dict:
+    """The one JSON line of --dry-run, printed to stdout and returned.
+
+    args: the run's Args (all go into the line); compiled: the epoch's `jax.jit(...).lower(...).compile()`;
+    params: {network name: its params (or shapes)}; buffer_bytes: the replay buffer or the dataset the
+    epoch reads. The memory figures are
+    XLA's own for this program on this backend, per device: arguments (the whole carry: train state,
+    buffer, env states), outputs, temporaries, generated code, and the outputs that alias donated
+    arguments. peak_bytes = arguments + outputs - aliased + temporaries (donated buffers are updated in
+    place, so they count once); the generated code is left out (it is host memory on CPU)."""
+    stats = compiled.memory_analysis()
+    memory = {
+        f"{name}_bytes": None if stats is None else int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in MEMORY_FIELDS
+    }
+    peak = None
+    if stats is not None:
+        peak = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    report = {
+        "script": SCRIPT,
+        "params": {name: tree_size(tree) for name, tree in params.items()},
+        "params_total": sum(tree_size(tree) for tree in params.values()),
+        "flops_per_sgd_step": int(flops_per_sgd_step),
+        "buffer_bytes": int(buffer_bytes),
+        "memory": memory,
+        "peak_bytes": peak,
+        "peak_gib": None if peak is None else round(peak / 2**30, 3),
+        "compile_seconds": round(compile_seconds, 3),
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        **(extra or {}),
+        "args": dataclasses.asdict(args),
+    }
+    print(json.dumps(report), flush=True)
+    return report
+
+
+# --- end shared block: dry_run ---
+
+
 def checkpoint_state(train_state: dict, key, env_state=None) -> dict:
     """What a checkpoint holds: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
     ["iqe_mix"]}, the rest of the train state (optimizer states, online log_beta), the key, online the envs."""
@@ -1525,10 +1611,70 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
     return train_state, key, data, val_data, epoch, validation, evaluate, nets
 
 
+def dry_run(args: Args) -> dict:
+    """--dry-run: the epoch a real run of the mode would compile (from shapes, same donation), its costs
+    printed as one JSON line (dry_run_report). Offline, the dataset is read and checked but kept on the host."""
+    args = resolve(args)
+    key = jax.random.PRNGKey(args.seed)
+    if args.mode == "online":
+        import envs
+
+        raw_env = envs.make(args.env)
+        env = envs.wrap_for_training(raw_env, episode_length=args.episode_length)
+        dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
+        nets = build_networks(args, dims)
+
+        def make_carry(key):
+            k_init, k_reset, key = jax.random.split(key, 3)
+            return {
+                "train_state": init_train_state(k_init, nets, args, dims),
+                "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+                "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
+                "key": key,
+            }
+
+        carry = jax.eval_shape(make_carry, key)
+        num_train_steps = train_steps_per_epoch(args)
+        epoch_fn = jax.jit(lambda c: online_epoch(c, env, nets, args, dims, num_train_steps), donate_argnums=0)
+        compile_start = time.time()
+        compiled = epoch_fn.lower(carry).compile()
+        train_state, data_bytes = carry["train_state"], tree_bytes(carry["buffer"])
+        sgd_steps = num_train_steps * args.sgd_steps_per_train_step
+    else:
+        dataset, _, _, dims = load_offline_data(args)
+        nets = build_networks(args, dims)
+        with jax.default_device(jax.devices("cpu")[0]):
+            data = as_shapes(make_device_dataset(dataset, np.asarray(dims.goal_indices)))
+        train_state = jax.eval_shape(lambda k: init_train_state(k, nets, args, dims), key)
+        epoch_fn = jax.jit(lambda ts, data, k: offline_epoch(ts, data, k, nets, args, dims), donate_argnums=0)
+        compile_start = time.time()
+        compiled = epoch_fn.lower(train_state, data, as_shapes(key)).compile()
+        data_bytes, sgd_steps = tree_bytes(data), args.eval_every
+    compile_seconds = time.time() - compile_start
+    critic = train_state["critic"]
+    params = {"actor": train_state["actor"], **{k: v for k, v in critic.items() if k.endswith(("encoder", "dynamics"))}}
+    # critic loss (all trained): phi(s), phi(s'), psi(random goal), psi(goal of s') when psi is its own
+    # network, T(phi(s), a); actor loss: the actor trained, phi(s) and psi(g) forward only, T passing the
+    # gradient to the action. Without a goal encoder phi embeds the goals too.
+    state_encoder, dynamics = dense_flops(critic["state_encoder"]), dense_flops(critic["dynamics"])
+    if "goal_encoder" in critic:
+        goal_encoder = dense_flops(critic["goal_encoder"])
+        encoders = (state_encoder + goal_encoder) * (2 * PARAM_GRAD + FORWARD)
+    else:
+        encoders = state_encoder * (3 * PARAM_GRAD + 2 * FORWARD)
+    actor_and_dynamics = dense_flops(train_state["actor"]) * PARAM_GRAD + dynamics * (PARAM_GRAD + INPUT_GRAD)
+    flops = args.batch_size * (encoders + actor_and_dynamics)
+    extra = {"sgd_steps_per_epoch": sgd_steps}
+    return dry_run_report(args, compiled, compile_seconds, params, flops, data_bytes, extra)
+
+
 if __name__ == "__main__":
     argv_args = parse_args()  # with --resume: the run's own (resolved) args
     check_args(argv_args)
     args = resolve(argv_args)
+    if args.dry_run:  # compile, print the costs, exit: no run folder
+        dry_run(args)
+        sys.exit(0)
     online = args.mode == "online"
     if not online:
         offline_inputs = load_offline_data(args)  # bad files fail here, before a run folder exists
