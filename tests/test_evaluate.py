@@ -203,6 +203,9 @@ OFFLINE_TINY = [
     "2",
 ]
 
+OGBENCH_ENV = "pointmaze-medium-navigate-v0"
+GCBC_OFFLINE = ["--width", "32", "--batch-size", "32", "--train-steps", "40", "--num-epochs", "2", "--seed", "2"]
+
 QRL_OFFLINE_TINY = [
     "--width",
     "32",
@@ -239,6 +242,39 @@ QRL_OFFLINE_TINY = [
                 *OFFLINE_TINY,
             ],
         ),  # evaluated by the script's OGBench loop
+        (
+            "gcbc",
+            ["--mode", "offline", "--env", "reacher", "--num-eval-envs", "3", "--episode-length", "10", *GCBC_OFFLINE],
+        ),
+        (
+            "gcbc",
+            [
+                "--mode",
+                "offline",
+                "--env",
+                OGBENCH_ENV,
+                "--num-eval-envs",
+                "2",
+                "--episode-length",
+                "20",
+                *GCBC_OFFLINE,
+            ],
+        ),
+        (
+            "gcbc",
+            [
+                "--mode",
+                "offline",
+                "--no-goal",
+                "--env",
+                OGBENCH_ENV,
+                "--num-eval-envs",
+                "2",
+                "--episode-length",
+                "20",
+                *GCBC_OFFLINE,
+            ],
+        ),
         (
             "qrl",
             [
@@ -309,6 +345,9 @@ QRL_OFFLINE_TINY = [
         "sac_her",
         "td3_her",
         "gcbc",
+        "gcbc_offline",
+        "gcbc_offline_ogbench",
+        "bc_offline_ogbench",
         "offline_crl",
         "offline_crl_ogbench",
         "qrl_online",
@@ -324,3 +363,23 @@ def test_every_script_repeats_its_logged_evaluation(tmp_path, script, argv):
     result = evaluate.evaluate(str(run))
     assert result["script"] == script
     assert_same_as_logged(result, last_logged(run))
+
+
+def test_a_no_goal_bc_run_on_ogbench_is_evaluated_as_it_logged_and_ignores_the_goal(tmp_path):
+    """gcbc.py --no-goal on an OGBench id: the tool runs the script's OGBench loop with the run's own
+    episodes and seed, and rebuilds the policy without goal inputs."""
+    import numpy as np
+
+    dataset = random_dataset(tmp_path / "d.npz", 2, 2)
+    argv = ["--mode", "offline", "--no-goal", "--env", OGBENCH_ENV, "--dataset", dataset, *GCBC_OFFLINE]
+    run = train(tmp_path, "gcbc", *argv, "--num-eval-envs", "2", "--episode-length", "15")
+    result = evaluate.evaluate(str(run))
+    assert result["script"] == "gcbc" and result["env"] == OGBENCH_ENV and result["episodes"] == 2
+    assert_same_as_logged(result, last_logged(run))
+    assert result["eval/episode_length"] == 15.0  # the run's episode cap, not the env's 1000
+    policy = evaluate.load_policy(str(run))
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(8, 2)).astype(np.float32)
+    actions = [np.asarray(policy(np.concatenate([obs, rng.normal(size=(8, 2)) * s], -1))) for s in (0.0, 50.0)]
+    np.testing.assert_array_equal(actions[0], actions[1])
+    assert np.abs(actions[0]).max() > 0  # a real policy output, not a constant
