@@ -122,6 +122,9 @@ class Args:
     """continue the run stored in this folder (its own args are used; other flags are ignored)"""
     save_buffer: bool = False
     """also write the replay buffer to <run>/buffer.npz at each checkpoint (OGBench keys)"""
+    dry_run: bool = False
+    """compile the training epoch from shapes, print its parameters, FLOPs, buffer bytes and XLA's memory
+    estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "crl_deep"
@@ -1251,6 +1254,131 @@ class RunLog:
 
 # --- end shared block: scaffold ---
 
+
+# --- shared block: dry_run (identical in every script; tests/test_copies.py) ---
+# --dry-run: what a configuration will cost, before it runs. The script builds its training state from
+# shapes alone (jax.eval_shape: no parameter is drawn, no env is stepped), AOT-compiles the epoch
+# function a real run would use (same donation, same shardings) and passes the compiled program here;
+# dry_run_report prints one JSON line. Nothing is written to disk (no run folder, no wandb).
+#
+# FLOPs per SGD step count the Dense layers only: a forward pass of one example through a Dense of
+# kernel [in, out] costs 2 * in * out (a multiply and an add per weight). A pass whose parameters get
+# gradients costs 3x its forward (forward, backward to the inputs, backward to the weights), a pass
+# through a frozen network that only carries gradients to its input (e.g. the critic under the actor's
+# loss) 2x, a forward-only pass (targets, stop_gradient inputs) 1x. Not counted: biases, LayerNorm,
+# activations, the losses (e.g. the batch x batch logits), and the recomputation of --remat (one more
+# forward of the residual blocks per differentiated pass).
+FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs, as above
+MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
+
+
+def tree_size(tree) -> int:
+    """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or jax.ShapeDtypeStructs."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def as_shapes(tree):
+    """jax.ShapeDtypeStructs of a pytree of arrays (host or device): what AOT lowering needs."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def dense_flops(params) -> int:
+    """Forward FLOPs of ONE example through every Dense kernel in `params`: 2 x the kernels' elements.
+    Stacked kernels count every copy: the scanned residual blocks [depth/4, in, out], twin critics [2, ...]."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return 2 * sum(math.prod(x.shape) for path, x in flat if getattr(path[-1], "key", None) == "kernel")
+
+
+def dry_run_report(
+    args, compiled, compile_seconds: float, params: dict, flops_per_sgd_step: int, buffer_bytes: int, extra=None
+) -> dict:
+    """The one JSON line of --dry-run, printed to stdout and returned.
+
+    args: the run's Args (all go into the line); compiled: the epoch's `jax.jit(...).lower(...).compile()`;
+    params: {network name: its params (or shapes)}; buffer_bytes: the replay buffer or the dataset the
+    epoch reads. The memory figures are
+    XLA's own for this program on this backend, per device: arguments (the whole carry: train state,
+    buffer, env states), outputs, temporaries, generated code, and the outputs that alias donated
+    arguments. peak_bytes = arguments + outputs - aliased + temporaries (donated buffers are updated in
+    place, so they count once); the generated code is left out (it is host memory on CPU)."""
+    stats = compiled.memory_analysis()
+    memory = {
+        f"{name}_bytes": None if stats is None else int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in MEMORY_FIELDS
+    }
+    peak = None
+    if stats is not None:
+        peak = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    report = {
+        "script": SCRIPT,
+        "params": {name: tree_size(tree) for name, tree in params.items()},
+        "params_total": sum(tree_size(tree) for tree in params.values()),
+        "flops_per_sgd_step": int(flops_per_sgd_step),
+        "buffer_bytes": int(buffer_bytes),
+        "memory": memory,
+        "peak_bytes": peak,
+        "peak_gib": None if peak is None else round(peak / 2**30, 3),
+        "compile_seconds": round(compile_seconds, 3),
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        **(extra or {}),
+        "args": dataclasses.asdict(args),
+    }
+    print(json.dumps(report), flush=True)
+    return report
+
+
+# --- end shared block: dry_run ---
+
+
+def dry_run(args: Args) -> dict:
+    """--dry-run: the epoch a real run would compile (from shapes, same donation and shardings), its
+    costs printed as one JSON line (dry_run_report). Nothing is initialised, stepped or written."""
+    import envs
+
+    env_options = {"true_inertia_obs": True} if args.true_inertia_obs else {}
+    raw_env = envs.make(args.env, **env_options)
+    env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+    stepper = types.SimpleNamespace(step=jax.jit(env.step))  # as a real run: the epoch calls one traced step
+    dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
+    nets = build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
+    optimizers = make_optimizers(args)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+
+    def make_carry(key):
+        k_init, k_reset, key = jax.random.split(key, 3)
+        return {
+            "train_state": init_train_state(k_init, nets, optimizers, args, dims),
+            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
+            "key": key,
+        }
+
+    carry_shapes = jax.eval_shape(make_carry, jax.random.PRNGKey(args.seed))
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    compile_start = time.time()
+    compiled = compile_epoch(carry_shapes, shardings, mesh, stepper, nets, optimizers, args, dims)
+    compile_seconds = time.time() - compile_start
+    params = carry_shapes["train_state"]["params"]
+    # critic loss: phi(s, a) and psi(g) trained; actor loss: the actor trained, phi(s, a ~ pi) passing
+    # the gradient to the action (psi(g) is reused from the critic loss)
+    flops = args.batch_size * (
+        dense_flops(params["actor"]) * PARAM_GRAD
+        + dense_flops(params["sa_encoder"]) * (PARAM_GRAD + INPUT_GRAD)
+        + dense_flops(params["g_encoder"]) * PARAM_GRAD
+    )
+    sgd_steps = train_steps_per_epoch(args) * args.sgd_steps_per_train_step
+    extra = {"sgd_steps_per_epoch": sgd_steps}
+    return dry_run_report(args, compiled, compile_seconds, params, flops, tree_bytes(carry_shapes["buffer"]), extra)
+
+
 # --------------------------------------------------------------------------------------------
 # Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # --------------------------------------------------------------------------------------------
@@ -1261,6 +1389,9 @@ if __name__ == "__main__":
     import envs
 
     check_args(args, envs.ENV_IDS, jax.device_count())
+    if args.dry_run:  # compile, print the costs, exit: no run folder
+        dry_run(args)
+        sys.exit(0)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_path = open_run(args)
     log_backend()
