@@ -25,6 +25,8 @@ def test_there_are_sweeps_for_the_paper_figures():
         "table1.yaml",
         "qrl_online_depth.yaml",
         "qrl_offline_depth.yaml",
+        "gcbc_offline_depth.yaml",
+        "bc_offline_depth.yaml",
     } <= names
 
 
