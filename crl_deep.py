@@ -108,6 +108,9 @@ class Args:
     """reproduce brax's AutoResetWrapper: one start and goal per env for the whole run"""
     seed: int = 0
     """random seed (the run is deterministic on CPU for a given seed)"""
+    num_seeds: int = 1
+    """independent agents trained side by side in one process, seeds seed .. seed + num_seeds - 1: one
+    compiled epoch vmapped over them; each equals the run of its own --seed (docs/crl_deep.md)"""
     track: bool = False
     """log metrics to wandb (WANDB_MODE=offline works without network)"""
     wandb_project: str = "crl_deep"
@@ -341,14 +344,42 @@ def energy(sa_repr, g_repr, kind: str):
     """Logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j)); the diagonal is `energy_rowwise`.
 
     Products go through one matmul ([B, B] memory). Distances are taken on the differences, exact
-    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there), which builds [B, B, D].
+    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there: gradient errors of 1e-3
+    when every representation is alike, as at init), via `pairwise_sq_dist` for l2 and l2_squared.
     """
     if kind in ("dot", "scaled_dot", "cosine"):
         if kind == "cosine":
             sa_repr, g_repr = _unit_rows(sa_repr), _unit_rows(g_repr)
         logits = jnp.matmul(sa_repr, g_repr.T, precision=jax.lax.Precision.HIGHEST)
         return logits / math.sqrt(sa_repr.shape[-1]) if kind == "scaled_dot" else logits
+    if kind == "l2":
+        return -jnp.sqrt(pairwise_sq_dist(sa_repr, g_repr) + SQRT_EPS)
+    if kind == "l2_squared":
+        return -pairwise_sq_dist(sa_repr, g_repr)
     return energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
+
+
+@jax.custom_vjp
+def pairwise_sq_dist(x, y):
+    """[B, D] x [C, D] -> [B, C]: sum_k (x[i, k] - y[j, k])^2, taken on the differences."""
+    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)
+
+
+def _pairwise_sq_dist_fwd(x, y):
+    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1), (x, y)
+
+
+def _pairwise_sq_dist_bwd(residuals, grad):
+    """The gradient autodiff takes, but each input's sum over the other runs along the last-but-one axis
+    with the differences recomputed inside it: autodiff stores [B, C, D] and sums one input's part
+    along the first axis, 3-5x slower on CPU (bench/RESULTS.md)."""
+    x, y = residuals
+    grad_x = 2 * jnp.sum(grad[:, :, None] * (x[:, None, :] - y[None, :, :]), axis=1)
+    grad_y = 2 * jnp.sum(grad.T[:, :, None] * (y[:, None, :] - x[None, :, :]), axis=1)
+    return grad_x, grad_y
+
+
+pairwise_sq_dist.defvjp(_pairwise_sq_dist_fwd, _pairwise_sq_dist_bwd)
 
 
 def _unit_rows(x):
@@ -679,30 +710,74 @@ def train_epoch(
     return carry, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
+def per_seed(fn, mesh: Mesh):
+    """`fn` of one seed's pytree applied to seed-stacked pytrees (--num-seeds): vmapped over the leading
+    seed axis, and each device runs its own whole seeds (shard_map: seeds never communicate)."""
+    from jax.experimental.shard_map import shard_map
+
+    by_seed = PartitionSpec("data")
+    return shard_map(jax.vmap(fn), mesh=mesh, in_specs=by_seed, out_specs=by_seed, check_rep=False)
+
+
 def compile_epoch(carry_shapes, shardings, mesh: Mesh, env, nets: Networks, optimizers: Optimizers, args: Args, dims):
-    """The whole epoch as one XLA program, compiled from shapes alone, its carry donated (updated in place)."""
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    epoch = lambda c: train_epoch(c, env, nets, optimizers, args, dims, train_steps_per_epoch(args), batch_sharding)
-    out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
+    """The whole epoch as one XLA program, compiled from shapes alone, its carry donated (updated in place).
+
+    With --num-seeds > 1 it is one program for all seeds (the epoch vmapped over the seed axis);
+    its metrics are then [num_seeds] arrays."""
+    num_train_steps = train_steps_per_epoch(args)
+    if args.num_seeds > 1:
+        epoch = per_seed(lambda c: train_epoch(c, env, nets, optimizers, args, dims, num_train_steps), mesh)
+        metrics_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    else:
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        epoch = lambda c: train_epoch(c, env, nets, optimizers, args, dims, num_train_steps, batch_sharding)
+        metrics_sharding = NamedSharding(mesh, PartitionSpec())
+    out_shardings = (shardings, metrics_sharding)
     jitted = jax.jit(epoch, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
     return jitted.lower(carry_shapes).compile()
 
 
-def run_prefill(carry: dict, shardings, env, nets: Networks, args: Args, dims: Dims) -> dict:
-    """The replay buffer filled by `prefill_unrolls(args)` unrolls of the initial policy, in one jitted scan."""
+def run_prefill(carry: dict, shardings, env, nets: Networks, args: Args, dims: Dims, mesh: Optional[Mesh] = None):
+    """The replay buffer filled by `prefill_unrolls(args)` unrolls of the initial policy, in one jitted scan
+    (of every seed: `mesh` is needed with --num-seeds > 1)."""
     fill = lambda c: prefill(c, env, nets, args, dims, prefill_unrolls(args))
+    if args.num_seeds > 1:
+        fill = per_seed(fill, mesh)
     return jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
 
 
 def make_evaluator(eval_env, nets: Networks, args: Args):
-    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes."""
+    """jit(actor params, key) -> the paper's metrics of the deterministic policy over num_eval_envs episodes.
+
+    With --num-seeds > 1: seed-stacked params and keys in, [num_seeds] metrics out."""
     import envs
 
     def evaluate_policy(actor_params, key):
         act = lambda obs: deterministic_action(nets.actor, actor_params, obs)
         return envs.evaluate(eval_env, act, key, args.num_eval_envs, args.episode_length)
 
-    return jax.jit(evaluate_policy)
+    return jax.jit(jax.vmap(evaluate_policy) if args.num_seeds > 1 else evaluate_policy)
+
+
+def eval_key(eval_key_base, epoch: int):
+    """The evaluation key of `epoch` (each seed's own, for a seed-stacked base key)."""
+    if eval_key_base.ndim > 1:
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(eval_key_base, epoch)
+    return jax.random.fold_in(eval_key_base, epoch)
+
+
+def seed_rows(metrics: dict) -> list:
+    """Metrics of the device (scalars, or [num_seeds] arrays) as one dict of floats per seed."""
+    metrics = {k: np.atleast_1d(v) for k, v in jax.device_get(metrics).items()}
+    num_seeds = len(next(iter(metrics.values())))
+    return [{k: float(v[i]) for k, v in metrics.items()} for i in range(num_seeds)]
+
+
+def seed_keys(args: Args):
+    """(key, k_init, k_reset, k_eval_base) as a run of --seed derives them; with --num-seeds > 1 each a
+    [num_seeds, 2] stack of the keys runs of --seed seed, seed + 1, ... would use."""
+    keys = [jax.random.split(jax.random.PRNGKey(args.seed + i), 4) for i in range(args.num_seeds)]
+    return tuple(keys[0] if args.num_seeds == 1 else jnp.stack(keys, axis=1))
 
 
 def log_backend():
@@ -750,10 +825,16 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
         fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
     if args.min_replay_size < 2:
         fail("--min-replay-size must be at least 2 (a goal must lie in a stored future step)")
-    if args.num_envs % num_devices:
-        fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
-    if args.batch_size % num_devices:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
+    if args.num_seeds > 1:  # whole seeds per device (shard_map), so envs and batch need not divide
+        if args.num_seeds % num_devices:
+            fail(f"--num-seeds {args.num_seeds} is not divisible by the {num_devices} devices (whole seeds per device)")
+        if jax.process_count() > 1:
+            fail("--num-seeds > 1 runs in one process (several processes: one seed each, --num-seeds 1)")
+    else:
+        if args.num_envs % num_devices:
+            fail(f"--num-envs {args.num_envs} is not divisible by the {num_devices} devices")
+        if args.batch_size % num_devices:
+            fail(f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices")
     if train_steps_per_epoch(args) < 1:
         needed = (
             prefill_unrolls(args) * args.unroll_length * args.num_envs
@@ -784,13 +865,18 @@ def resumed_carry(carry: dict, saved: dict, run_path: str, epoch: int, args: Arg
         "env_state": saved["env_state"],
         "key": saved["key"],
     }
-    buffer_loaded = False
-    for name in ("buffer.npz", "buffer_previous.npz"):  # the one saved with the checkpoint
-        buffer_file = os.path.join(run_path, name)
-        if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == epoch:
-            carry["buffer"] = load_buffer(buffer_file, args.replay_size)
-            buffer_loaded = True
-            break
+    buffers = []
+    for stem in buffer_stems(args):  # each seed's one saved with the checkpoint
+        for name in (f"{stem}.npz", f"{stem}_previous.npz"):
+            buffer_file = os.path.join(run_path, name)
+            if os.path.isfile(buffer_file) and int(np.load(buffer_file)["_epoch"]) == epoch:
+                buffers.append(load_buffer(buffer_file, args.replay_size))
+                break
+    buffer_loaded = len(buffers) == args.num_seeds
+    if buffer_loaded:
+        carry["buffer"] = (
+            buffers[0] if args.num_seeds == 1 else jax.tree_util.tree_map(lambda *b: np.stack(b), *buffers)
+        )
     # Fresh device buffers: on CPU device_put may alias the numpy arrays, which the donated epoch
     # function would then overwrite in place.
     carry = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c), out_shardings=shardings)(carry)
@@ -809,8 +895,13 @@ def init_distributed():
     jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None)
 
 
-def save_buffer(run_path: str, buffer: dict, epoch: int):
-    """buffer.npz in OGBench format, env after env, oldest step first.
+def buffer_stems(args: Args) -> list:
+    """Names (without .npz) of the buffer files: "buffer", or one "buffer_s<seed>" per seed with --num-seeds."""
+    return ["buffer"] if args.num_seeds == 1 else [f"buffer_s{args.seed + i}" for i in range(args.num_seeds)]
+
+
+def save_buffer(run_path: str, buffer: dict, epoch: int, stem: str = "buffer"):
+    """<stem>.npz (default buffer.npz) in OGBench format, env after env, oldest step first.
 
     observations [N, state_dim], actions [N, A], terminals [N] (1 on the last stored step of each
     trajectory); `_traj_id` [N] and `_num_envs` let --resume rebuild the ring exactly, `_epoch` says
@@ -835,13 +926,13 @@ def save_buffer(run_path: str, buffer: dict, epoch: int):
         "_num_envs": np.asarray(num_envs),
         "_epoch": np.asarray(epoch),
     }
-    tmp, path = os.path.join(run_path, "buffer.npz.tmp"), os.path.join(run_path, "buffer.npz")
+    tmp, path = os.path.join(run_path, f"{stem}.npz.tmp"), os.path.join(run_path, f"{stem}.npz")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(path):  # kept until the next checkpoint names the new buffer (kill-safe)
-        os.replace(path, os.path.join(run_path, "buffer_previous.npz"))
+        os.replace(path, os.path.join(run_path, f"{stem}_previous.npz"))
     os.replace(tmp, path)
 
 
@@ -860,8 +951,11 @@ def load_buffer(path: str, capacity: int) -> dict:
     return buffer
 
 
-def carry_shardings(carry: dict, mesh: Mesh, num_envs: int):
-    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated."""
+def carry_shardings(carry: dict, mesh: Mesh, num_envs: int, num_seeds: int = 1):
+    """Envs and buffer split over the mesh's 'data' axis along the env dimension; the rest replicated.
+    A seed-stacked carry (num_seeds > 1) is split along its seed axis instead: whole seeds per device."""
+    if num_seeds > 1:
+        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec("data")), carry)
     replicated = NamedSharding(mesh, PartitionSpec())
     by_env = NamedSharding(mesh, PartitionSpec("data"))
     buffer_by_env = NamedSharding(mesh, PartitionSpec(None, "data"))
@@ -902,6 +996,7 @@ POSITIVE_FLAGS = (
     "eval_episodes",
     "eval_episode_length",
     "policy_delay",
+    "num_seeds",
 )
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
@@ -1170,12 +1265,16 @@ def restore_state(template, saved: dict, path: str):
 class RunLog:
     """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
 
-    On --resume, lines of epochs after the checkpoint's are dropped first."""
+    With --num-seeds N > 1 (crl_deep): a line per epoch and seed (a `seed` field), a wandb run per seed
+    in one group, and a summary of each seed and of their mean and std. On --resume, lines of epochs
+    after the checkpoint's are dropped first."""
 
     def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
         self.args, self.run_path = args, run_path
         self.path = os.path.join(run_path, "metrics.jsonl")
         self.writer = jax.process_index() == 0
+        num_seeds = getattr(args, "num_seeds", 1)
+        self.seeds = [args.seed + i for i in range(num_seeds)] if num_seeds > 1 else [None]  # None: no seed field
         lines = []
         if args.resume is not None and os.path.isfile(self.path):
             with open(self.path) as f:
@@ -1183,21 +1282,26 @@ class RunLog:
             lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
             if self.writer:
                 write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
-        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        self.eval_history = {seed: [] for seed in self.seeds}  # per seed: the eval metrics of each epoch
+        for m in lines:
+            self.eval_history[m.get("seed")].append({k: v for k, v in m.items() if k.startswith("eval/")})
         run_name = os.path.basename(os.path.normpath(run_path))
-        self.wandb = None
+        self.wandb = {}  # seed -> wandb run
         if args.track and self.writer:
             import wandb
 
-            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                name=run_name,
-                id=wandb_id,
-                resume="allow",
-                config=dataclasses.asdict(args),
-            )
+            for seed in self.seeds:
+                name = run_name if seed is None else f"{run_name}__s{seed}"
+                several = {} if seed is None else {"group": run_name, "reinit": "create_new"}
+                self.wandb[seed] = wandb.init(
+                    project=args.wandb_project,
+                    entity=args.wandb_entity,
+                    name=name,
+                    id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:],  # wandb ids allow only these
+                    resume="allow",
+                    config={**dataclasses.asdict(args), **({} if seed is None else {"seed": seed})},
+                    **several,
+                )
         from tqdm import tqdm
 
         self.epochs = tqdm(
@@ -1209,7 +1313,7 @@ class RunLog:
             disable=not self.writer,
         )
 
-    def check_finite(self, train_metrics: dict, epoch: int):
+    def check_finite(self, train_metrics: dict, epoch: int, seed: Optional[int] = None):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
         bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
         if bad:
@@ -1220,35 +1324,54 @@ class RunLog:
                 if os.path.isfile(file)
                 else "no checkpoint was written yet"
             )
-            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+            where = f"epoch {epoch}" if seed is None else f"epoch {epoch} of seed {seed}"
+            fail(f"non-finite {', '.join(bad)} in {where}; stopped, {last_good}")
 
-    def log(self, record: dict, step: int, headline: str):
-        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
-        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+    def log(self, records, step: int, headline: str):
+        """Appends the epoch's record (a list of them, one per seed, with --num-seeds), sends each to
+        wandb at `step`, shows the sps and `headline` (the mean over seeds) on the bar."""
+        records = [records] if isinstance(records, dict) else records
+        for record in records:
+            self.eval_history[record.get("seed")].append({k: v for k, v in record.items() if k.startswith("eval/")})
         if self.writer:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
-        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+        for record in records:
+            if record.get("seed") in self.wandb:
+                self.wandb[record.get("seed")].log(record, step=step)
+        head = float(np.mean([record[headline] for record in records]))
+        self.epochs.set_postfix({"sps": f"{records[0]['sps']:.0f}", headline: f"{head:.3g}"})
 
     def finish(self, env_steps: int) -> dict:
-        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
-        last5 = self.eval_history[-5:]
+        """The summary: the mean of the last 5 evaluations of every eval metric (suffix _last5). With
+        several seeds: each seed's under "seeds" (by seed), their mean as `<metric>_last5` and their
+        population std as `<metric>_last5_std`."""
+        last5 = {seed: history[-5:] for seed, history in self.eval_history.items()}
+        per_seed = {
+            seed: {f"{k}_last5": float(np.mean([m[k] for m in tail])) for k in (tail[0] if tail else {})}
+            for seed, tail in last5.items()
+        }
         summary = {
             "summary": True,
-            "epochs": len(self.eval_history),
+            "epochs": len(self.eval_history[self.seeds[0]]),
             "env_steps": env_steps,
-            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
         }
+        if self.seeds == [None]:
+            summary.update(per_seed[None])
+        else:
+            keys = per_seed[self.seeds[0]]
+            summary["num_seeds"] = len(self.seeds)
+            summary.update({k: float(np.mean([per_seed[s][k] for s in self.seeds])) for k in keys})
+            summary.update({f"{k}_std": float(np.std([per_seed[s][k] for s in self.seeds])) for k in keys})
+            summary["seeds"] = {str(s): per_seed[s] for s in self.seeds}
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
             write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
             print(json.dumps(summary))
-        if self.wandb is not None:
-            self.wandb.summary.update(summary)
-            self.wandb.finish()
+        for seed, run in self.wandb.items():
+            run.summary.update(summary if seed is None else {**per_seed[seed], "env_steps": env_steps})
+            run.finish()
         return summary
 
 
@@ -1407,7 +1530,7 @@ if __name__ == "__main__":
     optimizers = make_optimizers(args)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     env_steps_per_epoch = train_steps_per_epoch(args) * args.num_envs * args.unroll_length
-    key, k_init, k_reset, k_eval_base = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+    key, k_init, k_reset, k_eval_base = seed_keys(args)  # [num_seeds, 2] each with --num-seeds > 1
 
     def make_carry(k_init, k_reset, key):
         return {
@@ -1417,8 +1540,10 @@ if __name__ == "__main__":
             "key": key,
         }
 
+    if args.num_seeds > 1:  # one carry per seed, stacked along a leading seed axis
+        make_carry = jax.vmap(make_carry)
     carry_shapes = jax.eval_shape(make_carry, k_init, k_reset, key)
-    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
     initial_carry = jax.jit(make_carry, out_shardings=shardings)  # built in place, split over devices
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
@@ -1439,7 +1564,7 @@ if __name__ == "__main__":
     evaluate_policy = make_evaluator(eval_env, nets, args)
     start_time = time.time() - wall_offset
     if not buffer_loaded:  # a fresh run, or a resume whose buffer was not saved: refill it
-        carry = run_prefill(carry, shardings, stepper, nets, args, dims)
+        carry = run_prefill(carry, shardings, stepper, nets, args, dims, mesh)
         env_steps += prefill_unrolls(args) * args.unroll_length * args.num_envs
 
     # ---- the loop: one jitted epoch (collect + update), then evaluate, log, checkpoint ----
@@ -1447,23 +1572,34 @@ if __name__ == "__main__":
     for epoch in log.epochs:
         epoch_start = time.time()
         carry, train_metrics = epoch_fn(carry)
-        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_seconds = time.time() - epoch_start
-        env_steps += env_steps_per_epoch
-        log.check_finite(train_metrics, epoch)
-        eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], jax.random.fold_in(k_eval_base, epoch))
-        record = {
-            "epoch": epoch,
-            "env_steps": env_steps,
-            "wall_time": time.time() - start_time,
-            "sps": env_steps_per_epoch / epoch_seconds,
-            "epoch_seconds": epoch_seconds,
-            **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
-            **{f"training/{k}": v for k, v in train_metrics.items()},
-            **{f"eval/{k}": float(v) for k, v in jax.device_get(eval_metrics).items()},
-        }
-        log.log(record, env_steps, "eval/episode_success")
+        env_steps += env_steps_per_epoch  # per seed
+        # a dict of floats per seed (one with --num-seeds 1)
+        train_metrics = seed_rows(train_metrics)
+        for i, seed_metrics in enumerate(train_metrics):
+            log.check_finite(seed_metrics, epoch, args.seed + i if args.num_seeds > 1 else None)
+        eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], eval_key(k_eval_base, epoch))
+        eval_metrics = seed_rows(eval_metrics)
+        wall_time = time.time() - start_time
+        records = [  # one per seed
+            {
+                "epoch": epoch,
+                **({"seed": args.seed + i} if args.num_seeds > 1 else {}),
+                "env_steps": env_steps,
+                "wall_time": wall_time,
+                "sps": env_steps_per_epoch / epoch_seconds,
+                "epoch_seconds": epoch_seconds,
+                **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+                **{f"training/{k}": v for k, v in train_metrics[i].items()},
+                **{f"eval/{k}": v for k, v in eval_metrics[i].items()},
+            }
+            for i in range(args.num_seeds)
+        ]
+        log.log(records, env_steps, "eval/episode_success")
         if args.save_buffer:  # first, so a checkpoint never names a buffer that is not there yet
-            save_buffer(run_path, carry["buffer"], epoch)
-        save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, record["wall_time"])
+            host_buffer = to_numpy(carry["buffer"]) if args.num_seeds > 1 else carry["buffer"]
+            for i, stem in enumerate(buffer_stems(args)):
+                seed_buffer = host_buffer if args.num_seeds == 1 else {k: v[i] for k, v in host_buffer.items()}
+                save_buffer(run_path, seed_buffer, epoch, stem)
+        save_checkpoint(run_path, args, checkpoint_state(carry), epoch, env_steps, wall_time)
     log.finish(env_steps)

@@ -1018,6 +1018,7 @@ POSITIVE_FLAGS = (
     "eval_episodes",
     "eval_episode_length",
     "policy_delay",
+    "num_seeds",
 )
 NON_NEGATIVE_FLAGS = ("logsumexp_coef", "alpha", "target_noise", "target_noise_clip", "exploration_noise")
 
@@ -1286,12 +1287,16 @@ def restore_state(template, saved: dict, path: str):
 class RunLog:
     """metrics.jsonl (a line per epoch, a summary line at the end), summary.json, wandb, progress bar.
 
-    On --resume, lines of epochs after the checkpoint's are dropped first."""
+    With --num-seeds N > 1 (crl_deep): a line per epoch and seed (a `seed` field), a wandb run per seed
+    in one group, and a summary of each seed and of their mean and std. On --resume, lines of epochs
+    after the checkpoint's are dropped first."""
 
     def __init__(self, args, run_path: str, start_epoch: int, num_epochs: int):
         self.args, self.run_path = args, run_path
         self.path = os.path.join(run_path, "metrics.jsonl")
         self.writer = jax.process_index() == 0
+        num_seeds = getattr(args, "num_seeds", 1)
+        self.seeds = [args.seed + i for i in range(num_seeds)] if num_seeds > 1 else [None]  # None: no seed field
         lines = []
         if args.resume is not None and os.path.isfile(self.path):
             with open(self.path) as f:
@@ -1299,21 +1304,26 @@ class RunLog:
             lines = [m for m in lines if not m.get("summary") and m["epoch"] < start_epoch]
             if self.writer:
                 write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in lines).encode())
-        self.eval_history = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in lines]
+        self.eval_history = {seed: [] for seed in self.seeds}  # per seed: the eval metrics of each epoch
+        for m in lines:
+            self.eval_history[m.get("seed")].append({k: v for k, v in m.items() if k.startswith("eval/")})
         run_name = os.path.basename(os.path.normpath(run_path))
-        self.wandb = None
+        self.wandb = {}  # seed -> wandb run
         if args.track and self.writer:
             import wandb
 
-            wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:]  # wandb ids allow only these
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                name=run_name,
-                id=wandb_id,
-                resume="allow",
-                config=dataclasses.asdict(args),
-            )
+            for seed in self.seeds:
+                name = run_name if seed is None else f"{run_name}__s{seed}"
+                several = {} if seed is None else {"group": run_name, "reinit": "create_new"}
+                self.wandb[seed] = wandb.init(
+                    project=args.wandb_project,
+                    entity=args.wandb_entity,
+                    name=name,
+                    id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:],  # wandb ids allow only these
+                    resume="allow",
+                    config={**dataclasses.asdict(args), **({} if seed is None else {"seed": seed})},
+                    **several,
+                )
         from tqdm import tqdm
 
         self.epochs = tqdm(
@@ -1325,7 +1335,7 @@ class RunLog:
             disable=not self.writer,
         )
 
-    def check_finite(self, train_metrics: dict, epoch: int):
+    def check_finite(self, train_metrics: dict, epoch: int, seed: Optional[int] = None):
         """Stops on a non-finite loss, before this epoch's checkpoint: the last good one stays."""
         bad = [k for k, v in train_metrics.items() if k.endswith("loss") and not math.isfinite(v)]
         if bad:
@@ -1336,35 +1346,54 @@ class RunLog:
                 if os.path.isfile(file)
                 else "no checkpoint was written yet"
             )
-            fail(f"non-finite {', '.join(bad)} in epoch {epoch}; stopped, {last_good}")
+            where = f"epoch {epoch}" if seed is None else f"epoch {epoch} of seed {seed}"
+            fail(f"non-finite {', '.join(bad)} in {where}; stopped, {last_good}")
 
-    def log(self, record: dict, step: int, headline: str):
-        """Appends the epoch's record, sends it to wandb at `step`, shows `headline` on the bar."""
-        self.eval_history.append({k: v for k, v in record.items() if k.startswith("eval/")})
+    def log(self, records, step: int, headline: str):
+        """Appends the epoch's record (a list of them, one per seed, with --num-seeds), sends each to
+        wandb at `step`, shows the sps and `headline` (the mean over seeds) on the bar."""
+        records = [records] if isinstance(records, dict) else records
+        for record in records:
+            self.eval_history[record.get("seed")].append({k: v for k, v in record.items() if k.startswith("eval/")})
         if self.writer:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
-        self.epochs.set_postfix({"sps": f"{record['sps']:.0f}", headline: f"{record[headline]:.3g}"})
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+        for record in records:
+            if record.get("seed") in self.wandb:
+                self.wandb[record.get("seed")].log(record, step=step)
+        head = float(np.mean([record[headline] for record in records]))
+        self.epochs.set_postfix({"sps": f"{records[0]['sps']:.0f}", headline: f"{head:.3g}"})
 
     def finish(self, env_steps: int) -> dict:
-        """The summary (mean of the last 5 evaluations of every eval metric, suffix _last5)."""
-        last5 = self.eval_history[-5:]
+        """The summary: the mean of the last 5 evaluations of every eval metric (suffix _last5). With
+        several seeds: each seed's under "seeds" (by seed), their mean as `<metric>_last5` and their
+        population std as `<metric>_last5_std`."""
+        last5 = {seed: history[-5:] for seed, history in self.eval_history.items()}
+        per_seed = {
+            seed: {f"{k}_last5": float(np.mean([m[k] for m in tail])) for k in (tail[0] if tail else {})}
+            for seed, tail in last5.items()
+        }
         summary = {
             "summary": True,
-            "epochs": len(self.eval_history),
+            "epochs": len(self.eval_history[self.seeds[0]]),
             "env_steps": env_steps,
-            **{f"{k}_last5": float(np.mean([m[k] for m in last5])) for k in (last5[0] if last5 else {})},
         }
+        if self.seeds == [None]:
+            summary.update(per_seed[None])
+        else:
+            keys = per_seed[self.seeds[0]]
+            summary["num_seeds"] = len(self.seeds)
+            summary.update({k: float(np.mean([per_seed[s][k] for s in self.seeds])) for k in keys})
+            summary.update({f"{k}_std": float(np.std([per_seed[s][k] for s in self.seeds])) for k in keys})
+            summary["seeds"] = {str(s): per_seed[s] for s in self.seeds}
         if self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(summary) + "\n")
             write_atomic(os.path.join(self.run_path, "summary.json"), json.dumps(summary, indent=2).encode())
             print(json.dumps(summary))
-        if self.wandb is not None:
-            self.wandb.summary.update(summary)
-            self.wandb.finish()
+        for seed, run in self.wandb.items():
+            run.summary.update(summary if seed is None else {**per_seed[seed], "env_steps": env_steps})
+            run.finish()
         return summary
 
 
