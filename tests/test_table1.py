@@ -33,6 +33,15 @@ def write_run(
     if finished and not seed_field:
         tail = successes[-5:]
         summary = {"summary": True, "eval/episode_success_last5": sum(tail) / len(tail)}
+    elif finished:  # as crl_deep --num-seeds writes it: each seed's last-5 under "seeds", their mean and std
+        per_seed = {str(s): {"eval/episode_success_last5": sum(v[s] for v in successes[-5:]) / 5} for s in successes[0]}
+        scores = [p["eval/episode_success_last5"] for p in per_seed.values()]
+        mean = sum(scores) / len(scores)
+        summary = {"summary": True, "epochs": len(successes), "env_steps": steps[-1], "num_seeds": len(scores)}
+        summary["eval/episode_success_last5"] = mean
+        summary["eval/episode_success_last5_std"] = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
+        summary["seeds"] = per_seed
+    if finished:
         lines.append(summary)
         (path / "summary.json").write_text(json.dumps(summary))
     (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -66,6 +75,18 @@ def grid(tmp_path):
         [1_000_000, 2_000_000],
         seed_field=True,
         batch_size=512,
+        finished=False,
+    )
+    # humanoid_u_maze depth 4: three seeds trained in one process, finished, at the paper's length; the
+    # first of 6 evaluations is outside each seed's last 5 (seed 5: 10, seed 6: 20, seed 7: 60)
+    write_run(
+        tmp_path / "humu_d4",
+        "humanoid_u_maze",
+        4,
+        5,
+        [{5: 999.0, 6: 999.0, 7: 999.0}] + [{5: 10.0, 6: 20.0, 7: 60.0}] * 5,
+        steps6,
+        seed_field=True,
     )
     # a run of another script is left out
     write_run(tmp_path / "sac", "humanoid", 4, 0, [5.0], [FULL], script="sac_her")
@@ -75,8 +96,12 @@ def grid(tmp_path):
 def test_rows_by_hand(grid):
     runs = table1.run_files.find_runs([str(grid)])
     rows = {(r["env"], r["depth"]): r for r in table1.table_rows([r for r in runs if r.script == "crl_deep"])}
-    assert list(rows) == [("ant_u4_maze", 4), ("ant_u4_maze", 64), ("humanoid", 4)]  # paper order, then depth
+    # paper order, then depth
+    assert list(rows) == [("ant_u4_maze", 4), ("ant_u4_maze", 64), ("humanoid", 4), ("humanoid_u_maze", 4)]
     d4, d64, hum = rows[("ant_u4_maze", 4)], rows[("ant_u4_maze", 64)], rows[("humanoid", 4)]
+    humu = rows[("humanoid_u_maze", 4)]
+    assert humu["mean"] == pytest.approx(30.0) and humu["std"] == pytest.approx(math.sqrt(1400 / 3))
+    assert humu["seeds"] == 3 and humu["env_steps"] == FULL and humu["notes"] == [] and humu["paper"] == 3.2
     assert d4["mean"] == pytest.approx(20.0) and d4["std"] == pytest.approx(math.sqrt(200 / 3))
     assert d4["seeds"] == 3 and d4["paper"] == 11.4 and d4["env_steps"] == FULL and d4["notes"] == []
     assert d4["ratio"] is None and d4["paper_ratio"] is None  # ratios live on the depth-64 row
@@ -165,3 +190,15 @@ def test_documented_commands_are_the_sweeps_runs_at_the_papers_settings():
         )
         assert steps == FULL >= table1.FULL_LENGTH * table1.PAPER_ENV_STEPS  # a full run is not flagged SHORT
     assert not points
+
+
+def test_a_folder_of_several_seeds_is_one_run_per_seed(grid):
+    """find_runs splits a --num-seeds folder: each seed its own lines, args["seed"] and summary."""
+    runs = [r for r in table1.run_files.find_runs([str(grid)]) if r.path.endswith("humu_d4")]
+    assert [r.args["seed"] for r in runs] == [5, 6, 7]
+    assert all(len(r.epochs) == 6 and {e["seed"] for e in r.epochs} == {r.args["seed"]} for r in runs)
+    assert [r.summary["eval/episode_success_last5"] for r in runs] == [10.0, 20.0, 60.0]
+    assert [r.score("eval/episode_success") for r in runs] == [10.0, 20.0, 60.0] and all(r.finished for r in runs)
+    unfinished = [r for r in table1.run_files.find_runs([str(grid)]) if r.path.endswith("hum_d4")]
+    assert [r.args["seed"] for r in unfinished] == [7, 8] and not any(r.finished for r in unfinished)
+    assert [r.score("eval/episode_success") for r in unfinished] == [1.5, 3.5]

@@ -73,8 +73,27 @@ def load_run(path: str) -> RunData:
     return RunData(path=path, script=cfg.get("script", "?"), args=cfg.get("args", {}), epochs=epochs, summary=summary)
 
 
+def split_seeds(run: RunData) -> list[RunData]:
+    """A folder of several seeds trained in one process (crl_deep.py --num-seeds: metrics lines with a
+    `seed` field, summary.json with each seed's scores under "seeds") as one RunData per seed, with its
+    own lines, args["seed"] and summary; any other folder as itself."""
+    seeds = sorted({e["seed"] for e in run.epochs if "seed" in e})
+    if not seeds:
+        return [run]
+    out = []
+    for seed in seeds:
+        summary = None
+        if run.summary is not None:
+            summary = {k: run.summary[k] for k in ("summary", "epochs", "env_steps") if k in run.summary}
+            summary.update(run.summary.get("seeds", {}).get(str(seed), {}))
+        epochs = [e for e in run.epochs if e.get("seed") == seed]
+        out.append(RunData(run.path, run.script, {**run.args, "seed": seed}, epochs, summary))
+    return out
+
+
 def find_runs(paths: list[str]) -> list[RunData]:
-    """Every run folder at or below the given paths (a run folder holds metrics.jsonl)."""
+    """Every run at or below the given paths (a run folder holds metrics.jsonl): one RunData per
+    folder, or per seed of a folder that holds several (split_seeds)."""
     found = []
     for p in paths:
         if not os.path.isdir(p):
@@ -82,7 +101,7 @@ def find_runs(paths: list[str]) -> list[RunData]:
         hits = sorted(glob.glob(os.path.join(p, "**", "metrics.jsonl"), recursive=True))
         # folders of interrupted attempts that tools/grid.py moved aside are not runs
         hits = [h for h in hits if not re.search(r"\.interrupted-\d+$", os.path.dirname(h))]
-        found.extend(load_run(os.path.dirname(h)) for h in hits)
+        found.extend(seed_run for h in hits for seed_run in split_seeds(load_run(os.path.dirname(h))))
     return found
 
 

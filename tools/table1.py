@@ -57,22 +57,25 @@ class SeedScore:
 
 
 def seed_scores(run: run_files.RunData) -> list[SeedScore]:
-    """The seeds of a run folder. Lines with a `seed` field (several seeds trained in one process)
-    are split by it and scored from their own evaluations; otherwise the folder is one seed."""
-    env, depth, batch = run.args.get("env"), run.args.get("depth"), run.args.get("batch_size")
-    by_seed = defaultdict(list)
-    for row in run.epochs:
-        by_seed[row.get("seed")].append(row)
+    """The seeds of a run folder: one, or several trained in one process (split by run_files.split_seeds),
+    each scored by its own last 5 evaluations."""
     out = []
-    for seed, rows in sorted(by_seed.items(), key=lambda kv: (kv[0] is None, kv[0])):
-        if seed is None:
-            score = run.score(METRIC)
-            seed = run.args.get("seed")
-        else:
-            values = [r[METRIC] for r in rows if METRIC in r][-run_files.SCORE_WINDOW :]
-            score = sum(values) / len(values) if values else math.nan
-        steps = max((r.get("env_steps", 0) for r in rows), default=0)
-        out.append(SeedScore(run.path, env, depth, batch, seed, score, steps, run.finished))
+    for seed_run in run_files.split_seeds(run):
+        args = seed_run.args
+        steps = max((r.get("env_steps", 0) for r in seed_run.epochs), default=0)
+        score = seed_run.score(METRIC)
+        out.append(
+            SeedScore(
+                run.path,
+                args.get("env"),
+                args.get("depth"),
+                args.get("batch_size"),
+                args.get("seed"),
+                score,
+                steps,
+                seed_run.finished,
+            )
+        )
     return out
 
 
