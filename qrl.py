@@ -1417,6 +1417,13 @@ FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs
 MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
 
 
+def skip_compilation_cache():
+    """Compile afresh even where JAX_COMPILATION_CACHE_DIR is set: an executable read back from the
+    persistent cache reports no aliased (donated) bytes, and its compile time is not one. Call it before
+    the process's first compile (jax decides once per process whether it uses the cache)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def tree_size(tree) -> int:
     """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
@@ -1643,6 +1650,7 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, env, dims: Dims)
 def dry_run(args: Args) -> dict:
     """--dry-run: the epoch a real run of the mode would compile (from shapes, same donation), its costs
     printed as one JSON line (dry_run_report). Offline, the dataset is read and checked but kept on the host."""
+    skip_compilation_cache()
     args = resolve(args)
     key = jax.random.PRNGKey(args.seed)
     if args.mode == "online":

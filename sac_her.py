@@ -1075,6 +1075,13 @@ FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs
 MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
 
 
+def skip_compilation_cache():
+    """Compile afresh even where JAX_COMPILATION_CACHE_DIR is set: an executable read back from the
+    persistent cache reports no aliased (donated) bytes, and its compile time is not one. Call it before
+    the process's first compile (jax decides once per process whether it uses the cache)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def tree_size(tree) -> int:
     """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
@@ -1144,6 +1151,7 @@ def dry_run_report(
 def dry_run(args: Args) -> dict:
     """--dry-run: the epoch a real run would compile (from shapes, same donation and shardings), its
     costs printed as one JSON line (dry_run_report). Nothing is initialised, stepped or written."""
+    skip_compilation_cache()
     import envs
 
     raw_env = envs.make(args.env)
