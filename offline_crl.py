@@ -379,42 +379,14 @@ def energy(sa_repr, g_repr, kind: str):
     """Logits [B, B]: logits[i, j] = f(phi(s_i, a_i), psi(g_j)); the diagonal is `energy_rowwise`.
 
     Products go through one matmul ([B, B] memory). Distances are taken on the differences, exact
-    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there: gradient errors of 1e-3
-    when every representation is alike, as at init), via `pairwise_sq_dist` for l2 and l2_squared.
+    where phi ~ psi (the expanded |x|^2 + |y|^2 - 2 x.y cancels there), which builds [B, B, D].
     """
     if kind in ("dot", "scaled_dot", "cosine"):
         if kind == "cosine":
             sa_repr, g_repr = _unit_rows(sa_repr), _unit_rows(g_repr)
         logits = jnp.matmul(sa_repr, g_repr.T, precision=jax.lax.Precision.HIGHEST)
         return logits / math.sqrt(sa_repr.shape[-1]) if kind == "scaled_dot" else logits
-    if kind == "l2":
-        return -jnp.sqrt(pairwise_sq_dist(sa_repr, g_repr) + SQRT_EPS)
-    if kind == "l2_squared":
-        return -pairwise_sq_dist(sa_repr, g_repr)
     return energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
-
-
-@jax.custom_vjp
-def pairwise_sq_dist(x, y):
-    """[B, D] x [C, D] -> [B, C]: sum_k (x[i, k] - y[j, k])^2, taken on the differences."""
-    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)
-
-
-def _pairwise_sq_dist_fwd(x, y):
-    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1), (x, y)
-
-
-def _pairwise_sq_dist_bwd(residuals, grad):
-    """The gradient autodiff takes, but each input's sum over the other runs along the last-but-one axis
-    with the differences recomputed inside it: autodiff stores [B, C, D] and sums one input's part
-    along the first axis, 3-5x slower on CPU (bench/RESULTS.md)."""
-    x, y = residuals
-    grad_x = 2 * jnp.sum(grad[:, :, None] * (x[:, None, :] - y[None, :, :]), axis=1)
-    grad_y = 2 * jnp.sum(grad.T[:, :, None] * (y[:, None, :] - x[None, :, :]), axis=1)
-    return grad_x, grad_y
-
-
-pairwise_sq_dist.defvjp(_pairwise_sq_dist_fwd, _pairwise_sq_dist_bwd)
 
 
 def _unit_rows(x):
