@@ -114,6 +114,9 @@ class Args:
     resume: Optional[str] = None
     """continue the run stored in this folder with its own settings (flags given again must agree, except
     --track, --wandb-*)"""
+    dry_run: bool = False
+    """compile the training epoch from shapes, print its parameters, FLOPs, buffer (or dataset) bytes and XLA's
+    memory estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "gcbc"
@@ -548,11 +551,14 @@ def offline_epoch(carry, data, policy, optimizer, dims, args: Args, sgd_steps: i
     return {**carry, "train_state": train_state, "key": key}, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
-def compile_epoch(epoch_body, carry, shardings, mesh: Mesh):
-    """The whole epoch (online: collect + update; offline: update) as one XLA program, its carry donated."""
-    out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
-    jitted = jax.jit(epoch_body, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
-    return jitted.lower(carry).compile()
+def compile_epoch(epoch_body, carry, shardings, mesh: Mesh, *inputs):
+    """The whole epoch (online: collect + update; offline: update) as one XLA program, its carry donated.
+    `inputs` (offline: the dataset) are further arguments, replicated and not donated: arguments, not
+    closed-over constants, so --dry-run can compile the same program from shapes."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    in_shardings = (shardings, *(jax.tree_util.tree_map(lambda _: replicated, x) for x in inputs))
+    jitted = jax.jit(epoch_body, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0)
+    return jitted.lower(carry, *inputs).compile()
 
 
 def make_ogbench_env(name: str, episode_length: Optional[int]):
@@ -1159,6 +1165,139 @@ class RunLog:
 
 # --- end shared block: scaffold ---
 
+
+# --- shared block: dry_run (identical in every script; tests/test_copies.py) ---
+# --dry-run: what a configuration will cost, before it runs. The script builds its training state from
+# shapes alone (jax.eval_shape: no parameter is drawn, no env is stepped), AOT-compiles the epoch
+# function a real run would use (same donation, same shardings) and passes the compiled program here;
+# dry_run_report prints one JSON line. Nothing is written to disk (no run folder, no wandb).
+#
+# FLOPs per SGD step count the Dense layers only: a forward pass of one example through a Dense of
+# kernel [in, out] costs 2 * in * out (a multiply and an add per weight). A pass whose parameters get
+# gradients costs 3x its forward (forward, backward to the inputs, backward to the weights), a pass
+# through a frozen network that only carries gradients to its input (e.g. the critic under the actor's
+# loss) 2x, a forward-only pass (targets, stop_gradient inputs) 1x. Not counted: biases, LayerNorm,
+# activations, the losses (e.g. the batch x batch logits), and the recomputation of --remat (one more
+# forward of the residual blocks per differentiated pass).
+FORWARD, INPUT_GRAD, PARAM_GRAD = 1, 2, 3  # multiples of a pass's forward FLOPs, as above
+MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
+
+
+def skip_compilation_cache():
+    """Compile afresh even where JAX_COMPILATION_CACHE_DIR is set: an executable read back from the
+    persistent cache reports no aliased (donated) bytes, and its compile time is not one. Call it before
+    the process's first compile (jax decides once per process whether it uses the cache)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def tree_size(tree) -> int:
+    """Elements of a pytree of arrays or jax.ShapeDtypeStructs (parameters, for a params tree)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or jax.ShapeDtypeStructs."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def as_shapes(tree):
+    """jax.ShapeDtypeStructs of a pytree of arrays (host or device): what AOT lowering needs."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def dense_flops(params) -> int:
+    """Forward FLOPs of ONE example through every Dense kernel in `params`: 2 x the kernels' elements.
+    Stacked kernels count every copy: the scanned residual blocks [depth/4, in, out], twin critics [2, ...]."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return 2 * sum(math.prod(x.shape) for path, x in flat if getattr(path[-1], "key", None) == "kernel")
+
+
+def dry_run_report(
+    args, compiled, compile_seconds: float, params: dict, flops_per_sgd_step: int, buffer_bytes: int, extra=None
+) -> dict:
+    """The one JSON line of --dry-run, printed to stdout and returned.
+
+    args: the run's Args (all go into the line); compiled: the epoch's `jax.jit(...).lower(...).compile()`;
+    params: {network name: its params (or shapes)}; buffer_bytes: the replay buffer or the dataset the
+    epoch reads. The memory figures are
+    XLA's own for this program on this backend, per device: arguments (the whole carry: train state,
+    buffer, env states), outputs, temporaries, generated code, and the outputs that alias donated
+    arguments. peak_bytes = arguments + outputs - aliased + temporaries (donated buffers are updated in
+    place, so they count once); the generated code is left out (it is host memory on CPU)."""
+    stats = compiled.memory_analysis()
+    memory = {
+        f"{name}_bytes": None if stats is None else int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in MEMORY_FIELDS
+    }
+    peak = None
+    if stats is not None:
+        peak = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    report = {
+        "script": SCRIPT,
+        "params": {name: tree_size(tree) for name, tree in params.items()},
+        "params_total": sum(tree_size(tree) for tree in params.values()),
+        "flops_per_sgd_step": int(flops_per_sgd_step),
+        "buffer_bytes": int(buffer_bytes),
+        "memory": memory,
+        "peak_bytes": peak,
+        "peak_gib": None if peak is None else round(peak / 2**30, 3),
+        "compile_seconds": round(compile_seconds, 3),
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        **(extra or {}),
+        "args": dataclasses.asdict(args),
+    }
+    print(json.dumps(report), flush=True)
+    return report
+
+
+# --- end shared block: dry_run ---
+
+
+def dry_run(args: Args, raw_env, dims: dict, dataset: Optional[dict]) -> dict:
+    """--dry-run: the epoch a real run would compile (from shapes, same donation and shardings), its
+    costs printed as one JSON line (dry_run_report). Nothing is initialised, stepped or written."""
+    import envs
+
+    policy = build_networks(args, dims["action_size"], dims["state_dim"])
+    optimizer = optax.adam(args.learning_rate)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    num_train_steps = train_steps_per_epoch(args)
+    online = args.mode == "online"
+    if online:
+        env = envs.wrap_for_training(raw_env, episode_length=args.episode_length, cached_reset=args.cached_reset)
+
+    def make_carry(key):  # as __main__ builds it
+        key, k_init, k_reset = jax.random.split(key, 3)
+        params = {"actor": policy.init(k_init, jnp.zeros((1, dims["state_dim"] + len(dims["goal_indices"]))))}
+        carry = {"train_state": {"params": params, "opt_state": optimizer.init(params["actor"])}, "key": key}
+        if online:
+            carry["env_state"] = env.reset(jax.random.split(k_reset, args.num_envs))
+            carry["buffer"] = buffer_init(args.replay_size, args.num_envs, dims["state_dim"], dims["action_size"])
+        return carry
+
+    carry = jax.eval_shape(make_carry, jax.random.PRNGKey(args.seed))
+    shardings = carry_shardings(carry, mesh, args.num_envs)
+    if online:
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        epoch_body = lambda c: online_epoch(c, env, policy, optimizer, dims, args, num_train_steps, batch_sharding)
+        inputs, buffer_bytes = (), tree_bytes(carry["buffer"])
+    else:
+        with jax.default_device(jax.devices("cpu")[0]):  # the dataset stays off the accelerator
+            data = as_shapes(device_dataset(dataset))
+        epoch_body = lambda c, d: offline_epoch(c, d, policy, optimizer, dims, args, num_train_steps)
+        inputs, buffer_bytes = (data,), tree_bytes(data)
+    compile_start = time.time()
+    compiled = compile_epoch(epoch_body, carry, shardings, mesh, *inputs)
+    compile_seconds = time.time() - compile_start
+    params = carry["train_state"]["params"]
+    flops = args.batch_size * dense_flops(params["actor"]) * PARAM_GRAD  # BC: one trained pass of the policy
+    extra = {"sgd_steps_per_epoch": num_train_steps * (args.sgd_steps_per_train_step if online else 1)}
+    return dry_run_report(args, compiled, compile_seconds, params, flops, buffer_bytes, extra)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Main: set up, then one host iteration per epoch (train, evaluate, log, checkpoint)
 # ----------------------------------------------------------------------------------------------------
@@ -1170,6 +1309,9 @@ if __name__ == "__main__":
     raw_env, eval_env, dims = make_envs(args)
     if args.mode == "offline":
         dataset, val_dataset = load_offline_dataset(args, dims)
+    if args.dry_run:  # compile, print the costs, exit: no run folder
+        dry_run(args, raw_env, dims, dataset if args.mode == "offline" else None)
+        sys.exit(0)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_path = open_run(args)
 
@@ -1192,8 +1334,9 @@ if __name__ == "__main__":
         data = device_dataset(dataset)
         val_data = device_dataset(val_dataset) if val_dataset is not None else None
         validation_metrics = make_validation(policy, dims, args)
-        epoch_body = lambda c: offline_epoch(c, data, policy, optimizer, dims, args, num_train_steps)
+        epoch_body = lambda c, d: offline_epoch(c, d, policy, optimizer, dims, args, num_train_steps)
         env_steps_per_epoch = 0
+    epoch_inputs = (data,) if args.mode == "offline" else ()
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = restore_state(checkpoint_state(carry), checkpoint["state"], args.resume)
@@ -1203,7 +1346,7 @@ if __name__ == "__main__":
     shardings = carry_shardings(carry, mesh, args.num_envs)
     carry = jax.device_put(carry, shardings)
     compile_start = time.time()
-    epoch_fn = compile_epoch(epoch_body, carry, shardings, mesh)
+    epoch_fn = compile_epoch(epoch_body, carry, shardings, mesh, *epoch_inputs)
     compile_seconds = time.time() - compile_start
     evaluate_policy = make_evaluator(eval_env, policy, args)
     start_time = time.time() - wall_offset
@@ -1216,7 +1359,7 @@ if __name__ == "__main__":
     log = RunLog(args, run_path, start_epoch, args.num_epochs)
     for epoch in log.epochs:
         epoch_start = time.time()
-        carry, train_metrics = epoch_fn(carry)
+        carry, train_metrics = epoch_fn(carry, *epoch_inputs)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch

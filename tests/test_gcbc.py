@@ -509,3 +509,19 @@ def test_tiny_offline_run_on_an_ogbench_dataset_evaluates_ogbenchs_tasks(tmp_pat
     assert args["episode_length"] == 20 and args["learning_rate"] == 3e-4
     first_kernel = checkpoint["params"]["actor"]["params"]["tower"]["Dense_0"]["kernel"]
     assert first_kernel.shape == ((2 if no_goal else 4), 32)  # observation (2) [+ goal observation (2)]
+
+
+def test_dry_run_on_an_ogbench_dataset_prints_the_costs_and_writes_nothing(tmp_path):
+    dataset = make_ogbench_dataset(tmp_path, val=False)
+    runs = tmp_path / "runs"
+    proc = run_script(*OGBENCH_TINY, "--no-goal", "--dataset", dataset, "--run-dir", str(runs), "--dry-run")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not runs.exists()
+    # the policy a real run builds: observation (2) only, width 32, one residual block, mean and log_std heads
+    width, blocks = 32, 1
+    expected = (2 * width + width + 2 * width) + blocks * 4 * (width * width + width + 2 * width) + 2 * (width * 2 + 2)
+    assert report["script"] == "gcbc" and report["params"] == {"actor": expected}
+    kernels = 2 * width + blocks * 4 * width * width + 2 * width * 2
+    assert report["flops_per_sgd_step"] == 32 * 2 * kernels * 3  # batch x forward x (fwd + 2 backward)
+    assert report["buffer_bytes"] == 606 * (2 + 2) * 4 + 606 * 4 + 600 * 4  # obs, actions, traj_end, anchors
+    assert report["sgd_steps_per_epoch"] == 20 and report["args"]["no_goal"] is True
