@@ -382,7 +382,7 @@ def test_offline_gcbc_imitates_a_scripted_reacher_demonstrator(tmp_path):
         "--learning-rate",
         "1e-3",
         "--train-steps",
-        "3000",
+        "6000",
         "--num-epochs",
         "3",
         "--run-dir",
