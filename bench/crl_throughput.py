@@ -30,11 +30,12 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,10 +51,29 @@ class BenchArgs:
     batch_size: int = 256
     """SGD batch"""
     variants: list[
-        Literal["scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop"]
+        Literal[
+            "scan",
+            "remat",
+            "save_all",
+            "unroll1",
+            "unroll2",
+            "unroll4",
+            "unroll8",
+            "unroll16",
+            "loop",
+            "no_adam",
+            "no_layer_norm",
+            "relu",
+            "dot_energy",
+            "autodiff_energy",
+        ]
     ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
     """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
-    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks"""
+    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks.
+    Profiling by subtraction (other math, timed only to see what a part costs): no_adam = plain SGD
+    instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the [B, B] dot product instead of
+    the L2 energy's [B, B, D] differences. autodiff_energy = the default with the energy matrix's gradient
+    left to autodiff (crl_deep before its hand-written `pairwise_sq_dist` backward)"""
     loop_max_depth: int = 64
     """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
     sgd_steps: int = 10
@@ -155,6 +175,22 @@ def matmul_peak() -> dict:
     }
 
 
+def with_autodiff_energy(fn):
+    """Calls fn with crl_deep.energy's l2 kinds taken on a [B, B, D] difference tensor by autodiff."""
+    energy = C.energy
+
+    def old_energy(sa_repr, g_repr, kind):
+        if kind in ("l2", "l2_squared"):
+            return C.energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
+        return energy(sa_repr, g_repr, kind)
+
+    C.energy = old_energy
+    try:
+        return fn()
+    finally:
+        C.energy = energy
+
+
 def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dict:
     """Compiles the jitted SGD step of one variant and runs it once.
 
@@ -167,6 +203,9 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         batch_size=bench.batch_size,
         remat=variant == "remat",
         scan_unroll=scan_unroll(variant, depth),
+        layer_norm=variant != "no_layer_norm",
+        activation="relu" if variant == "relu" else "swish",
+        energy="dot" if variant == "dot_energy" else "l2",
     )
     nets = build(variant, depth, bench.width, dims, args)
     key = jax.random.PRNGKey(0)
@@ -177,10 +216,17 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         "goal": jax.random.normal(key, (b, len(dims.goal_indices))),
     }
     optimizers = C.make_optimizers(args)
+    if variant == "no_adam":  # one fused scale-and-add pass over the parameters instead of Adam's
+        optimizers = C.Optimizers(optax.sgd(1e-6), optax.sgd(1e-6), optax.sgd(1e-6))
     init = jax.jit(lambda k: C.init_train_state(k, nets, optimizers, args, dims))
     # The batch is an argument, as in crl_deep (sampled from the buffer): closed over as a constant it
     # made XLA's compile 1.5x longer (depth 1024: 13.0 s vs 8.8 s).
     step = jax.jit(lambda s, bt, k: C.sgd_step(s, bt, k, nets, optimizers, args), donate_argnums=0)
+    if variant == "autodiff_energy":  # traced during the compile below, with crl_deep's old energy matrix
+        step = jax.jit(
+            lambda s, bt, k: with_autodiff_energy(lambda: C.sgd_step(s, bt, k, nets, optimizers, args)),
+            donate_argnums=0,
+        )
 
     def build_state():
         state = jax.block_until_ready(init(key))
@@ -243,6 +289,39 @@ def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
         "first_step_s": round(m["first_step_s"], 2),
         "start_to_first_update_s": round(m["start_to_first_update_s"], 2),
     }
+
+
+BREAKDOWN = {
+    "no_adam": "Adam update (minus a plain SGD pass)",
+    "no_layer_norm": "LayerNorm",
+    "relu": "swish (minus relu)",
+    "dot_energy": "L2 energy [B,B,D] (minus a [B,B] matmul)",
+}
+
+
+def breakdown_line(lines: list[dict], dims: C.Dims, bench: BenchArgs, peak: dict) -> Optional[dict]:
+    """Where the default build's SGD step spends its time, by subtraction: each profiling variant
+    removes one part; the dense layers' share is their FLOPs at the 256-wide chain's measured rate."""
+    by = {line["variant"]: line for line in lines}
+    if "scan" not in by or not BREAKDOWN.keys() & by.keys():
+        return None
+    step_ms = 1e3 / by["scan"]["sgd_steps_per_s"]
+    depth = by["scan"]["depth"]
+    matmul_ms = (
+        1e3
+        * sgd_flops(depth, bench.width, bench.batch_size, dims, C.Args().repr_dim)
+        / (1e9 * peak["gflops_chain_256"])
+    )
+    out = {"kind": "breakdown", "depth": depth, "step_ms": round(step_ms, 1)}
+    out["dense layers at chain peak ms (share)"] = f"{matmul_ms:.1f} ({matmul_ms / step_ms:.0%})"
+    rest = step_ms - matmul_ms
+    for variant, name in BREAKDOWN.items():
+        if variant in by:
+            ms = step_ms - 1e3 / by[variant]["sgd_steps_per_s"]
+            rest -= ms
+            out[f"{name} ms (share)"] = f"{ms:.1f} ({ms / step_ms:.0%})"
+    out["the rest ms (share)"] = f"{rest:.1f} ({rest / step_ms:.0%})"
+    return out
 
 
 def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
@@ -321,12 +400,15 @@ if __name__ == "__main__":
         for _ in range(bench.rounds):
             for m in measured:
                 time_round(m)
-        for m in measured:
-            print(json.dumps(sgd_line(m, bench, dims, peak_line)), flush=True)
+        lines = [sgd_line(m, bench, dims, peak_line) for m in measured]
+        for line in lines:
+            print(json.dumps(line), flush=True)
+        if breakdown := breakdown_line(lines, dims, bench, peak_line):
+            print(json.dumps(breakdown), flush=True)
         del measured
         if bench.whole_loop:
             for variant in variants:
-                if variant not in ("loop", "save_all"):
+                if variant not in ("loop", "save_all", *BREAKDOWN):
                     print(json.dumps(measure_loop(variant, depth, bench, env, stepper, dims)), flush=True)
     import resource
 
