@@ -525,3 +525,23 @@ def test_dry_run_on_an_ogbench_dataset_prints_the_costs_and_writes_nothing(tmp_p
     assert report["flops_per_sgd_step"] == 32 * 2 * kernels * 3  # batch x forward x (fwd + 2 backward)
     assert report["buffer_bytes"] == 606 * (2 + 2) * 4 + 606 * 4 + 600 * 4  # obs, actions, traj_end, anchors
     assert report["sgd_steps_per_epoch"] == 20 and report["args"]["no_goal"] is True
+
+
+def test_a_resumed_ogbench_run_repeats_the_uninterrupted_one(tmp_path):
+    """Roll a 2-epoch run back to epoch 0 (the state of a 1-epoch run with the same steps per epoch): its
+    resumed epoch 1 logs the same losses and evaluation bit for bit."""
+    dataset = make_ogbench_dataset(tmp_path)
+    common = [*OGBENCH_TINY, "--dataset", dataset, "--run-dir", str(tmp_path)]
+    run_script(*common, "--run-name", "full")
+    short = [*common, "--run-name", "short", "--train-steps", "20", "--num-epochs", "1"]
+    run_script(*short)
+    full, short = tmp_path / "full", tmp_path / "short"
+    uninterrupted = read_rows(full)
+    args = gcbc.Args(**gcbc.load_checkpoint(str(full))["args"])
+    gcbc.save_checkpoint(str(full), args, gcbc.load_checkpoint(str(short))["state"], 0, 0, 1.0)
+    (full / "summary.json").unlink()
+    run_script("--resume", str(full))
+    resumed = read_rows(full)
+    assert [r.get("epoch") for r in resumed] == [0, 1, None]
+    for key in ("training/bc_loss", "validation/bc_loss", "eval/success", "eval/episode_length"):
+        assert resumed[1][key] == uninterrupted[1][key]
