@@ -8,12 +8,14 @@ trajectory, goal = s_{t+k}[goal_indices], k >= 1 (uniform over the rest of the t
         --env antmaze-giant-navigate-v0 --no-goal                    # plain BC: the policy never sees the goal
     python gcbc.py --mode offline --dataset runs/<run>/buffer.npz --env reacher   # a dataset of our own envs
     python gcbc.py --mode online --env ant_u4_maze                   # GCSL: collect, relabel, clone, repeat
+    python gcbc.py ... --dry-run                                      # compile, print the costs, no run
 
 Offline, `--env` is an OGBench dataset id or one of our envs/ ids. OGBench: the dataset's `observations`
 are OGBench observations, the goal is a whole observation, evaluation runs OGBench's 5 tasks of `--env`
 (as offline_crl.py), and the defaults are OGBench's GCBC settings (batch 1024, width 512, 1M steps).
 Our envs: `observations` are the state part of the `--env` observation (state_dim wide; the goal is a
-slice of a state). `terminals` is 1 on the last row of each trajectory. Evaluation always runs the
+slice of a state). `terminals` is 1 on the last row of each trajectory; a `-val.npz` twin beside the dataset
+gives validation losses. Evaluation always runs the
 deterministic policy (the Gaussian mean); on our envs with `envs.evaluate` on `--eval-env` (default:
 --env's eval variant).
 """
