@@ -14,10 +14,9 @@ Offline, `--env` is an OGBench dataset id or one of our envs/ ids. OGBench: the 
 are OGBench observations, the goal is a whole observation, evaluation runs OGBench's 5 tasks of `--env`
 (as offline_crl.py), and the defaults are OGBench's GCBC settings (batch 1024, width 512, 1M steps).
 Our envs: `observations` are the state part of the `--env` observation (state_dim wide; the goal is a
-slice of a state). `terminals` is 1 on the last row of each trajectory; a `-val.npz` twin beside the dataset
-gives validation losses. Evaluation always runs the
-deterministic policy (the Gaussian mean); on our envs with `envs.evaluate` on `--eval-env` (default:
---env's eval variant).
+slice of a state). `terminals` is 1 on the last row of each trajectory; a `-val.npz` twin beside the
+dataset gives validation losses. Evaluation always runs the deterministic policy (the Gaussian mean); on
+our envs with `envs.evaluate` on `--eval-env` (default: --env's eval variant).
 """
 
 from __future__ import annotations
