@@ -1260,6 +1260,7 @@ def dry_run_report(
 def dry_run(args: Args, raw_env, dims: dict, dataset: Optional[dict]) -> dict:
     """--dry-run: the epoch a real run would compile (from shapes, same donation and shardings), its
     costs printed as one JSON line (dry_run_report). Nothing is initialised, stepped or written."""
+    skip_compilation_cache()
     import envs
 
     policy = build_networks(args, dims["action_size"], dims["state_dim"])
