@@ -1493,11 +1493,15 @@ def dry_run(args: Args) -> dict:
         }
 
     carry_shapes = jax.eval_shape(make_carry, jax.random.PRNGKey(args.seed))
-    shardings = carry_shardings(carry_shapes, mesh, args.num_envs)
+    params = carry_shapes["train_state"]["params"]  # of one agent (parameters and FLOPs are per seed)
+    if args.num_seeds > 1:  # the program of a --num-seeds run: every seed's carry, stacked
+        carry_shapes = jax.eval_shape(
+            jax.vmap(make_carry), jax.random.split(jax.random.PRNGKey(args.seed), args.num_seeds)
+        )
+    shardings = carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
     compile_start = time.time()
     compiled = compile_epoch(carry_shapes, shardings, mesh, stepper, nets, optimizers, args, dims)
     compile_seconds = time.time() - compile_start
-    params = carry_shapes["train_state"]["params"]
     # critic loss: phi(s, a) and psi(g) trained; actor loss: the actor trained, phi(s, a ~ pi) passing
     # the gradient to the action (psi(g) is reused from the critic loss)
     flops = args.batch_size * (
@@ -1506,7 +1510,7 @@ def dry_run(args: Args) -> dict:
         + dense_flops(params["g_encoder"]) * PARAM_GRAD
     )
     sgd_steps = train_steps_per_epoch(args) * args.sgd_steps_per_train_step
-    extra = {"sgd_steps_per_epoch": sgd_steps}
+    extra = {"sgd_steps_per_epoch": sgd_steps, "num_seeds": args.num_seeds}
     return dry_run_report(args, compiled, compile_seconds, params, flops, tree_bytes(carry_shapes["buffer"]), extra)
 
 
