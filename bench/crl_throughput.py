@@ -74,6 +74,11 @@ class BenchArgs:
     instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the [B, B] dot product instead of
     the L2 energy's [B, B, D] differences. autodiff_energy = the default with the energy matrix's gradient
     left to autodiff (crl_deep before its hand-written `pairwise_sq_dist` backward)"""
+    memory_depths: list[int] = field(default_factory=list)
+    """instead of the timings: XLA's compiled memory analysis of the SGD step at these depths (compile
+    only), for every --memory-batches and with and without --remat"""
+    memory_batches: list[int] = field(default_factory=lambda: [256, 512])
+    """batch sizes of the memory analysis"""
     loop_max_depth: int = 64
     """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
     sgd_steps: int = 10
@@ -324,6 +329,49 @@ def breakdown_line(lines: list[dict], dims: C.Dims, bench: BenchArgs, peak: dict
     return out
 
 
+def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims: C.Dims) -> dict:
+    """XLA's memory analysis of the jitted SGD step (train state donated, as in crl_deep's epoch)."""
+    args = C.Args(depth=depth, width=bench.width, batch_size=batch_size, remat=remat)
+    nets = C.build_networks(args, 0, 0, dims.action_size)
+    optimizers = C.make_optimizers(args)
+    key = jax.random.PRNGKey(0)
+    state = jax.eval_shape(lambda k: C.init_train_state(k, nets, optimizers, args, dims), key)
+    f32 = jax.numpy.float32
+    batch = {
+        "state": jax.ShapeDtypeStruct((batch_size, dims.state_dim), f32),
+        "action": jax.ShapeDtypeStruct((batch_size, dims.action_size), f32),
+        "goal": jax.ShapeDtypeStruct((batch_size, len(dims.goal_indices)), f32),
+    }
+    step = jax.jit(lambda s, bt, k: C.sgd_step(s, bt, k, nets, optimizers, args), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    mib = 2**20
+    return {
+        "kind": "memory",
+        "depth": depth,
+        "batch": batch_size,
+        "remat": remat,
+        "params": C.count_params(state["params"]),
+        "compile_s": round(compile_s, 1),
+        "argument_mib": round(memory.argument_size_in_bytes / mib, 1),
+        "output_mib": round(memory.output_size_in_bytes / mib, 1),
+        "alias_mib": round(memory.alias_size_in_bytes / mib, 1),
+        "temp_mib": round(memory.temp_size_in_bytes / mib, 1),
+        "peak_estimate_mib": round(
+            (
+                memory.argument_size_in_bytes
+                + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes
+            )
+            / mib,
+            1,
+        ),
+    }
+
+
 def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
     """crl_deep.train_epoch on reacher: one train step = 32 envs x 10 steps, then 8 SGD steps."""
     unroll, sgd_per_step = 10, max(1, bench.num_envs * 10 // 40)
@@ -392,6 +440,12 @@ if __name__ == "__main__":
     dims = C.Dims(raw.state_dim, tuple(int(i) for i in raw.goal_indices), raw.action_size)
     env = envs.wrap_for_training(raw, episode_length=1000)
     stepper = types.SimpleNamespace(step=jax.jit(env.step))
+    for depth in bench.memory_depths:
+        for batch_size in bench.memory_batches:
+            for remat in (False, True):
+                print(json.dumps(sgd_memory(depth, batch_size, remat, bench, dims)), flush=True)
+    if bench.memory_depths:
+        sys.exit(0)
     peak_line = matmul_peak()
     print(json.dumps(peak_line), flush=True)
     for depth in bench.depths:

@@ -4,8 +4,9 @@
     python bench/results.py /tmp/rss.jsonl --title "Memory over a long run" \
         --command "python bench/rss.py --epochs 30" >> bench/RESULTS.md
 
-Every line with the most common set of keys becomes a table row (columns in first-seen order); other
-lines (summaries) are listed below the table as they are.
+Lines with the same set of keys become the rows of one table (columns in first-seen order; one table per
+set of keys that two or more lines share, the most common first); other lines (summaries) are listed
+below the tables as they are.
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ def versions() -> str:
 
 
 def section(rows: list[dict], title: str, command: str, note: str = "") -> str:
-    """The Markdown section for `rows` (parsed JSON lines)."""
+    """The Markdown section for `rows` (parsed JSON lines): one table per set of keys that two or more
+    rows share (the most common first), the remaining rows listed as they are."""
     shapes = collections.Counter(tuple(r) for r in rows)
-    main = shapes.most_common(1)[0][0] if rows else ()
-    columns = list(main)
-    table = [r for r in rows if tuple(r) == main]
-    others = [r for r in rows if tuple(r) != main]
+    tables = [shape for shape, count in shapes.most_common() if count >= 2] or [shapes.most_common(1)[0][0]]
+    others = [r for r in rows if tuple(r) not in tables]
     out = [f"## {title}", "", f"{datetime.date.today().isoformat()}, {machine()}; {versions()}.", f"`{command}`"]
     if note:
         out += ["", note]
-    out += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in table]
+    for columns in tables:
+        out += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows if tuple(r) == columns]
     if others:
         out += [""] + [f"`{json.dumps(r)}`  " for r in others]
     return "\n".join(out) + "\n"
