@@ -176,6 +176,28 @@ def test_sac_her_flops_by_hand(dry_runs):
     assert out["params"]["critic"] == 2 * (tower_params(STATE + GOAL + ACTION, width, depth) + width + 1)
 
 
+def test_td3_her_flops_by_hand(dry_runs):
+    out = report(dry_runs, "td3_her")
+    width, depth, batch, policy_delay = 8, 4, 8, 2
+    actor = tower_kernels(STATE + GOAL, width, depth) + width * ACTION  # deterministic: one head
+    critic = 2 * (tower_kernels(STATE + GOAL + ACTION, width, depth) + width)
+    # every step: target actor (1x), target critics (1x), critics trained (3x); every 2nd: actor trained,
+    # critics under it (2x)
+    flops = batch * 2 * (actor + 4 * critic + (3 * actor + 2 * critic) / policy_delay)
+    assert out["flops_per_sgd_step"] == round(flops)
+
+
+@pytest.mark.slow
+def test_qrl_flops_by_hand(dry_runs):
+    out = report(dry_runs, "qrl_online")
+    width, depth, latent, batch = 8, 4, 8, 8
+    actor = tower_kernels(STATE + GOAL, width, depth) + width * 2 * ACTION
+    phi = tower_kernels(STATE, width, depth) + width * latent
+    psi = tower_kernels(GOAL, width, depth) + width * latent  # reacher's goal is not the whole state
+    dynamics = tower_kernels(latent + ACTION, width, depth) + width * latent
+    assert out["flops_per_sgd_step"] == batch * 2 * (3 * actor + 5 * dynamics + 7 * (phi + psi))
+
+
 def count(tree):
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
