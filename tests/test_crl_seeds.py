@@ -204,6 +204,23 @@ def test_resume_of_a_two_seed_run(runs):
         pytest.skip("the 2-seed run finished before the SIGKILL landed: nothing was resumed")
 
 
+@pytest.mark.slow  # one more compile of the 2-seed program (~20-40 s)
+def test_two_devices_hold_one_seed_each_and_agree(runs, tmp_path):
+    """With 2 (forced CPU) devices the seeds are split over them (shard_map): the same lines as on one."""
+    runs, _ = runs
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    argv = [*TINY, "--seed", str(SEED), "--num-seeds", "2", "--run-dir", str(tmp_path), "--run-name", "dev2"]
+    proc = _run(*argv, XLA_FLAGS=xla_flags)
+    assert "2 device(s)" in proc.stderr
+    got, want = _lines(tmp_path / "dev2")[:-1], _lines(runs / "two")[:-1]
+    assert [(m["epoch"], m["seed"]) for m in got] == [(m["epoch"], m["seed"]) for m in want]
+    for g, w in zip(got, want):
+        for k in w:
+            if k.startswith("training/") or k == "eval/episode_dist":
+                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["seed"], g["epoch"], k)
+        assert g["eval/episode_success"] == w["eval/episode_success"]
+
+
 # ---------------------------------------------------------------- in process: inputs, RunLog with wandb
 
 
