@@ -74,6 +74,10 @@ class BenchArgs:
     instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the [B, B] dot product instead of
     the L2 energy's [B, B, D] differences. autodiff_energy = the default with the energy matrix's gradient
     left to autodiff (crl_deep before its hand-written `pairwise_sq_dist` backward)"""
+    energy_check: bool = False
+    """instead of the timings: the L2 energy matrix's forward+backward three ways (autodiff of the
+    [B, B, D] differences, crl_deep's pairwise_sq_dist, the expanded |x|^2 + |y|^2 - 2 x.y as matmuls):
+    gradient error against float64 and time, on random and on all-alike representations"""
     memory_depths: list[int] = field(default_factory=list)
     """instead of the timings: XLA's compiled memory analysis of the SGD step at these depths (compile
     only), for every --memory-batches and with and without --remat"""
@@ -170,10 +174,17 @@ def matmul_peak() -> dict:
     timed(chain, x, ws)
     t = min(timed(lambda x: [chain(x, ws) for _ in range(10)][-1], x)[1] for _ in range(3))
     small = 10 * 64 * 2 * 256**3 / t / 1e9
+    cpu_times = []
+    for _ in range(3):
+        cpu_start = time.process_time()
+        jax.block_until_ready([chain(x, ws) for _ in range(10)])
+        cpu_times.append(time.process_time() - cpu_start)
+    small_cpu = 10 * 64 * 2 * 256**3 / min(cpu_times) / 1e9
     return {
         "kind": "matmul_peak",
         "gflops_2048": round(big, 1),
         "gflops_chain_256": round(small, 1),
+        "gflops_chain_256_per_cpu_s": round(small_cpu, 1),
         "peak_gflops": round(max(big, small), 1),
         "devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
@@ -259,17 +270,19 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         "init_s": init_s,
         "first_step_s": first_step_s,
         "round_s": [],
+        "round_cpu_s": [],
         "start_to_first_update_s": start_to_first_update_s,
     }
 
 
 def time_round(m: dict):
     """n SGD steps, one dispatch each (dispatch costs microseconds; a step, milliseconds)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for k in m["keys"]:
         m["state"], metrics = m["fn"](m["state"], k)
     jax.block_until_ready(metrics)
     m["round_s"].append(time.perf_counter() - start)
+    m["round_cpu_s"].append(time.process_time() - cpu_start)
     assert np.isfinite(float(metrics["critic_loss"]))
 
 
@@ -285,6 +298,9 @@ def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
         "compile_s": round(m["compile_s"], 2),
         "sgd_steps_per_s": round(rate, 3),
         "sgd_steps_per_s_best_round": round(best, 3),
+        # CPU seconds of this process (all its threads): on a shared machine, pinned to one core
+        # (taskset -c N), steps per CPU second are what the step costs, whatever else runs
+        "sgd_steps_per_cpu_s": round(m["n"] / float(np.median(m["round_cpu_s"])), 3),
         "timed_steps": m["n"],
         "rounds": len(m["round_s"]),
         "gflops": round(gflops, 1),
@@ -306,27 +322,89 @@ BREAKDOWN = {
 
 def breakdown_line(lines: list[dict], dims: C.Dims, bench: BenchArgs, peak: dict) -> Optional[dict]:
     """Where the default build's SGD step spends its time, by subtraction: each profiling variant
-    removes one part; the dense layers' share is their FLOPs at the 256-wide chain's measured rate."""
+    removes one part; the dense layers' share is their FLOPs at the 256-wide chain's measured rate.
+    All in CPU seconds of this process (run it pinned to one core)."""
     by = {line["variant"]: line for line in lines}
     if "scan" not in by or not BREAKDOWN.keys() & by.keys():
         return None
-    step_ms = 1e3 / by["scan"]["sgd_steps_per_s"]
+    rate = "sgd_steps_per_cpu_s"  # robust to other processes sharing the core
+    step_ms = 1e3 / by["scan"][rate]
     depth = by["scan"]["depth"]
     matmul_ms = (
         1e3
         * sgd_flops(depth, bench.width, bench.batch_size, dims, C.Args().repr_dim)
-        / (1e9 * peak["gflops_chain_256"])
+        / (1e9 * peak["gflops_chain_256_per_cpu_s"])
     )
-    out = {"kind": "breakdown", "depth": depth, "step_ms": round(step_ms, 1)}
+    out = {"kind": "breakdown", "depth": depth, "step_cpu_ms": round(step_ms, 1)}
     out["dense layers at chain peak ms (share)"] = f"{matmul_ms:.1f} ({matmul_ms / step_ms:.0%})"
     rest = step_ms - matmul_ms
     for variant, name in BREAKDOWN.items():
         if variant in by:
-            ms = step_ms - 1e3 / by[variant]["sgd_steps_per_s"]
+            ms = step_ms - 1e3 / by[variant][rate]
             rest -= ms
             out[f"{name} ms (share)"] = f"{ms:.1f} ({ms / step_ms:.0%})"
     out["the rest ms (share)"] = f"{rest:.1f} ({rest / step_ms:.0%})"
     return out
+
+
+def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[dict]:
+    """The L2 energy matrix + forward InfoNCE, value and gradient three ways (see BenchArgs.energy_check)."""
+    from jax.experimental import enable_x64
+
+    jnp = jax.numpy
+
+    def loss(logits):
+        return C.contrastive_loss(logits, "fwd_infonce", 0.1)
+
+    def expanded(x, y):
+        sq = jnp.sum(x**2, 1)[:, None] + jnp.sum(y**2, 1)[None, :] - 2 * jnp.matmul(x, y.T, precision="highest")
+        return -jnp.sqrt(jnp.maximum(sq, 0.0) + C.SQRT_EPS)
+
+    ways = {
+        "autodiff_differences": lambda x, y: loss(C.energy_rowwise(x[:, None, :], y[None, :, :], "l2")),
+        "pairwise_sq_dist": lambda x, y: loss(C.energy(x, y, "l2")),
+        "expanded_matmul": lambda x, y: loss(expanded(x, y)),
+    }
+    b = bench.batch_size
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    base = 3 * jax.random.normal(k1, (1, repr_dim))
+    lines = []
+    for spread in (1.0, 1e-3):  # 1e-3: every representation alike, as at init
+        x, y = (
+            base + spread * jax.random.normal(k2, (b, repr_dim)),
+            base + spread * jax.random.normal(k3, (b, repr_dim)),
+        )
+        with enable_x64():
+            x64, y64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, y))
+            truth = jax.value_and_grad(ways["autodiff_differences"], (0, 1))(x64, y64)
+            truth = jax.tree_util.tree_map(np.asarray, truth)
+        fns = {name: jax.jit(jax.value_and_grad(f, (0, 1))) for name, f in ways.items()}
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, f in fns.items():
+                start = time.perf_counter()
+                for _ in range(10):
+                    out = f(x, y)
+                jax.block_until_ready(out)
+                times[name].append((time.perf_counter() - start) / 10)
+        for name, f in fns.items():
+            value, grads = f(x, y)
+            err = max(
+                float(np.max(np.abs(np.asarray(g, np.float64) - t)) / np.max(np.abs(t)))
+                for g, t in zip(grads, truth[1])
+            )
+            lines.append(
+                {
+                    "kind": "energy",
+                    "way": name,
+                    "representations": "all alike (spread 1e-3)" if spread < 1 else "random",
+                    "batch": b,
+                    "fwd_bwd_ms": round(1e3 * float(np.median(times[name])), 2),
+                    "loss_error": f"{abs(float(value) - float(truth[0])):.1e}",
+                    "gradient_relative_error": f"{err:.1e}",
+                }
+            )
+    return lines
 
 
 def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims: C.Dims) -> dict:
@@ -440,6 +518,10 @@ if __name__ == "__main__":
     dims = C.Dims(raw.state_dim, tuple(int(i) for i in raw.goal_indices), raw.action_size)
     env = envs.wrap_for_training(raw, episode_length=1000)
     stepper = types.SimpleNamespace(step=jax.jit(env.step))
+    if bench.energy_check:
+        for line in energy_check(bench):
+            print(json.dumps(line), flush=True)
+        sys.exit(0)
     for depth in bench.memory_depths:
         for batch_size in bench.memory_batches:
             for remat in (False, True):
