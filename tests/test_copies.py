@@ -19,7 +19,7 @@ REQUIRED = {
     "scaffold": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
     "energies": ("crl_deep.py", "offline_crl.py"),
     "tanh_gaussian": ("crl_deep.py", "sac_her.py"),
-    "dry_run": ("sac_her.py", "td3_her.py", "offline_crl.py", "qrl.py", "crl_deep.py"),
+    "dry_run": ("sac_her.py", "td3_her.py", "offline_crl.py", "qrl.py", "crl_deep.py", "gcbc.py"),
 }
 
 

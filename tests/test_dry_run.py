@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import crl_deep
+import gcbc
 import offline_crl
 import qrl
 import sac_her
@@ -54,6 +55,7 @@ CASES = {
     "crl_deep": ("crl_deep.py", [*ONLINE, "--depth", "8", "--width", "8", "--repr-dim", "4"]),
     "sac_her": ("sac_her.py", [*ONLINE, "--depth", "4", "--width", "8"]),
     "td3_her": ("td3_her.py", [*ONLINE, "--depth", "4", "--width", "8"]),
+    "gcbc": ("gcbc.py", [*ONLINE, "--depth", "4", "--width", "8"]),
     "qrl_online": ("qrl.py", [*ONLINE, "--depth", "4", "--width", "8", "--latent-dim", "8"]),
     "offline_crl": (
         "offline_crl.py",
@@ -187,6 +189,13 @@ def test_td3_her_flops_by_hand(dry_runs):
     assert out["flops_per_sgd_step"] == round(flops)
 
 
+def test_gcbc_flops_by_hand(dry_runs):
+    out = report(dry_runs, "gcbc")
+    width, depth, batch = 8, 4, 8
+    policy = tower_kernels(STATE + GOAL, width, depth) + width * 2 * ACTION  # mean and log_std heads
+    assert out["flops_per_sgd_step"] == batch * 2 * 3 * policy  # one trained pass (behaviour cloning)
+
+
 @pytest.mark.slow
 def test_qrl_flops_by_hand(dry_runs):
     out = report(dry_runs, "qrl_online")
@@ -221,6 +230,10 @@ def real_init(name, dataset):
         nets = module.build_networks(args, ACTION)
         state = module.init_train_state(key, nets, optax.adam(args.learning_rate), STATE + GOAL, ACTION)
         return state["params"], module.buffer_init(args.replay_size, args.num_envs, STATE + GOAL, ACTION, GOAL)
+    if name == "gcbc":
+        args = gcbc.resolve(gcbc.parse_args(argv_of(name, dataset)), ("reacher",))
+        params = {"actor": gcbc.build_networks(args, ACTION, STATE).init(key, jnp.zeros((1, STATE + GOAL)))}
+        return params, gcbc.buffer_init(args.replay_size, args.num_envs, STATE, ACTION)
     if name == "offline_crl":
         args = offline_crl.parse_args(argv_of(name, dataset))
         sa, g, actor = offline_crl.make_networks(args, ACTION)
