@@ -1337,7 +1337,7 @@ if __name__ == "__main__":
         val_data = device_dataset(val_dataset) if val_dataset is not None else None
         validation_metrics = make_validation(policy, dims, args)
         epoch_body = lambda c, d: offline_epoch(c, d, policy, optimizer, dims, args, num_train_steps)
-        env_steps_per_epoch = 0
+        env_steps_per_epoch = num_train_steps  # offline: env_steps counts SGD steps (as offline_crl.py), for curves
     epoch_inputs = (data,) if args.mode == "offline" else ()
     start_epoch, env_steps, wall_offset = 0, 0, 0.0
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile

@@ -497,6 +497,7 @@ def test_tiny_offline_run_on_an_ogbench_dataset_evaluates_ogbenchs_tasks(tmp_pat
     run = tmp_path / "run"
     rows = read_rows(run)
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["sgd_steps"] == 40
+    assert rows[1]["env_steps"] == 40 and rows[-1]["env_steps"] == 40  # offline: SGD steps, as offline_crl.py
     for r in rows[:-1]:  # offline_crl.py's OGBench metrics, and validation losses from the -val twin
         assert {f"eval/task{i}_success" for i in range(1, 6)} | {"eval/success", "eval/episode_length"} <= set(r)
         assert 0.0 <= r["eval/success"] <= 1.0 and r["eval/episode_length"] <= 20
