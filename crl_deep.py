@@ -359,23 +359,43 @@ def energy(sa_repr, g_repr, kind: str):
     return energy_rowwise(sa_repr[:, None, :], g_repr[None, :, :], kind)
 
 
+PAIRWISE_CHUNK = 16  # rows per chunk of pairwise_sq_dist: a [16, C, D] product stays in cache
+
+
+def _chunked_rows(fn, *arrays):
+    """fn(*chunks) over chunks of PAIRWISE_CHUNK rows of the arrays (one lax.map), results concatenated:
+    the [chunk, C, D] intermediates stay in cache instead of one stored [B, C, D] tensor."""
+    n = arrays[0].shape[0]
+    chunk = math.gcd(n, PAIRWISE_CHUNK)
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(a.reshape(n // chunk, chunk, *a.shape[1:]) for a in arrays))
+    return out.reshape(n, *out.shape[2:])
+
+
+def _pairwise_sq_dist_value(x, y):
+    return _chunked_rows(lambda rows: jnp.sum((rows[:, None, :] - y[None, :, :]) ** 2, axis=-1), x)
+
+
 @jax.custom_vjp
 def pairwise_sq_dist(x, y):
     """[B, D] x [C, D] -> [B, C]: sum_k (x[i, k] - y[j, k])^2, taken on the differences."""
-    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)
+    return _pairwise_sq_dist_value(x, y)
 
 
 def _pairwise_sq_dist_fwd(x, y):
-    return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1), (x, y)
+    return _pairwise_sq_dist_value(x, y), (x, y)
 
 
 def _pairwise_sq_dist_bwd(residuals, grad):
-    """The gradient autodiff takes, but each input's sum over the other runs along the last-but-one axis
-    with the differences recomputed inside it: autodiff stores [B, C, D] and sums one input's part
-    along the first axis, 3-5x slower on CPU (bench/RESULTS.md)."""
+    """The gradient autodiff takes, 2 sum_j g[i, j] (x[i] - y[j]) and 2 sum_i g[i, j] (y[j] - x[i]),
+    each summed along the last-but-one axis of a chunk's product: autodiff stores [B, C, D] and sums
+    one input's part along the first axis, 2.5-3.5x slower on CPU (bench/RESULTS.md)."""
     x, y = residuals
-    grad_x = 2 * jnp.sum(grad[:, :, None] * (x[:, None, :] - y[None, :, :]), axis=1)
-    grad_y = 2 * jnp.sum(grad.T[:, :, None] * (y[:, None, :] - x[None, :, :]), axis=1)
+
+    def weighted_differences(g, a, b):
+        return 2 * jnp.sum(g[:, :, None] * (a[:, None, :] - b[None, :, :]), axis=1)
+
+    grad_x = _chunked_rows(lambda g, a: weighted_differences(g, a, y), grad, x)
+    grad_y = _chunked_rows(lambda g, b: weighted_differences(g, b, x), grad.T, y)
     return grad_x, grad_y
 
 

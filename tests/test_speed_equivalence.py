@@ -148,13 +148,15 @@ def test_sgd_step_losses_and_gradients_match_reference(depth, remat, scan_unroll
 
 @pytest.mark.parametrize("kind", ["l2", "l2_squared"])
 @pytest.mark.parametrize("spread", [1.0, 1e-3], ids=["random", "all_alike"])
-def test_energy_matrix_gradient_matches_autodiff_of_differences(kind, spread):
+@pytest.mark.parametrize("rows, cols", [(32, 32), (20, 7)], ids=["32x32", "20x7"])
+def test_energy_matrix_gradient_matches_autodiff_of_differences(kind, spread, rows, cols):
     """`energy`'s hand-written backward (pairwise_sq_dist) against autodiff of the [B, B, D] form,
-    including the case where every representation is alike (as at init) and x.y forms would cancel."""
+    including the case where every representation is alike (as at init) and x.y forms would cancel,
+    and sizes that are not multiples of its chunk of rows."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
     base = 3 * jax.random.normal(k1, (1, 24))
-    x, y = base + spread * jax.random.normal(k2, (32, 24)), base + spread * jax.random.normal(k3, (32, 24))
-    weights = jax.random.normal(k1, (32, 32))
+    x, y = base + spread * jax.random.normal(k2, (rows, 24)), base + spread * jax.random.normal(k3, (cols, 24))
+    weights = jax.random.normal(k1, (rows, cols))  # 20 rows: chunks of 4; 7: chunks of 1
 
     def loss(energy_fn, a, b):
         return jnp.sum(weights * energy_fn(a, b))
