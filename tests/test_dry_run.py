@@ -269,3 +269,21 @@ def test_dense_flops_and_tree_bytes_by_hand():
     assert crl_deep.tree_size(params) == 12 + 4 + 32 + 8 + 8
     shapes = {"a": jax.ShapeDtypeStruct((5, 3), jnp.float32), "b": jax.ShapeDtypeStruct((7,), jnp.int8)}
     assert crl_deep.tree_bytes(shapes) == 5 * 3 * 4 + 7
+
+
+def test_dry_run_table_rows():
+    from tools import dry_run_table
+
+    ok = {
+        "args": {"depth": 64, "batch_size": 512, "remat": True},
+        "params_total": 12_920_000,
+        "flops_per_sgd_step": 47_990_000_000,
+        "buffer_bytes": 2**30,
+        "memory": {"argument_bytes": 3 * 2**29, "temp_bytes": 2**28},
+        "peak_bytes": 7 * 2**28,
+        "compile_seconds": 12.4,
+    }
+    failed = {"error": "XlaRuntimeError: out of memory", "args": {"depth": 1024, "batch_size": 256, "remat": False}}
+    rows = dry_run_table.table([ok, failed]).splitlines()
+    assert rows[2] == "| 64 | 512 | on | 12.92 | 47.99 | 1.00 | 1.50 | 0.25 | 1.75 | 12 |"
+    assert rows[3].startswith("| 1024 | 256 | off | failed: XlaRuntimeError: out of memory")

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                         f.write(json.dumps(report) + "\n")
     done = next((r for r in reports if "error" not in r), {})
     print(
-        f"`crl_deep.py --dry-run --env {args.env}` {' '.join(extra)}, backend {done.get('backend')} "
+        f"`{' '.join(['crl_deep.py --dry-run --env', args.env, *extra])}`: backend {done.get('backend')} "
         f"({done.get('device_kind')}, {done.get('device_count')} device(s)), jax {done.get('jax')}, "
         f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d', time.gmtime())}\n"
     )
