@@ -1186,9 +1186,13 @@ MEMORY_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
 
 def skip_compilation_cache():
     """Compile afresh even where JAX_COMPILATION_CACHE_DIR is set: an executable read back from the
-    persistent cache reports no aliased (donated) bytes, and its compile time is not one. Call it before
-    the process's first compile (jax decides once per process whether it uses the cache)."""
+    persistent cache reports no aliased (donated) bytes, and its compile time is not one. jax decides
+    once per process whether it uses the cache, so that decision is reset too (a program compiled
+    before this call, e.g. while building an env, has already made it)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
 
 
 def tree_size(tree) -> int:
