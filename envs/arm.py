@@ -33,18 +33,30 @@ position bias exceeds their gain, so those joints settle at 0.571 x (joints 3, 4
 (joints 5-7) the target, and nothing compensates gravity.
 
 `env.reset_to(q, qd, goal)` starts from a given physical state and goal (goldens, replays).
+
+Speed (docs/envs.md, "Throughput"): `step` runs the 25 `mjx.step` substeps itself instead of
+through brax's `pipeline_step`, and MJX's Newton line search as a while loop; both leave every
+number bit-identical to brax's path (tests/test_envs_arm.py checks it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import xml.etree.ElementTree as ElementTree
 
 import jax
 import jax.numpy as jnp
 import mujoco
+from brax.base import Motion, Transform
 from brax.envs.base import PipelineEnv, State
 from brax.io import mjcf
+from brax.mjx import base as brax_mjx_base
+from brax.mjx import pipeline as brax_mjx_pipeline
+from mujoco import mjx
+from mujoco.mjx._src import math as mjx_math
+from mujoco.mjx._src import solver as mjx_solver
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "arm.xml")
 N_FRAMES = 25  # substeps of 0.002 s per action: control dt 0.05 s
@@ -86,6 +98,85 @@ def load_model(task: str) -> mujoco.MjModel:
             if pair.get("geom2").startswith("wall_"):
                 contact.remove(pair)
     return mujoco.MjModel.from_xml_string(ElementTree.tostring(root, encoding="unicode"))
+
+
+def _line_search_loop_until_all_done(cond_fun, body_fun, init_val, max_iter):
+    """Stand-in for MJX 3.2.6's `solver._while_loop_scan`, the loop of its Newton line search.
+
+    MJX runs that loop as a scan of `max_iter` (12) steps, each a `lax.cond` that skips the body
+    once `cond_fun` is false. Vmapped over envs, a cond on a per-env flag becomes a select that
+    computes the body anyway, so every env pays all 12 iterations. This while loop runs the body
+    while `cond_fun` holds, at most `max_iter` times: the same iterations per env, hence the same
+    numbers, and vmapped it stops as soon as every env's search is done. (Unlike the scan it is
+    not reverse-mode differentiable; nothing here differentiates through the physics.)"""
+    unconverged = True if _SOLVER_UNCONVERGED[-1] is None else _SOLVER_UNCONVERGED[-1]
+    keep_going = lambda carry: cond_fun(carry[0]) & (carry[1] < max_iter) & unconverged
+    return jax.lax.while_loop(keep_going, lambda carry: (body_fun(carry[0]), carry[1] + 1), (init_val, 0))[0]
+
+
+# While a Newton iteration's line search is traced: whether the env's solve is still running.
+_SOLVER_UNCONVERGED: list = [None]
+
+
+def _line_search_of_unconverged_envs(m, d, ctx):
+    """MJX's `solver._linesearch`, told whether this env's Newton solve has already stopped.
+
+    Vmapped, MJX's Newton while loop runs its body for every env until the last one stops and
+    keeps the result only for envs still iterating (a select). The envs that have stopped still
+    run their line search, often all 12 iterations (their search direction is ~0, so no exit
+    test passes), which holds the whole batch to 12. Their result is thrown away, so stopping
+    their line search at once changes no number. `converged` is MJX's own stopping test of
+    `solver.solve` (iterations, improvement, gradient), evaluated on the same context."""
+    if m.opt.iterations == 1:  # MJX then runs one body without testing
+        return _ORIGINAL_LINESEARCH(m, d, ctx)
+    improvement = mjx_solver._rescale(m, ctx.prev_cost - ctx.cost)
+    gradient = mjx_solver._rescale(m, mjx_math.norm(ctx.grad))
+    converged = ctx.solver_niter >= m.opt.iterations
+    converged |= improvement < m.opt.tolerance
+    converged |= gradient < m.opt.tolerance
+    _SOLVER_UNCONVERGED.append(~converged)
+    try:
+        return _ORIGINAL_LINESEARCH(m, d, ctx)
+    finally:
+        _SOLVER_UNCONVERGED.pop()
+
+
+_ORIGINAL_LINESEARCH = mjx_solver._linesearch
+
+
+@contextlib.contextmanager
+def _line_search_as_while_loop():
+    """While tracing inside this block, MJX's line search uses the two stand-ins above. It swaps
+    the module attributes only for the duration of the trace, so other MJX users keep MJX's own."""
+    original_loop, original_linesearch = mjx_solver._while_loop_scan, mjx_solver._linesearch
+    mjx_solver._while_loop_scan = _line_search_loop_until_all_done
+    mjx_solver._linesearch = _line_search_of_unconverged_envs
+    try:
+        yield
+    finally:
+        mjx_solver._while_loop_scan, mjx_solver._linesearch = original_loop, original_linesearch
+
+
+_MJX_DATA_FIELDS = tuple(field.name for field in dataclasses.fields(mjx.Data))
+
+
+def _to_mjx_data(pipeline_state: brax_mjx_base.State) -> mjx.Data:
+    """The plain mjx.Data inside brax's MJX State (its contact without brax's two extra fields)."""
+    contact = pipeline_state.contact
+    contact_fields = {k: v for k, v in contact.__dict__.items() if k not in ("link_idx", "elasticity")}
+    fields = {name: getattr(pipeline_state, name) for name in _MJX_DATA_FIELDS}
+    return mjx.Data(**{**fields, "contact": mjx.Contact(**contact_fields)})
+
+
+def _to_brax_state(sys, data: mjx.Data) -> brax_mjx_base.State:
+    """brax's MJX State for `data`, built the way brax's `mjx.pipeline.step` builds it after each
+    substep (q, qd, link transforms x, link velocities xd, contact with link ids)."""
+    x = Transform(pos=data.xpos[1:], rot=data.xquat[1:])
+    cvel = Motion(vel=data.cvel[1:, 3:], ang=data.cvel[1:, :3])
+    offset = data.xpos[1:, :] - data.subtree_com[sys.body_rootid[1:]]
+    xd = Transform.create(pos=offset).vmap().do(cvel)
+    data = brax_mjx_pipeline._reformat_contact(sys, data)
+    return brax_mjx_base.State(q=data.qpos, qd=data.qvel, x=x, xd=xd, **data.__dict__)
 
 
 class ArmEnv(PipelineEnv):
@@ -151,6 +242,19 @@ class ArmEnv(PipelineEnv):
         metrics = self._metrics(obs)
         state.metrics.update(metrics)
         return state.replace(pipeline_state=pipeline_state, obs=obs, reward=metrics["success"])
+
+    def pipeline_step(self, pipeline_state: brax_mjx_base.State, action: jax.Array) -> brax_mjx_base.State:
+        """N_FRAMES substeps of `mjx.step` with the controls held: brax's `pipeline_step`, less two
+        costs that change no number. brax rebuilds its State (x, xd, contact link ids) after every
+        substep; only the last one is read, so it is built once. And MJX's line search runs as a
+        while loop that stops once every env still solving is done (see `_line_search_as_while_loop`),
+        which skips iterations vmapped envs would otherwise compute and discard.
+        `PipelineEnv.pipeline_step(env, ...)` is brax's path (bench/envs.py --compare-brax-step
+        times both)."""
+        data = _to_mjx_data(pipeline_state).replace(ctrl=action)
+        with _line_search_as_while_loop():
+            data = jax.lax.scan(lambda d, _: (mjx.step(self.sys, d), None), data, (), self._n_frames)[0]
+        return _to_brax_state(self.sys, data)
 
     def _control(self, action: jax.Array) -> jax.Array:
         """Actions -> the 9 actuator controls (joints 1-7, both fingers), held for all substeps."""
