@@ -388,7 +388,7 @@ def _pairwise_sq_dist_fwd(x, y):
 def _pairwise_sq_dist_bwd(residuals, grad):
     """The gradient autodiff takes, 2 sum_j g[i, j] (x[i] - y[j]) and 2 sum_i g[i, j] (y[j] - x[i]),
     each summed along the last-but-one axis of a chunk's product: autodiff stores [B, C, D] and sums
-    one input's part along the first axis, 2.5-3.5x slower on CPU (bench/RESULTS.md)."""
+    one input's part along the first axis: 2-4x the CPU time (docs/performance.md)."""
     x, y = residuals
 
     def weighted_differences(g, a, b):
