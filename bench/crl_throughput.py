@@ -2,6 +2,10 @@
 
     python bench/crl_throughput.py                          # depths 4 16 64 256 1024, width/batch 256
     python bench/crl_throughput.py --depths 4 64 --sgd-steps 5
+    taskset -c 1 python bench/crl_throughput.py --depths 16 --variants scan no_adam no_layer_norm relu dot_energy \
+        --no-whole-loop                                     # where the step's time goes (breakdown line)
+    taskset -c 1 python bench/crl_throughput.py --energy-check      # the L2 energy matrix three ways
+    python bench/crl_throughput.py --memory-depths 4 64 1024        # XLA's compiled memory analysis
 
 Per depth and network variant (scan = crl_deep's default build, remat = --remat, save_all = the scan
 keeping every intermediate for the backward pass (crl_deep's build before it recomputed LayerNorm/swish),
@@ -15,6 +19,9 @@ crl_deep.train_epoch on reacher (collect + insert + sample + SGD) at the paper's
 ratio (~40 env steps per SGD step) and reports env steps/s of that loop, its compile seconds and
 XLA's memory estimate, and start-to-first-update (init, overlapped with the compile as crl_deep
 does it, + compile + first SGD step; init_s and first_step_s are also given).
+
+Besides wall-clock rates it reports steps per CPU second of its own process: pinned to one core on a
+shared machine, that is the step's cost whatever else runs (see docs/performance.md).
 
 FLOPs counted per SGD step (dense layers only, 2*B*in*out per forward layer): critic update =
 3 x (phi + psi) forward (forward + input and weight gradients); actor update = 3 x actor + phi
@@ -382,11 +389,11 @@ def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[
         times = {name: [] for name in fns}
         for _ in range(rounds):
             for name, f in fns.items():
-                start = time.perf_counter()
+                start = time.process_time()  # CPU seconds: robust to other processes on a shared core
                 for _ in range(10):
                     out = f(x, y)
                 jax.block_until_ready(out)
-                times[name].append((time.perf_counter() - start) / 10)
+                times[name].append((time.process_time() - start) / 10)
         for name, f in fns.items():
             value, grads = f(x, y)
             err = max(
@@ -399,7 +406,7 @@ def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[
                     "way": name,
                     "representations": "all alike (spread 1e-3)" if spread < 1 else "random",
                     "batch": b,
-                    "fwd_bwd_ms": round(1e3 * float(np.median(times[name])), 2),
+                    "fwd_bwd_cpu_ms": round(1e3 * float(np.median(times[name])), 2),
                     "loss_error": f"{abs(float(value) - float(truth[0])):.1e}",
                     "gradient_relative_error": f"{err:.1e}",
                 }
