@@ -121,6 +121,22 @@ def test_each_seed_equals_the_run_of_its_own_seed(runs):
     assert first[0]["training/critic_loss"] != pytest.approx(first[1]["training/critic_loss"], rel=1e-4)
 
 
+def test_evaluate_picks_one_seed_and_repeats_its_logged_evaluation(runs):
+    from tools.evaluate import evaluate
+
+    runs, _ = runs
+    with pytest.raises(ValueError, match="pick one with --run-seed"):
+        evaluate(str(runs / "two"))
+    with pytest.raises(ValueError, match="is not one of the run's seeds"):
+        evaluate(str(runs / "two"), run_seed=SEED + 2)
+    logged = {m["seed"]: m for m in _lines(runs / "two")[:-1] if m["epoch"] == 2}
+    for seed in (SEED, SEED + 1):
+        got = evaluate(str(runs / "two"), run_seed=seed)
+        assert got["epoch"] == 2 and got["same_as_run"] and got["run_seed"] == seed
+        assert got["eval/episode_success"] == logged[seed]["eval/episode_success"]
+        assert got["eval/episode_dist"] == pytest.approx(logged[seed]["eval/episode_dist"], rel=1e-5)
+
+
 def test_checkpoint_and_buffers_hold_every_seed(runs):
     import crl_deep
 

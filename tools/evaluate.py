@@ -3,6 +3,7 @@
     python -m tools.evaluate runs/<run>                              # the run's eval env, its own key
     python -m tools.evaluate runs/<run> --env ant_big_maze_eval --episodes 256
     python -m tools.evaluate runs/<run> --video figures/rollout.mp4
+    python -m tools.evaluate runs/<run> --run-seed 1                 # one seed of a --num-seeds run
 
 Loads the latest checkpoint of a run made by any training script (`config.json` names it:
 crl_deep, sac_her, td3_her, gcbc, offline_crl, qrl) through that script's own `load_checkpoint`, rebuilds
@@ -65,8 +66,11 @@ def run_script(run_path: str) -> str:
     return script
 
 
-def load_policy(run_path: str) -> Policy:
-    """The run's latest checkpoint as a policy; ValueError with one line if it cannot be loaded."""
+def load_policy(run_path: str, run_seed: int | None = None) -> Policy:
+    """The run's latest checkpoint as a policy; ValueError with one line if it cannot be loaded.
+
+    A `--num-seeds N` run of crl_deep.py holds N agents stacked on a leading axis: `run_seed` picks
+    one (seed S of the run is what a run of `--seed S` alone would be, its evaluation key included)."""
     run_path = os.path.normpath(run_path)
     if not os.path.isdir(run_path):
         raise ValueError(f"{run_path}: not a directory")
@@ -80,6 +84,18 @@ def load_policy(run_path: str) -> Policy:
         raise ValueError(f"{run_path}: no readable checkpoint ({e})") from None
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
+    params = ckpt["params"]["actor"]
+    num_seeds = getattr(args, "num_seeds", 1)
+    seeds = range(args.seed, args.seed + num_seeds)
+    if num_seeds > 1 and run_seed is None:
+        raise ValueError(f"{run_path}: a run of {num_seeds} seeds ({seeds[0]}..{seeds[-1]}); pick one with --run-seed")
+    if run_seed is not None and run_seed not in seeds:
+        raise ValueError(f"{run_path}: --run-seed {run_seed} is not one of the run's seeds {list(seeds)}")
+    if num_seeds > 1:  # one agent of the stack, evaluated as the single-seed run of its seed
+        import jax
+
+        params = jax.tree_util.tree_map(lambda x: x[run_seed - args.seed], params)
+        args = dataclasses.replace(args, seed=run_seed, num_seeds=1)
     act = POLICY_BUILDERS[script](module, args)
     return Policy(
         run_path=run_path,
@@ -87,7 +103,7 @@ def load_policy(run_path: str) -> Policy:
         module=module,
         args=args,
         act=act,
-        params=ckpt["params"]["actor"],
+        params=params,
         epoch=int(ckpt["epoch"]),
         env_steps=int(ckpt.get("env_steps", 0)),
     )
@@ -201,6 +217,7 @@ def evaluate(
     episodes: int | None = None,
     seed: int | None = None,
     video: str | None = None,
+    run_seed: int | None = None,
 ) -> dict:
     """The paper's metrics of the run's deterministic policy, named as in metrics.jsonl (`eval/...`)."""
     import jax
@@ -209,7 +226,7 @@ def evaluate(
 
     if episodes is not None and episodes < 1:
         raise ValueError("--episodes must be >= 1")
-    policy = load_policy(run_path)
+    policy = load_policy(run_path, run_seed)
     setup = run_eval_setup(policy)
     own = env_id is None and episodes is None and seed is None
     env_id = env_id or setup["env"]
@@ -256,6 +273,8 @@ def evaluate(
         out["episode_length"] = length
         if video:
             out["video"] = render_video(policy, env, key, episodes, length, video)
+    if run_seed is not None:
+        out["run_seed"] = run_seed
     out["same_as_run"] = own  # True: the evaluation the run logged for this epoch, repeated
     out.update({f"eval/{k}": float(v) for k, v in metrics.items()})
     return out
@@ -324,6 +343,9 @@ def main(argv=None) -> int:
         default=None,
         help="evaluation key PRNGKey(SEED); default: the key the run used for this epoch",
     )
+    parser.add_argument(
+        "--run-seed", type=int, default=None, help="which seed of a --num-seeds run to evaluate (required there)"
+    )
     parser.add_argument("--video", default=None, help="also render the best evaluated episode (.mp4 or .gif)")
     args = parser.parse_args(argv)
     if args.video:  # the OpenGL backend must be chosen before anything imports mujoco
@@ -335,7 +357,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
-        result = evaluate(args.run, args.env, args.episodes, args.seed, args.video)
+        result = evaluate(args.run, args.env, args.episodes, args.seed, args.video, args.run_seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
