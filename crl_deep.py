@@ -739,6 +739,21 @@ def per_seed(fn, mesh: Mesh):
     return shard_map(jax.vmap(fn), mesh=mesh, in_specs=by_seed, out_specs=by_seed, check_rep=False)
 
 
+def carry_builder(env, nets: Networks, optimizers: Optimizers, args: Args, dims: Dims):
+    """(k_init, k_reset, key) -> the initial carry {"train_state", "buffer", "env_state", "key"}; with
+    --num-seeds > 1 vmapped: stacked keys from `seed_keys` in, one carry per seed along a leading axis."""
+
+    def make_carry(k_init, k_reset, key):
+        return {
+            "train_state": init_train_state(k_init, nets, optimizers, args, dims),
+            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
+            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
+            "key": key,
+        }
+
+    return jax.vmap(make_carry) if args.num_seeds > 1 else make_carry
+
+
 def compile_epoch(carry_shapes, shardings, mesh: Mesh, env, nets: Networks, optimizers: Optimizers, args: Args, dims):
     """The whole epoch as one XLA program, compiled from shapes alone, its carry donated (updated in place).
 
@@ -1507,21 +1522,12 @@ def dry_run(args: Args) -> dict:
     optimizers = make_optimizers(args)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
 
-    def make_carry(key):
-        k_init, k_reset, key = jax.random.split(key, 3)
-        return {
-            "train_state": init_train_state(k_init, nets, optimizers, args, dims),
-            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
-            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
-            "key": key,
-        }
-
-    carry_shapes = jax.eval_shape(make_carry, jax.random.PRNGKey(args.seed))
-    params = carry_shapes["train_state"]["params"]  # of one agent (parameters and FLOPs are per seed)
-    if args.num_seeds > 1:  # the program of a --num-seeds run: every seed's carry, stacked
-        carry_shapes = jax.eval_shape(
-            jax.vmap(make_carry), jax.random.split(jax.random.PRNGKey(args.seed), args.num_seeds)
-        )
+    key, k_init, k_reset, _ = seed_keys(args)
+    carry_shapes = jax.eval_shape(carry_builder(env, nets, optimizers, args, dims), k_init, k_reset, key)
+    # parameters and FLOPs are per agent: with --num-seeds, one seed's slice of the stacked params
+    params = carry_shapes["train_state"]["params"]
+    if args.num_seeds > 1:
+        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
     shardings = carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
     compile_start = time.time()
     compiled = compile_epoch(carry_shapes, shardings, mesh, stepper, nets, optimizers, args, dims)
@@ -1567,17 +1573,7 @@ if __name__ == "__main__":
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     env_steps_per_epoch = train_steps_per_epoch(args) * args.num_envs * args.unroll_length
     key, k_init, k_reset, k_eval_base = seed_keys(args)  # [num_seeds, 2] each with --num-seeds > 1
-
-    def make_carry(k_init, k_reset, key):
-        return {
-            "train_state": init_train_state(k_init, nets, optimizers, args, dims),
-            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
-            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
-            "key": key,
-        }
-
-    if args.num_seeds > 1:  # one carry per seed, stacked along a leading seed axis
-        make_carry = jax.vmap(make_carry)
+    make_carry = carry_builder(env, nets, optimizers, args, dims)
     carry_shapes = jax.eval_shape(make_carry, k_init, k_reset, key)
     shardings = carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
     initial_carry = jax.jit(make_carry, out_shardings=shardings)  # built in place, split over devices
