@@ -64,6 +64,10 @@ class Args:
     without it only the blocks' matmul outputs are kept and LayerNorm/swish are recomputed"""
     scan_unroll: int = 1
     """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
+    matmul_precision: Literal["default", "float32", "bfloat16"] = "default"
+    """default: jax's own float32 matmuls (float32 on CPU, TensorFloat32 on NVIDIA Ampere/Hopper GPUs);
+    float32: full float32 on every backend; bfloat16: the towers' Dense layers compute in bfloat16
+    (params, LayerNorm, heads and losses stay float32; docs/gpu.md)"""
     repr_dim: int = 512
     """size of the representations phi(s, a) and psi(g)"""
     batch_size: int = 1024
@@ -254,6 +258,12 @@ def activation_fn(name: str):
     return {"swish": nn.swish, "relu": nn.relu}[name]
 
 
+def layer_norm_dtype(dense_dtype):
+    """LayerNorm's output dtype: inferred as always when the Dense layers compute in float32 (dense_dtype
+    None); float32 when they compute in bfloat16, so its statistics and the residual stream stay float32."""
+    return None if dense_dtype is None else jnp.float32
+
+
 class ResidualBlock(nn.Module):
     """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add).
 
@@ -265,14 +275,15 @@ class ResidualBlock(nn.Module):
     width: int
     layer_norm: bool
     activation: str
+    dtype: Optional[type] = None  # the Dense layers' compute dtype (None: that of the float32 params)
 
     @nn.compact
     def __call__(self, x, _):
         h = x
         for _ in range(4):
-            h = nn.Dense(self.width, kernel_init=kernel_init)(h)
+            h = nn.Dense(self.width, kernel_init=kernel_init, dtype=self.dtype)(h)
             if self.layer_norm:
-                h = nn.LayerNorm()(h)
+                h = nn.LayerNorm(dtype=layer_norm_dtype(self.dtype))(h)
             h = activation_fn(self.activation)(h)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "residual_norm", jnp.mean(jnp.linalg.norm(h, axis=-1)))
@@ -280,7 +291,11 @@ class ResidualBlock(nn.Module):
 
 
 class Tower(nn.Module):
-    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params."""
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params.
+
+    dtype: the compute dtype of every Dense of the tower (jnp.bfloat16 with --matmul-precision bfloat16:
+    inputs and kernels cast to it, the parameters and the optimizer state stay float32); LayerNorm, the
+    residual stream and the output stay float32. None builds exactly the float32 tower."""
 
     depth: int
     width: int
@@ -288,13 +303,16 @@ class Tower(nn.Module):
     activation: str = "swish"
     remat: bool = False
     scan_unroll: int = 1
+    dtype: Optional[type] = None
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.width, kernel_init=kernel_init)(x)
+        x = nn.Dense(self.width, kernel_init=kernel_init, dtype=self.dtype)(x)
         if self.layer_norm:
-            x = nn.LayerNorm()(x)
+            x = nn.LayerNorm(dtype=layer_norm_dtype(self.dtype))(x)
         x = activation_fn(self.activation)(x)
+        if self.dtype is not None:  # without LayerNorm the activation is still bfloat16
+            x = x.astype(jnp.float32)
         # Backward-pass memory: from two blocks up, by default keep only the matmul outputs of each
         # block and recompute LayerNorm/swish from them (cheap elementwise work; on CPU faster from
         # depth 16 up than saving every intermediate, which the scan must stack per block). A single
@@ -313,13 +331,24 @@ class Tower(nn.Module):
             length=self.depth // 4,
             unroll=self.scan_unroll,
         )
-        x, _ = blocks(self.width, self.layer_norm, self.activation, name="blocks")(x, None)
+        x, _ = blocks(self.width, self.layer_norm, self.activation, self.dtype, name="blocks")(x, None)
         return x
 
 
 def make_tower(args, depth: int) -> Tower:
-    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll)."""
-    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll)
+    """A tower of `depth` built as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll,
+    --matmul-precision)."""
+    dtype = jnp.bfloat16 if args.matmul_precision == "bfloat16" else None
+    return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll, dtype)
+
+
+def apply_matmul_precision(args):
+    """--matmul-precision float32: jax computes every float32 matmul of the process in full float32 (its
+    default on NVIDIA Ampere/Hopper GPUs is TensorFloat32; on CPU it is float32 anyway). Called once the
+    args are checked, before the networks are traced. "default" and "bfloat16" leave jax's setting alone
+    (bfloat16 is the towers' Dense dtype, see make_tower)."""
+    if args.matmul_precision == "float32":
+        jax.config.update("jax_default_matmul_precision", "float32")
 
 
 # --- end shared block: tower ---
@@ -1196,6 +1225,7 @@ def dry_run(args: Args) -> dict:
     """--dry-run: the epoch a real run would compile (from shapes, same donation), its costs printed as
     one JSON line (dry_run_report). The dataset is read and checked as in a real run, but kept on the host."""
     skip_compilation_cache()
+    apply_matmul_precision(args)
     dataset, _, goal_indices, _ = load_inputs(args)
     alpha = default_alpha(args.env) if args.alpha is None else args.alpha
     discount = default_discount(args.env) if args.discount is None else args.discount
@@ -1238,6 +1268,7 @@ def dry_run(args: Args) -> dict:
 if __name__ == "__main__":
     args = parse_args()
     check_args(args)
+    apply_matmul_precision(args)
     if args.dry_run:  # compile, print the costs, exit: no run folder
         dry_run(args)
         sys.exit(0)
