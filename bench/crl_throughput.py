@@ -9,7 +9,8 @@
 
 Per depth and network variant (scan = crl_deep's default build, remat = --remat, save_all = the scan
 keeping every intermediate for the backward pass (crl_deep's build before it recomputed LayerNorm/swish),
-unrollN = --scan-unroll N, loop = residual blocks as a plain Python loop, as in the paper's code) it
+unrollN = --scan-unroll N, loop = residual blocks as a plain Python loop, as in the paper's code,
+bfloat16 = the default build with --matmul-precision bfloat16) it
 prints the compile seconds and the rate of the jitted SGD step (fixed batch: only the networks
 are measured), timed in `rounds` rounds interleaved across the variants of a depth so that load from
 elsewhere hits them alike (median and best round), the achieved GFLOP/s of the dense layers and the
@@ -73,10 +74,12 @@ class BenchArgs:
             "relu",
             "dot_energy",
             "autodiff_energy",
+            "bfloat16",
         ]
-    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
+    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop", "bfloat16"])
     """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
-    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks.
+    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks,
+    bfloat16 = the default build with --matmul-precision bfloat16 (the towers' Dense layers in bfloat16).
     Profiling by subtraction (other math, timed only to see what a part costs): no_adam = plain SGD
     instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the [B, B] dot product instead of
     the L2 energy's [B, B, D] differences. autodiff_energy = the default with the energy matrix's gradient
@@ -90,6 +93,8 @@ class BenchArgs:
     only), for every --memory-batches and with and without --remat"""
     memory_batches: list[int] = field(default_factory=lambda: [256, 512])
     """batch sizes of the memory analysis"""
+    memory_precisions: list[Literal["default", "bfloat16"]] = field(default_factory=lambda: ["default", "bfloat16"])
+    """--matmul-precision values of the memory analysis"""
     loop_max_depth: int = 64
     """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
     sgd_steps: int = 10
@@ -131,6 +136,11 @@ def scan_unroll(variant: str, depth: int) -> int:
     if variant.startswith("unroll"):
         return int(variant[len("unroll") :])
     return C.Args(depth=depth).scan_unroll
+
+
+def matmul_precision(variant: str) -> str:
+    """--matmul-precision of a variant: bfloat16 for the bfloat16 variant, crl_deep's default otherwise."""
+    return "bfloat16" if variant == "bfloat16" else C.Args().matmul_precision
 
 
 def build(variant: str, depth: int, width: int, dims: C.Dims, args: C.Args) -> C.Networks:
@@ -229,6 +239,7 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         layer_norm=variant != "no_layer_norm",
         activation="relu" if variant == "relu" else "swish",
         energy="dot" if variant == "dot_energy" else "l2",
+        matmul_precision=matmul_precision(variant),
     )
     nets = build(variant, depth, bench.width, dims, args)
     key = jax.random.PRNGKey(0)
@@ -414,9 +425,9 @@ def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[
     return lines
 
 
-def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims: C.Dims) -> dict:
+def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims: C.Dims, precision: str) -> dict:
     """XLA's memory analysis of the jitted SGD step (train state donated, as in crl_deep's epoch)."""
-    args = C.Args(depth=depth, width=bench.width, batch_size=batch_size, remat=remat)
+    args = C.Args(depth=depth, width=bench.width, batch_size=batch_size, remat=remat, matmul_precision=precision)
     nets = C.build_networks(args, 0, 0, dims.action_size)
     optimizers = C.make_optimizers(args)
     key = jax.random.PRNGKey(0)
@@ -438,6 +449,7 @@ def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims:
         "depth": depth,
         "batch": batch_size,
         "remat": remat,
+        "precision": precision,
         "params": C.count_params(state["params"]),
         "compile_s": round(compile_s, 1),
         "argument_mib": round(memory.argument_size_in_bytes / mib, 1),
@@ -473,6 +485,7 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
         episode_length=1000,
         remat=variant == "remat",
         scan_unroll=scan_unroll(variant, depth),
+        matmul_precision=matmul_precision(variant),
     )
     nets = C.build_networks(args, 0, 0, dims.action_size)
     key = jax.random.PRNGKey(0)
@@ -532,7 +545,8 @@ if __name__ == "__main__":
     for depth in bench.memory_depths:
         for batch_size in bench.memory_batches:
             for remat in (False, True):
-                print(json.dumps(sgd_memory(depth, batch_size, remat, bench, dims)), flush=True)
+                for precision in bench.memory_precisions:
+                    print(json.dumps(sgd_memory(depth, batch_size, remat, bench, dims, precision)), flush=True)
     if bench.memory_depths:
         sys.exit(0)
     peak_line = matmul_peak()
