@@ -1200,6 +1200,7 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
             "args": dataclasses.asdict(args),
             **(extra_config or {}),
             "versions": versions(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "git_commit": git_commit(),
         }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
@@ -1526,6 +1527,7 @@ def dry_run_report(
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **(extra or {}),
         "args": dataclasses.asdict(args),
     }
@@ -1635,10 +1637,9 @@ if __name__ == "__main__":
     for epoch in log.epochs:
         epoch_start = time.time()
         carry, train_metrics = epoch_fn(carry)
+        train_metrics = seed_rows(train_metrics)  # a dict of floats per seed; waits for the epoch to finish
         epoch_seconds = time.time() - epoch_start
         env_steps += env_steps_per_epoch  # per seed
-        # a dict of floats per seed (one with --num-seeds 1)
-        train_metrics = seed_rows(train_metrics)
         for i, seed_metrics in enumerate(train_metrics):
             log.check_finite(seed_metrics, epoch, args.seed + i if args.num_seeds > 1 else None)
         eval_metrics = evaluate_policy(carry["train_state"]["params"]["actor"], eval_key(k_eval_base, epoch))

@@ -885,6 +885,7 @@ def open_run(args, extra_config: Optional[dict] = None) -> str:
             "args": dataclasses.asdict(args),
             **(extra_config or {}),
             "versions": versions(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "git_commit": git_commit(),
         }
         write_atomic(os.path.join(path, "config.json"), json.dumps(config, indent=2).encode())
@@ -1211,6 +1212,7 @@ def dry_run_report(
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **(extra or {}),
         "args": dataclasses.asdict(args),
     }

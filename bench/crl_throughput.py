@@ -76,7 +76,7 @@ class BenchArgs:
             "autodiff_energy",
             "bfloat16",
         ]
-    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop", "bfloat16"])
+    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
     """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
     saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks,
     bfloat16 = the default build with --matmul-precision bfloat16 (the towers' Dense layers in bfloat16).
@@ -205,6 +205,7 @@ def matmul_peak() -> dict:
         "peak_gflops": round(max(big, small), 1),
         "devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -90,6 +90,7 @@ def test_tiny_run_writes_config_metrics_checkpoint_buffer(reference_run):
     config = json.loads((reference_run / "config.json").read_text())
     assert config["script"] == "crl_deep" and config["args"]["depth"] == 8
     assert {"jax", "jaxlib", "flax", "optax", "brax", "mujoco", "python"} <= set(config["versions"])
+    assert config["xla_flags"] == _env().get("XLA_FLAGS", "")  # recorded for reproducibility
     lines = _lines(reference_run)
     assert [m.get("epoch") for m in lines[:-1]] == [0, 1, 2] and lines[-1]["summary"] is True
     assert [m["env_steps"] for m in lines[:-1]] == [160, 240, 320]

@@ -137,6 +137,7 @@ def test_dry_run_exits_0_prints_one_json_line_and_writes_nothing(dry_runs, name)
     assert memory["argument_bytes"] >= out["buffer_bytes"]  # the buffer (or dataset) is an argument
     assert out["flops_per_sgd_step"] > 0 and out["compile_seconds"] > 0
     assert out["params_total"] == sum(out["params"].values())
+    assert out["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # the XLA settings it planned under, recorded
 
 
 def tower_kernels(n_in, width, depth):
