@@ -844,6 +844,15 @@ def seed_keys(args: Args):
     return tuple(keys[0] if args.num_seeds == 1 else jnp.stack(keys, axis=1))
 
 
+def device_peak_memory(devices) -> dict:
+    """{"device_peak_bytes": the largest peak of bytes in use over `devices`} where the backend counts it
+    (GPU, TPU), else {} (jax's CPU devices report no memory stats): a run's real device memory, beside
+    the dry run's estimate."""
+    stats = [d.memory_stats() for d in devices]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return {"device_peak_bytes": max(peaks)} if peaks else {}
+
+
 def log_backend():
     """One stderr line naming the backend and devices, so a GPU run that fell back to the CPU is seen at once."""
     devices = ", ".join(f"{d} ({d.device_kind})" for d in jax.devices())
@@ -1654,6 +1663,7 @@ if __name__ == "__main__":
                 "sps": env_steps_per_epoch / epoch_seconds,
                 "epoch_seconds": epoch_seconds,
                 **({"compile_seconds": compile_seconds} if epoch == start_epoch else {}),
+                **device_peak_memory(jax.local_devices()),
                 **{f"training/{k}": v for k, v in train_metrics[i].items()},
                 **{f"eval/{k}": v for k, v in eval_metrics[i].items()},
             }

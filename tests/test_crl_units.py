@@ -335,3 +335,18 @@ def test_bad_input_fails_with_one_clear_line(change, devices, words):
 
 def test_default_args_pass_the_checks():
     C.check_args(C.Args(env="reacher"), ENV_IDS, 1)
+
+
+def test_device_peak_memory_reports_the_largest_peak_where_the_backend_counts_it():
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gpu = [Device({"peak_bytes_in_use": 5, "bytes_in_use": 1}), Device({"peak_bytes_in_use": 7})]
+    assert C.device_peak_memory(gpu) == {"device_peak_bytes": 7}
+    assert C.device_peak_memory([Device(None)]) == {}  # jax's CPU devices: no stats, no field
+    if jax.default_backend() == "cpu":
+        assert C.device_peak_memory(jax.devices()) == {}
