@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 import xml.etree.ElementTree as ElementTree
 
 import jax
@@ -57,6 +58,14 @@ from brax.mjx import pipeline as brax_mjx_pipeline
 from mujoco import mjx
 from mujoco.mjx._src import math as mjx_math
 from mujoco.mjx._src import solver as mjx_solver
+
+# MJX's convex collision (mujoco-mjx 3.2.6, collision_convex.py) writes `jp.finfo(float).max`, the float64
+# maximum, into float32 distances that are already infinite; when a step is compiled, jax casts that constant
+# to float32 (+inf, the value meant) and numpy warns "overflow encountered in cast" at every compile of an arm
+# step. The numbers are right, so that one warning, from jax's constant cast alone, is silenced.
+warnings.filterwarnings(
+    "ignore", message="overflow encountered in cast", category=RuntimeWarning, module=r"jax\._src\.interpreters\.xla"
+)
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "arm.xml")
 N_FRAMES = 25  # substeps of 0.002 s per action: control dt 0.05 s

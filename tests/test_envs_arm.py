@@ -8,6 +8,11 @@ module, for one batch size; `reset` is `reset_to(*sample_start(key))`); the othe
 checked through their models and start draws.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import mujoco
@@ -16,6 +21,8 @@ import pytest
 
 import envs
 from envs import arm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARM_IDS = ("arm_push_easy", "arm_push_hard", "arm_binpick_hard")
 NUM_ENVS = 4
@@ -312,3 +319,27 @@ def test_fast_step_equals_brax_pipeline_step(push_easy):
         np.testing.assert_array_equal(
             np.asarray(ours.pipeline_state.contact.link_idx[1]), np.asarray(theirs.pipeline_state.contact.link_idx[1])
         )
+
+
+FLOAT64_MAX_CAST = """
+import json, warnings, jax, jax.numpy as jnp
+{imports}
+where_inf = jax.jit(lambda x: jnp.where(jnp.isinf(x), jnp.finfo(float).max, x))  # MJX's collision pattern
+with warnings.catch_warnings(record=True) as caught:
+    out = where_inf(jnp.array([1.0, jnp.inf, 2.0]))
+    warnings.warn("overflow encountered in cast", RuntimeWarning, stacklevel=1)  # the same text from elsewhere
+print(json.dumps({{"messages": [str(w.message) for w in caught], "out": out.tolist()}}))
+"""
+
+
+@pytest.mark.parametrize("imports, shown", [("", 2), ("import envs.arm", 1)])
+def test_the_float64_max_cast_of_mjx_collision_is_silenced_by_envs_arm_and_nothing_else(imports, shown):
+    """MJX writes the float64 maximum into float32 distances (+inf once cast) and numpy warns at every compile
+    of an arm step; importing envs.arm silences that warning from jax's constant cast only. A fresh process,
+    since pytest installs its own warning filters in front of the module's."""
+    code = FLOAT64_MAX_CAST.format(imports=imports)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["messages"] == ["overflow encountered in cast"] * shown
+    assert result["out"] == [1.0, float("inf"), 2.0]  # the values are what MJX means
