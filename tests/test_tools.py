@@ -1,5 +1,6 @@
 """Figures and videos of tools/ from small run folders: curves, table, Q map, video."""
 
+import ast
 import dataclasses
 import json
 import os
@@ -250,6 +251,111 @@ def test_representation_and_residual_norm_figures(maze_run, tmp_path):
     for name in ("r.png", "n.png"):
         img = _image(str(tmp_path / name))
         assert img.shape[1] > 300 and img[..., :3].std() > 10
+
+
+# ---------------------------------------------------------------- --num-seeds runs: --run-seed
+
+
+@pytest.fixture(scope="module")
+def two_seed_run(tmp_path_factory):
+    """A `crl_deep.py --num-seeds 2 --seed 3` run folder (seeds 3 and 4) as its main loop checkpoints it:
+    every array stacked on a leading seed axis, from the script's own seed_keys, vmapped init_train_state
+    and save_checkpoint. Small fresh networks on ant_u_maze (a maze, for the Q map), in-process: a trained
+    run (tests/test_crl_seeds.py) costs 15-40 s more and the tools read its checkpoint the same way."""
+    import jax
+
+    import crl_deep
+    import envs
+
+    args = crl_deep.Args(env="ant_u_maze", depth=4, width=16, repr_dim=8, seed=3, num_seeds=2)
+    env = envs.make(args.env)
+    dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
+    nets = crl_deep.build_networks(args, env.observation_size, len(dims.goal_indices), dims.action_size)
+    key, k_init, _, _ = crl_deep.seed_keys(args)  # [2, 2] each: the keys of runs of --seed 3 and --seed 4
+    optimizers = crl_deep.make_optimizers(args)
+    train_state = jax.vmap(lambda k: crl_deep.init_train_state(k, nets, optimizers, args, dims))(k_init)
+    path = tmp_path_factory.mktemp("runs") / "two_seeds"
+    path.mkdir()
+    carry = {"train_state": train_state, "env_state": {}, "key": key}
+    crl_deep.save_checkpoint(str(path), args, crl_deep.checkpoint_state(carry), 0, 5678, 0.0)
+    (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": dataclasses.asdict(args)}))
+    return str(path)
+
+
+def _leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_load_agent_run_seed_is_that_seeds_slice_of_the_stack(two_seed_run):
+    import jax
+
+    import crl_deep
+    import envs
+    from tools import evaluate
+    from tools.agent import load_agent
+
+    env = envs.make("ant_u_maze")
+    stacked = crl_deep.load_checkpoint(two_seed_run)["params"]
+    assert _leaves(stacked)[0].shape[0] == 2
+    agents = {s: load_agent(two_seed_run, run_seed=s) for s in (3, 4)}
+    for i, (seed, agent) in enumerate(agents.items()):
+        assert (agent.args.seed, agent.args.num_seeds, agent.run_seed, agent.env_steps) == (seed, 1, seed, 5678)
+        assert agent.run_info == {"run": two_seed_run, "run_seed": seed} and f"seed {seed}" in agent.label
+        assert jax.tree_util.tree_structure(agent.params) == jax.tree_util.tree_structure(stacked)
+        for got, full in zip(_leaves(agent.params), _leaves(stacked)):
+            np.testing.assert_array_equal(got, full[i])
+        # the slice is what a run of --seed S alone starts from
+        alone = crl_deep.Args(env="ant_u_maze", depth=4, width=16, repr_dim=8, seed=seed)
+        dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
+        k_init = crl_deep.seed_keys(alone)[1]
+        single = crl_deep.init_train_state(k_init, agent.nets, crl_deep.make_optimizers(alone), alone, dims)["params"]
+        for got, want in zip(_leaves(agent.params), _leaves(single)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        # tools/evaluate.py slices with the same helper: its actor is the agent's
+        for got, want in zip(_leaves(evaluate.load_policy(two_seed_run, seed).params), _leaves(agent.params["actor"])):
+            np.testing.assert_array_equal(got, want)
+    differ = [not np.array_equal(a, b) for a, b in zip(_leaves(agents[3].params), _leaves(agents[4].params))]
+    assert any(differ)
+    rng = np.random.default_rng(0)
+    s, a, g = (np.asarray(rng.normal(size=(3, n)), np.float32) for n in (29, 8, 2))
+    assert not np.allclose(np.asarray(agents[3].critic(s, a, g)), np.asarray(agents[4].critic(s, a, g)))
+
+
+def test_load_agent_run_seed_errors(two_seed_run, maze_run):
+    from tools.agent import load_agent, load_agents, seed_out_path
+
+    with pytest.raises(ValueError, match=r"a run of 2 seeds \(3\.\.4\); pick one with --run-seed$"):
+        load_agent(two_seed_run)
+    with pytest.raises(ValueError, match=r"--run-seed 5 is not one of the run's seeds \[3, 4\]$"):
+        load_agent(two_seed_run, run_seed=5)
+    assert load_agent(maze_run, run_seed=0).args.seed == 0  # a single-seed run: its own seed is accepted
+    with pytest.raises(ValueError, match=r"--run-seed 1 is not one of the run's seeds \[0\]$"):
+        load_agent(maze_run, run_seed=1)
+    with pytest.raises(ValueError, match="3 seeds for 2 runs"):
+        load_agents([two_seed_run, two_seed_run], [3, 4, 5])
+    assert [a.run_seed for a in load_agents([maze_run, two_seed_run], [0, 4])] == [0, 4]
+    assert seed_out_path("figures/qmap.png", None) == "figures/qmap.png"
+    assert seed_out_path("figures/rollout.mp4", 4) == "figures/rollout_s4.mp4"
+    assert seed_out_path("figures/qmap.png", [3, 4]) == "figures/qmap_s3_4.png"
+    assert seed_out_path("figures/qmap.png", [3, 3]) == "figures/qmap_s3.png"
+
+
+def test_qmap_cli_on_two_seeds_of_one_run(two_seed_run, tmp_path, monkeypatch, capsys):
+    from tools import qmap
+
+    monkeypatch.chdir(tmp_path)  # the default --out lands under figures/ here
+    assert qmap.main([two_seed_run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "pick one with --run-seed" in err and "\n" not in err
+    assert qmap.main([two_seed_run, two_seed_run, "--run-seed", "3", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "-> figures/qmap_s3_4.png" and _image(str(tmp_path / "figures" / "qmap_s3_4.png")).shape[1] > 300
+    stats = [ast.literal_eval(line) for line in out[:-1]]  # one dict per panel, printed as Python dicts
+    assert [(s["run"], s["run_seed"]) for s in stats] == [(two_seed_run, 3), (two_seed_run, 4)]
+    assert stats[0]["points"] == stats[1]["points"] == 7 * 64
+    assert (stats[0]["min"], stats[0]["max"]) != (stats[1]["min"], stats[1]["max"])  # two different critics
 
 
 def test_collector_learner_plot_from_run_folders(tmp_path):

@@ -1,7 +1,9 @@
 """A trained crl_deep agent loaded from its run folder, plus jitted rollouts of its policy.
 
 Shared by the analysis tools (Q map, representations, residual norms, videos). Only crl_deep.py
-checkpoints are supported: the figures need its critic encoders phi(s, a) and psi(g).
+checkpoints are supported: the figures need its critic encoders phi(s, a) and psi(g). A
+`--num-seeds N` run holds N agents stacked on a leading seed axis; `run_seed` picks one
+(`select_seed`, which tools/evaluate.py shares).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Agent:
     nets: object  # crl_deep.Networks
     epoch: int
     env_steps: int
+    run_seed: int | None = None  # the seed picked from the run (--run-seed), None when not given
 
     @property
     def label(self) -> str:
@@ -35,7 +38,13 @@ class Agent:
             if not (a.actor_depth or a.critic_depth)
             else f"actor d{a.actor_depth or a.depth} / critic d{a.critic_depth or a.depth}"
         )
-        return f"{depth}, w{a.width} ({os.path.basename(os.path.normpath(self.run_path))})"
+        seed = "" if self.run_seed is None else f", seed {self.run_seed}"
+        return f"{depth}, w{a.width} ({os.path.basename(os.path.normpath(self.run_path))}{seed})"
+
+    @property
+    def run_info(self) -> dict:
+        """{"run": run folder} plus {"run_seed": S} when a seed was picked: the tools' JSON says whose numbers."""
+        return {"run": self.run_path, **({} if self.run_seed is None else {"run_seed": self.run_seed})}
 
     def with_params(self, params) -> Agent:
         """The same agent with other (e.g. traced) params: jit functions of params, not of constants."""
@@ -58,8 +67,35 @@ class Agent:
         return self.module.energy_rowwise(self.phi(states, actions), self.psi(goals), self.args.energy)
 
 
-def load_agent(path: str) -> Agent:
-    """Loads a crl_deep run folder (or its checkpoint.msgpack); ValueError with one line if it cannot."""
+def run_seeds(args) -> range:
+    """The seeds a run trained: args.seed .. args.seed + num_seeds - 1 (one seed without --num-seeds)."""
+    return range(args.seed, args.seed + getattr(args, "num_seeds", 1))
+
+
+def select_seed(run_path: str, args, params, run_seed: int | None):
+    """(args, params) of seed `run_seed` of a run; ValueError with one line if it is not one of its seeds.
+
+    A `--num-seeds N` run stacks every array of `params` on a leading [N] seed axis: the slice of
+    seed S is the agent a run of `--seed S` alone would have, and the returned args are that run's
+    (seed=S, num_seeds=1). A single-seed run is returned as it is; `run_seed` may be None or its seed.
+    """
+    seeds = run_seeds(args)
+    if len(seeds) > 1 and run_seed is None:
+        raise ValueError(f"{run_path}: a run of {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}); pick one with --run-seed")
+    if run_seed is not None and run_seed not in seeds:
+        raise ValueError(f"{run_path}: --run-seed {run_seed} is not one of the run's seeds {list(seeds)}")
+    if len(seeds) == 1:
+        return args, params
+    import jax
+
+    params = jax.tree_util.tree_map(lambda x: x[run_seed - args.seed], params)
+    return dataclasses.replace(args, seed=run_seed, num_seeds=1), params
+
+
+def load_agent(path: str, run_seed: int | None = None) -> Agent:
+    """Loads a crl_deep run folder (or its checkpoint.msgpack); ValueError with one line if it cannot.
+
+    `run_seed`: which seed of a `--num-seeds` run (required there; see `select_seed`)."""
     run_path = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(run_path, "config.json")
     if os.path.isfile(cfg_path):
@@ -74,6 +110,7 @@ def load_agent(path: str) -> Agent:
         raise ValueError(str(e.code).removeprefix("error: ")) from None
     fields = {f for f in module.Args.__dataclass_fields__}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
+    args, params = select_seed(run_path, args, ckpt["params"], run_seed)
     import envs
 
     env = envs.make(args.env)
@@ -82,11 +119,38 @@ def load_agent(path: str) -> Agent:
         run_path=run_path,
         module=module,
         args=args,
-        params=ckpt["params"],
+        params=params,
         nets=nets,
         epoch=int(ckpt.get("epoch", -1)),
         env_steps=int(ckpt.get("env_steps", 0)),
+        run_seed=run_seed,
     )
+
+
+RUN_SEED_HELP = (
+    "which seed of a --num-seeds run to load (required there): one seed for every run, or one per run in order"
+)
+
+
+def load_agents(paths: list[str], run_seeds: list[int] | None = None) -> list[Agent]:
+    """load_agent of each path; `run_seeds` (--run-seed): None, one seed for every run, or one per run."""
+    if not run_seeds:
+        run_seeds = [None] * len(paths)
+    elif len(run_seeds) == 1:
+        run_seeds = run_seeds * len(paths)
+    elif len(run_seeds) != len(paths):
+        raise ValueError(f"--run-seed: {len(run_seeds)} seeds for {len(paths)} runs; give one seed, or one per run")
+    return [load_agent(p, s) for p, s in zip(paths, run_seeds)]
+
+
+def seed_out_path(path: str, run_seeds) -> str:
+    """A default output file named after the seed(s) picked: figures/qmap.png -> figures/qmap_s1.png
+    (seeds 1 and 2 of two runs: qmap_s1_2.png); unchanged without --run-seed."""
+    if run_seeds is None or (not isinstance(run_seeds, int) and not run_seeds):
+        return path
+    seeds = [run_seeds] if isinstance(run_seeds, int) else list(dict.fromkeys(run_seeds))
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_s{'_'.join(str(s) for s in seeds)}{ext}"
 
 
 def rollout(env, agent: Agent, key, num_envs: int, num_steps: int):

@@ -30,6 +30,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tools.agent import select_seed
+
 
 @dataclass
 class Policy:
@@ -84,18 +86,8 @@ def load_policy(run_path: str, run_seed: int | None = None) -> Policy:
         raise ValueError(f"{run_path}: no readable checkpoint ({e})") from None
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
-    params = ckpt["params"]["actor"]
-    num_seeds = getattr(args, "num_seeds", 1)
-    seeds = range(args.seed, args.seed + num_seeds)
-    if num_seeds > 1 and run_seed is None:
-        raise ValueError(f"{run_path}: a run of {num_seeds} seeds ({seeds[0]}..{seeds[-1]}); pick one with --run-seed")
-    if run_seed is not None and run_seed not in seeds:
-        raise ValueError(f"{run_path}: --run-seed {run_seed} is not one of the run's seeds {list(seeds)}")
-    if num_seeds > 1:  # one agent of the stack, evaluated as the single-seed run of its seed
-        import jax
-
-        params = jax.tree_util.tree_map(lambda x: x[run_seed - args.seed], params)
-        args = dataclasses.replace(args, seed=run_seed, num_seeds=1)
+    # one agent of a seed stack, evaluated as the single-seed run of its seed (the analysis tools' slicing)
+    args, params = select_seed(run_path, args, ckpt["params"]["actor"], run_seed)
     act = POLICY_BUILDERS[script](module, args)
     return Policy(
         run_path=run_path,

@@ -2,6 +2,7 @@
 position, with the walls drawn.
 
     python -m tools.qmap runs/<run> [runs/<run2> ...] --out figures/qmap.png [--goal X Y]
+    python -m tools.qmap runs/<--num-seeds run> --run-seed 1        # seed 1's agent -> figures/qmap_s1.png
 
 For each grid point (x, y) the state is a reset state of the run's maze with the torso moved to
 (x, y); the action is the policy's deterministic action there; the value is the trained energy
@@ -18,7 +19,7 @@ import sys
 
 import numpy as np
 
-from tools.agent import Agent, load_agent
+from tools.agent import RUN_SEED_HELP, Agent, load_agents, seed_out_path
 from tools.runs import save_figure
 
 
@@ -88,7 +89,7 @@ def q_grid(agent: Agent, env, goal_xy, points_per_cell: int = 8, key_seed: int =
     return xs, ys, v, maze
 
 
-def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
+def plot_qmaps(paths: list[str], out: str, goal=None, run_seeds: list[int] | None = None) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,7 @@ def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
 
     import envs
 
-    agents = [load_agent(p) for p in paths]
+    agents = load_agents(paths, run_seeds)
     env_ids = {a.args.env for a in agents}
     if len(env_ids) > 1:
         raise ValueError(f"runs are from different envs {sorted(env_ids)}; one maze per figure")
@@ -137,7 +138,7 @@ def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
         fig.colorbar(im, ax=ax, shrink=0.8, label=f"f(s, pi(s,g), g)  [{agent.args.energy}]")
         finite = v[np.isfinite(v)]
         stats.append(
-            {"run": agent.run_path, "points": int(finite.size), "min": float(finite.min()), "max": float(finite.max())}
+            {**agent.run_info, "points": int(finite.size), "min": float(finite.min()), "max": float(finite.max())}
         )
     fig.suptitle("Critic value of reaching the goal (red star) from each torso position; walls grey", fontsize=10)
     fig.tight_layout()
@@ -149,7 +150,7 @@ def plot_qmaps(paths: list[str], out: str, goal=None) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="crl_deep run folders (same maze env)")
-    parser.add_argument("--out", default="figures/qmap.png")
+    parser.add_argument("--out", default=None, help="default: figures/qmap.png (qmap_s<seed>.png with --run-seed)")
     parser.add_argument(
         "--goal",
         nargs=2,
@@ -158,9 +159,11 @@ def main(argv=None) -> int:
         metavar=("X", "Y"),
         help="goal position; default: the eval layout goal cell farthest from the start by path",
     )
+    parser.add_argument("--run-seed", type=int, nargs="+", default=None, help=RUN_SEED_HELP)
     args = parser.parse_args(argv)
+    args.out = args.out or seed_out_path("figures/qmap.png", args.run_seed)
     try:
-        stats = plot_qmaps(args.runs, args.out, args.goal)
+        stats = plot_qmaps(args.runs, args.out, args.goal, args.run_seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """State-action representations along a successful rollout (paper Fig. 10).
 
     python -m tools.representation runs/<depth4 run> runs/<depth64 run> --out figures/representation.png
+    python -m tools.representation runs/<--num-seeds run> --run-seed 1   # -> figures/representation_s1.png
 
 For each run: roll out the deterministic policy in the run's evaluation env (`--num-envs` episodes),
 keep the episode that spent the most steps at the goal, and embed every step with the critic's
@@ -19,7 +20,7 @@ import sys
 
 import numpy as np
 
-from tools.agent import Agent, best_episode, load_agent, rollout
+from tools.agent import RUN_SEED_HELP, Agent, best_episode, load_agents, rollout, seed_out_path
 from tools.runs import save_figure
 
 
@@ -73,7 +74,7 @@ def episode_embeddings(agent: Agent, env, steps: int, num_envs: int, seed: int) 
     }
 
 
-def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0) -> list[dict]:
+def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0, run_seeds=None) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +82,7 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
 
     import envs
 
-    agents = [load_agent(p) for p in paths]
+    agents = load_agents(paths, run_seeds)
     fig, axes = plt.subplots(
         2, len(agents), figsize=(5.2 * len(agents), 8.0), squeeze=False, gridspec_kw={"height_ratios": [3, 2]}
     )
@@ -129,7 +130,7 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
         spread_all = mean_pairwise_distance(e["phi"])
         stats.append(
             {
-                "run": agent.run_path,
+                **agent.run_info,
                 "env": eid,
                 "episode": e["episode"],
                 "steps": int(len(t)),
@@ -148,16 +149,20 @@ def plot_representations(paths, out, env_id=None, steps=1000, num_envs=8, seed=0
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="crl_deep run folders")
-    parser.add_argument("--out", default="figures/representation.png")
+    parser.add_argument(
+        "--out", default=None, help="default: figures/representation.png (_s<seed> added with --run-seed)"
+    )
     parser.add_argument("--env", default=None, help="env id to roll out in; default: each run's eval env")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--num-envs", type=int, default=8, help="episodes to pick the most successful from")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="rollout key PRNGKey(SEED)")
+    parser.add_argument("--run-seed", type=int, nargs="+", default=None, help=RUN_SEED_HELP)
     args = parser.parse_args(argv)
+    args.out = args.out or seed_out_path("figures/representation.png", args.run_seed)
     try:
         if args.steps < 2 or args.num_envs < 1:
             raise ValueError("--steps must be >= 2 and --num-envs >= 1")
-        stats = plot_representations(args.runs, args.out, args.env, args.steps, args.num_envs, args.seed)
+        stats = plot_representations(args.runs, args.out, args.env, args.steps, args.num_envs, args.seed, args.run_seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

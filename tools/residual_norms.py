@@ -1,6 +1,7 @@
 """L2 norm of each residual block's branch output (paper Fig. 17), per network.
 
     python -m tools.residual_norms runs/<d32 run> runs/<d64 run> runs/<d256 run> --out figures/residual_norms.png
+    python -m tools.residual_norms runs/<--num-seeds run> --run-seed 1   # -> figures/residual_norms_s1.png
 
 The batch is every live step of a short rollout of each run's own deterministic policy in its
 evaluation env (`--num-envs` x `--steps`): actor inputs concat[s, g], phi inputs concat[s, a],
@@ -18,7 +19,7 @@ import sys
 
 import numpy as np
 
-from tools.agent import Agent, load_agent, rollout
+from tools.agent import RUN_SEED_HELP, Agent, load_agents, rollout, seed_out_path
 from tools.runs import save_figure
 
 NETWORKS = (("actor", "actor  pi(a | s, g)"), ("sa_encoder", "critic phi(s, a)"), ("g_encoder", "critic psi(g)"))
@@ -52,7 +53,9 @@ def batch_from_rollout(agent: Agent, env, steps: int, num_envs: int, seed: int):
     return traj["obs"][:-1][alive], traj["actions"][alive]
 
 
-def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, log_y=False) -> list[dict]:
+def plot_residual_norms(
+    paths, out, env_id=None, steps=100, num_envs=8, seed=0, log_y=False, run_seeds=None
+) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +64,7 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
 
     import envs
 
-    agents = [load_agent(p) for p in paths]
+    agents = load_agents(paths, run_seeds)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
     cmap = plt.get_cmap("viridis")
     results = []
@@ -77,7 +80,7 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
             )
         results.append(
             {
-                "run": agent.run_path,
+                **agent.run_info,
                 "batch": int(len(obs)),
                 **{name: [round(float(v), 5) for v in norms[name]] for name, _ in NETWORKS},
             }
@@ -101,17 +104,23 @@ def plot_residual_norms(paths, out, env_id=None, steps=100, num_envs=8, seed=0, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="crl_deep run folders")
-    parser.add_argument("--out", default="figures/residual_norms.png")
+    parser.add_argument(
+        "--out", default=None, help="default: figures/residual_norms.png (_s<seed> added with --run-seed)"
+    )
     parser.add_argument("--env", default=None, help="env id of the batch rollout; default: each run's eval env")
     parser.add_argument("--steps", type=int, default=100, help="rollout steps per env for the batch")
     parser.add_argument("--num-envs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-y", action="store_true", help="logarithmic norm axis")
+    parser.add_argument("--run-seed", type=int, nargs="+", default=None, help=RUN_SEED_HELP)
     args = parser.parse_args(argv)
+    args.out = args.out or seed_out_path("figures/residual_norms.png", args.run_seed)
     try:
         if args.steps < 1 or args.num_envs < 1:
             raise ValueError("--steps and --num-envs must be >= 1")
-        results = plot_residual_norms(args.runs, args.out, args.env, args.steps, args.num_envs, args.seed, args.log_y)
+        results = plot_residual_norms(
+            args.runs, args.out, args.env, args.steps, args.num_envs, args.seed, args.log_y, args.run_seed
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     MUJOCO_GL=osmesa python -m tools.video runs/<run> --out figures/rollout.mp4
     python -m tools.video runs/<run> --out figures/rollout.gif --steps 300 --every 3 --html figures/rollout.html
+    python -m tools.video runs/<--num-seeds run> --run-seed 1        # seed 1's agent -> figures/rollout_s1.mp4
 
 Renders `--num-envs` episodes from fresh resets of the run's evaluation env (the `_eval` variant
 where one exists, or --env) and keeps the one that spent the most steps at the goal. The goal is
@@ -25,7 +26,7 @@ except RuntimeError as e:  # no OpenGL backend: say how to get one, in one line
         sys.exit(f"error: {e}")
     raise
 
-from tools.agent import best_episode, load_agent, rollout
+from tools.agent import best_episode, load_agent, rollout, seed_out_path
 from tools.render import render_frames, write_video
 from tools.runs import atomic_write
 
@@ -42,6 +43,7 @@ def make_video(
     height: int = 480,
     camera: str = "auto",
     html: str | None = None,
+    run_seed: int | None = None,
 ) -> dict:
     import jax
     import numpy as np
@@ -50,7 +52,7 @@ def make_video(
 
     if steps < 1 or every < 1 or num_envs < 1:
         raise ValueError("--steps, --every and --num-envs must be >= 1")
-    agent = load_agent(run)
+    agent = load_agent(run, run_seed)
     env_id = env_id or envs.eval_variant(agent.args.env)
     env = envs.make(env_id)
     traj = rollout(env, agent, jax.random.PRNGKey(seed), num_envs, steps)
@@ -70,6 +72,7 @@ def make_video(
     fps = 1.0 / (env.dt * every)
     write_video(frames, out, fps)
     info = {
+        **agent.run_info,
         "video": out,
         "env": env_id,
         "episode": i,
@@ -98,7 +101,9 @@ def write_html(env, qpos_seq, path: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="crl_deep run folder (or its checkpoint.msgpack)")
-    parser.add_argument("--out", default="figures/rollout.mp4", help=".mp4 or .gif")
+    parser.add_argument(
+        "--out", default=None, help=".mp4 or .gif; default: figures/rollout.mp4 (rollout_s<seed>.mp4 with --run-seed)"
+    )
     parser.add_argument("--env", default=None, help="env id to roll out in; default: the run's eval env")
     parser.add_argument("--steps", type=int, default=1000, help="episode steps to roll out")
     parser.add_argument("--every", type=int, default=2, help="render every k-th step")
@@ -108,7 +113,11 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--camera", default="auto", choices=["auto", "follow", "overview"])
     parser.add_argument("--html", default=None, help="also write brax's HTML viewer to this path")
+    parser.add_argument(
+        "--run-seed", type=int, default=None, help="which seed of a --num-seeds run to render (required there)"
+    )
     args = parser.parse_args(argv)
+    args.out = args.out or seed_out_path("figures/rollout.mp4", args.run_seed)
     try:
         info = make_video(
             args.run,
@@ -122,6 +131,7 @@ def main(argv=None) -> int:
             args.height,
             args.camera,
             args.html,
+            args.run_seed,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
