@@ -726,7 +726,8 @@ def train_state_of(saved: dict) -> dict:
 # Only process 0 writes files and logs (jax.process_index(), for multi-process runs).
 CHECKPOINT_FILE = "checkpoint.msgpack"
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "deep-crl checkpoint", 1
-RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume")  # free on --resume
+# free on --resume; --dry-run plans the resumed run (its own args) and writes nothing
+RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume", "dry_run")
 POSITIVE_FLAGS = (
     "width",
     "repr_dim",

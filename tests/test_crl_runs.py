@@ -74,6 +74,10 @@ def _load(run_path):
     return crl_deep.load_checkpoint(str(run_path))
 
 
+def _leaves(tree):
+    return [leaf for v in tree.values() for leaf in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
 def _stable(line):
     return {k: v for k, v in line.items() if k not in VOLATILE}
 
@@ -84,6 +88,18 @@ def reference_run(tmp_path_factory):
     proc = _run(*TINY, "--run-dir", str(run_dir), "--run-name", "ref", "--save-buffer")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir / "ref"
+
+
+def test_dry_run_of_a_resume_plans_the_run_and_writes_nothing(reference_run):
+    before = {f: os.stat(reference_run / f).st_mtime_ns for f in os.listdir(reference_run)}
+    proc = _run("--resume", str(reference_run), "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    config = json.loads((reference_run / "config.json").read_text())
+    assert {**report["args"], "dry_run": False, "resume": None} == config["args"]  # the run's own settings
+    params = _load(reference_run)["state"]["params"]  # the checkpoint's own parameter counts
+    assert report["params"] == {name: sum(np.size(x) for x in _leaves(tree)) for name, tree in params.items()}
+    assert {f: os.stat(reference_run / f).st_mtime_ns for f in os.listdir(reference_run)} == before
 
 
 def test_tiny_run_writes_config_metrics_checkpoint_buffer(reference_run):
