@@ -5,11 +5,16 @@ The loss comparisons run crl_deep.sgd_step from one init on one fixed random bat
 batch 16, the same key per step for both precisions) so the only difference is the towers' Dense dtype.
 """
 
+import dataclasses
+import importlib
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
+import types
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -132,8 +137,28 @@ def test_default_and_bfloat16_leave_jax_precision_alone():
 
 # --- every script accepts the flag: --dry-run --matmul-precision bfloat16 with test_dry_run's tiny args ---
 SCRIPT_CASES = ["crl_deep", "sac_her", "td3_her", "gcbc", "offline_crl", "qrl_online"]
-# qrl's epoch (IQE) takes 20-40 s to compile on CPU: with the slow tests, as in test_dry_run
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("qrl") else n for n in SCRIPT_CASES]
+# crl_deep's in CI; the others' compiles (qrl's IQE epoch: 20-40 s) with the slow tests: in CI the flag's wiring
+# in every script is checked by test_every_script_has_the_flag_and_applies_it below, without compiling
+NAMES = [n if n == "crl_deep" else pytest.param(n, marks=pytest.mark.slow) for n in SCRIPT_CASES]
+
+
+@pytest.mark.parametrize("script", ["crl_deep", "sac_her", "td3_her", "gcbc", "offline_crl", "qrl"])
+def test_every_script_has_the_flag_and_applies_it(script):
+    """The Args field (same default and choices), a bfloat16 tower from make_tower, and the precision applied in
+    __main__ and in dry_run (the shared tower block itself is tests/test_copies.py's)."""
+    module = importlib.import_module(script)
+    field = {f.name: f for f in dataclasses.fields(module.Args)}["matmul_precision"]
+    assert field.default == "default" and typing.get_args(typing.get_type_hints(module.Args)["matmul_precision"]) == (
+        "default",
+        "float32",
+        "bfloat16",
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(module.Args) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**{**defaults, "matmul_precision": "bfloat16"})
+    assert module.make_tower(args, 8).dtype == jnp.bfloat16
+    source = open(os.path.join(ROOT, f"{script}.py")).read()
+    assert "apply_matmul_precision(" in source.split('if __name__ == "__main__":')[1]
+    assert "apply_matmul_precision(" in inspect.getsource(module.dry_run)
 
 
 @pytest.fixture(scope="module")
