@@ -74,10 +74,6 @@ def _load(run_path):
     return crl_deep.load_checkpoint(str(run_path))
 
 
-def _leaves(tree):
-    return [leaf for v in tree.values() for leaf in (_leaves(v) if isinstance(v, dict) else [v])]
-
-
 def _stable(line):
     return {k: v for k, v in line.items() if k not in VOLATILE}
 
@@ -97,8 +93,10 @@ def test_dry_run_of_a_resume_plans_the_run_and_writes_nothing(reference_run):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     config = json.loads((reference_run / "config.json").read_text())
     assert {**report["args"], "dry_run": False, "resume": None} == config["args"]  # the run's own settings
+    import crl_deep
+
     params = _load(reference_run)["state"]["params"]  # the checkpoint's own parameter counts
-    assert report["params"] == {name: sum(np.size(x) for x in _leaves(tree)) for name, tree in params.items()}
+    assert report["params"] == {name: crl_deep.count_params(tree) for name, tree in params.items()}
     assert {f: os.stat(reference_run / f).st_mtime_ns for f in os.listdir(reference_run)} == before
 
 
