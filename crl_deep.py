@@ -88,6 +88,8 @@ class Args:
     """entropy the temperature steers the policy towards; default -0.5 * action size (the paper's code)"""
     logsumexp_coef: float = 0.1
     """weight of the penalty mean_i(logsumexp_j logits[i, j])^2 added to the critic loss"""
+    disable_entropy: bool = False
+    """actor loss -mean(f) without the entropy term (the paper code's --disable_entropy; alpha still learns)"""
     energy: Literal["l2", "l2_squared", "dot", "scaled_dot", "cosine", "mrn"] = "l2"
     """critic energy: -||phi-psi||, -||phi-psi||^2, phi.psi, phi.psi/sqrt(repr_dim), cosine, or the MRN
     quasimetric (-d)"""
@@ -272,10 +274,13 @@ def deterministic_action(actor: Actor, actor_params, obs):
     return jnp.tanh(mean)
 
 
-def sample_action(mean, log_std, key):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+def sample_action(mean, log_std, key, noise=None):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction).
+
+    noise: the standard normal draw itself, in place of one from `key` (a test feeds a recorded one)."""
     std = jnp.exp(log_std)
-    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    noise = jax.random.normal(key, mean.shape) if noise is None else noise
+    pre_tanh = mean + std * noise
     action = jnp.tanh(pre_tanh)
     gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
     log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
@@ -501,7 +506,32 @@ def init_train_state(key, nets: Networks, optimizers: Optimizers, args: Args, di
     }
 
 
-def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Optimizers, args: Args):
+def critic_loss(critic_params: dict, state, action, goal, nets: Networks, args: Args):
+    """The contrastive critic loss (InfoNCE by default) of a batch whose i-th goal is reached from the
+    i-th state-action: logits[i, j] = f(phi(s_i, a_i), psi(g_j)). Returns (loss, (logits, psi(g)))."""
+    sa_repr = nets.sa_encoder.apply(critic_params["sa_encoder"], jnp.concatenate([state, action], -1))
+    g_repr = nets.g_encoder.apply(critic_params["g_encoder"], goal)
+    logits = energy(sa_repr, g_repr, args.energy)
+    return contrastive_loss(logits, args.loss, args.logsumexp_coef), (logits, g_repr)
+
+
+def actor_loss(actor_params, sa_params, g_repr, state, goal, alpha, key, nets: Networks, args: Args, noise=None):
+    """mean(alpha * log pi(a|s,g) - f(phi(s, a), psi(g))) with a ~ pi (reparameterised), or -mean(f) with
+    --disable-entropy; psi(g) comes from the critic loss. Returns (loss, log pi(a|s,g) per sample).
+    noise: the policy's standard normal draw, in place of one from `key` (tools/golden_sgd.py)."""
+    mean, log_std = nets.actor.apply(actor_params, jnp.concatenate([state, goal], -1))
+    new_action, log_prob = sample_action(mean, log_std, key, noise)
+    sa_repr = nets.sa_encoder.apply(sa_params, jnp.concatenate([state, new_action], -1))
+    q = energy_rowwise(sa_repr, g_repr, args.energy)
+    return (-jnp.mean(q) if args.disable_entropy else jnp.mean(alpha * log_prob - q)), log_prob
+
+
+def alpha_loss(log_alpha, log_prob, entropy_target: float):
+    """alpha * mean(-log pi - target): the temperature rises while the policy's entropy is below target."""
+    return jnp.exp(log_alpha) * jnp.mean(jax.lax.stop_gradient(-log_prob - entropy_target))
+
+
+def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Optimizers, args: Args, actor_noise=None):
     """One actor + alpha update and one critic update on the same batch.
 
     batch: state [B, state_dim], action [B, A], goal [B, goal_size] (a future state's goal slice).
@@ -510,32 +540,18 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Op
     """
     params = train_state["params"]
     state, action, goal = batch["state"], batch["action"], batch["goal"]
-
-    def critic_loss_fn(critic_params):
-        sa_repr = nets.sa_encoder.apply(critic_params["sa_encoder"], jnp.concatenate([state, action], -1))
-        g_repr = nets.g_encoder.apply(critic_params["g_encoder"], goal)
-        logits = energy(sa_repr, g_repr, args.energy)
-        return contrastive_loss(logits, args.loss, args.logsumexp_coef), (logits, g_repr)
-
     critic_params = {"sa_encoder": params["sa_encoder"], "g_encoder": params["g_encoder"]}
-    (critic_loss, (logits, g_repr)), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(critic_params)
+    (critic_loss_value, (logits, g_repr)), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        critic_params, state, action, goal, nets, args
+    )
     g_repr = jax.lax.stop_gradient(g_repr)
     alpha = jnp.exp(train_state["log_alpha"])
-
-    def actor_loss_fn(actor_params):
-        mean, log_std = nets.actor.apply(actor_params, jnp.concatenate([state, goal], -1))
-        new_action, log_prob = sample_action(mean, log_std, key)
-        sa_repr = nets.sa_encoder.apply(params["sa_encoder"], jnp.concatenate([state, new_action], -1))
-        q = energy_rowwise(sa_repr, g_repr, args.energy)
-        return jnp.mean(alpha * log_prob - q), log_prob
-
-    (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(params["actor"])
-    entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy(args, action.shape[-1]))
-
-    def alpha_loss_fn(log_alpha):
-        return jnp.exp(log_alpha) * jnp.mean(entropy_gap)
-
-    alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(train_state["log_alpha"])
+    (actor_loss_value, log_prob), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+        params["actor"], params["sa_encoder"], g_repr, state, goal, alpha, key, nets, args, actor_noise
+    )
+    alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(
+        train_state["log_alpha"], log_prob, target_entropy(args, action.shape[-1])
+    )
 
     updates, actor_opt_state = optimizers.actor.update(actor_grads, train_state["actor_opt_state"])
     new_actor = optax.apply_updates(params["actor"], updates)
@@ -550,9 +566,9 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Op
     batch_size = logits.shape[0]
     diag = jnp.diagonal(logits)
     metrics = {
-        "critic_loss": critic_loss,
-        "actor_loss": actor_loss,
-        "alpha_loss": alpha_loss,
+        "critic_loss": critic_loss_value,
+        "actor_loss": actor_loss_value,
+        "alpha_loss": alpha_loss_value,
         "alpha": alpha,
         "entropy": -jnp.mean(log_prob),
         "logits_pos": jnp.mean(diag),

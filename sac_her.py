@@ -245,10 +245,13 @@ def deterministic_action(actor: Actor, actor_params, obs):
     return jnp.tanh(mean)
 
 
-def sample_action(mean, log_std, key):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction)."""
+def sample_action(mean, log_std, key, noise=None):
+    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction).
+
+    noise: the standard normal draw itself, in place of one from `key` (a test feeds a recorded one)."""
     std = jnp.exp(log_std)
-    pre_tanh = mean + std * jax.random.normal(key, mean.shape)
+    noise = jax.random.normal(key, mean.shape) if noise is None else noise
+    pre_tanh = mean + std * noise
     action = jnp.tanh(pre_tanh)
     gaussian_log_prob = -0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
     log_prob = jnp.sum(gaussian_log_prob - jnp.log(1 - action**2 + 1e-6), axis=-1)
