@@ -1,5 +1,6 @@
-"""The shared blocks (residual tower, energies and losses, host scaffold) are byte-identical in every
-script that carries them, so a fork still edits one self-contained file while the copies cannot drift.
+"""The shared science blocks (residual tower, tanh-Gaussian actor, energies and losses, the ring buffer) are
+byte-identical in every script that carries them, so a fork still edits one self-contained file while the
+copies cannot drift. (Host code is not copied: the scripts import it from runkit.)
 
 A block starts at `# --- shared block: <name> (identical in every script; tests/test_copies.py) ---`
 and ends at `# --- end shared block: <name> ---`. Any top-level script with such a marker is checked.
@@ -16,10 +17,10 @@ START = re.compile(r"^# --- shared block: (\w+) \(identical in every script; tes
 # Which scripts must carry which block (a new script joins by carrying the markers).
 REQUIRED = {
     "tower": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
-    "scaffold": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
     "energies": ("crl_deep.py", "offline_crl.py"),
-    "tanh_gaussian": ("crl_deep.py", "sac_her.py"),
-    "dry_run": ("sac_her.py", "td3_her.py", "offline_crl.py", "qrl.py", "crl_deep.py", "gcbc.py"),
+    "tanh_gaussian": ("crl_deep.py", "sac_her.py", "qrl.py"),
+    "ring_buffer": ("crl_deep.py", "qrl.py"),
+    "her": ("sac_her.py", "td3_her.py"),
 }
 
 
@@ -95,7 +96,7 @@ def test_a_missing_end_marker_or_block_is_caught(tmp_path):
         with open(os.path.join(ROOT, script)) as f:
             (tmp_path / script).write_text(f.read())
     gcbc = tmp_path / "gcbc.py"
-    gcbc.write_text(gcbc.read_text().replace("# --- end shared block: scaffold ---", ""))
+    gcbc.write_text(gcbc.read_text().replace("# --- end shared block: tower ---", ""))
     with pytest.raises(ValueError, match="no end marker"):
         drifted(str(tmp_path))
     sac = tmp_path / "sac_her.py"
