@@ -35,7 +35,6 @@ import json
 import os
 import sys
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -45,6 +44,8 @@ import jax
 import numpy as np
 import optax
 import tyro
+
+import runkit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crl_deep as C  # noqa: E402
@@ -451,7 +452,7 @@ def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims:
         "batch": batch_size,
         "remat": remat,
         "precision": precision,
-        "params": C.count_params(state["params"]),
+        "params": runkit.tree_size(state["params"]),
         "compile_s": round(compile_s, 1),
         "argument_mib": round(memory.argument_size_in_bytes / mib, 1),
         "output_mib": round(memory.output_size_in_bytes / mib, 1),
@@ -499,7 +500,9 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
             "key": k,
         }
     )(key)
-    carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, C.prefill_unrolls(args)), donate_argnums=0)(carry)
+    carry = jax.jit(lambda c: C.prefill(c, stepper, nets, args, dims, runkit.prefill_unrolls(args)), donate_argnums=0)(
+        carry
+    )
     t = time.perf_counter()
     epoch = jax.jit(lambda c: C.train_epoch(c, stepper, nets, optimizers, args, dims, 1), donate_argnums=0)
     compiled = epoch.lower(carry).compile()
@@ -538,7 +541,7 @@ if __name__ == "__main__":
     raw = envs.make("reacher")
     dims = C.Dims(raw.state_dim, tuple(int(i) for i in raw.goal_indices), raw.action_size)
     env = envs.wrap_for_training(raw, episode_length=1000)
-    stepper = types.SimpleNamespace(step=jax.jit(env.step))
+    stepper = jax.jit(env.step)
     if bench.energy_check:
         for line in energy_check(bench):
             print(json.dumps(line), flush=True)

@@ -19,12 +19,13 @@ import os
 import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass, field, replace
 
 import jax
 import numpy as np
 import tyro
+
+import runkit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crl_deep as C  # noqa: E402
@@ -60,12 +61,12 @@ def build(args: C.Args):
 
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length)
-    stepper = types.SimpleNamespace(step=jax.jit(env.step))
+    stepper = jax.jit(env.step)
     dims = C.Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
     nets = C.build_networks(args, raw_env.observation_size, len(dims.goal_indices), dims.action_size)
     optimizers = C.make_optimizers(args)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    key, k_init, k_reset, _ = C.seed_keys(args)
+    key, k_init, k_reset, _ = runkit.seed_keys(args.seed, args.num_seeds)
 
     def make_carry(k_init, k_reset, key):
         return {
@@ -78,7 +79,7 @@ def build(args: C.Args):
     if args.num_seeds > 1:
         make_carry = jax.vmap(make_carry)
     carry_shapes = jax.eval_shape(make_carry, k_init, k_reset, key)
-    shardings = C.carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
+    shardings = runkit.carry_shardings(carry_shapes, mesh, args.num_envs, args.num_seeds)
     carry = jax.jit(make_carry, out_shardings=shardings)(k_init, k_reset, key)
     start = time.time()
     epoch_fn = C.compile_epoch(carry_shapes, shardings, mesh, stepper, nets, optimizers, args, dims)
@@ -104,7 +105,7 @@ def main(bench: BenchArgs):
         num_epochs=1,
         total_env_steps=prefill * bench.unroll_length * bench.num_envs + per_epoch,
     )
-    assert C.train_steps_per_epoch(base) == bench.train_steps_per_epoch
+    assert runkit.train_steps_per_epoch(base) == bench.train_steps_per_epoch
     built = {}
     for n in bench.num_seeds:
         args = replace(base, num_seeds=n)

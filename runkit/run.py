@@ -4,6 +4,7 @@ the progress bar, the stop on a non-finite loss, and one line on Ctrl-C. Only pr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -85,20 +86,23 @@ _CURRENT = {"script": None, "path": None, "bar": None, "bar_base": 0}  # the run
 _DEFAULT_EXCEPTHOOK = sys.excepthook
 
 
-def interrupt_message(script: str, run_path: str) -> str:
-    """What Ctrl-C prints: the last checkpointed epoch and how to resume from it."""
+def resume_hint(script: str, run_path: str) -> str:
+    """The last checkpointed epoch and the command that resumes from it (what Ctrl-C and a full disk print)."""
     file = os.path.join(run_path, CHECKPOINT_FILE)
     if not os.path.isfile(file):
-        return f"interrupted before the first checkpoint: nothing to resume in {run_path}"
+        return f"no checkpoint yet: nothing to resume in {run_path}"
     epoch = read_checkpoint(file, script, header_only=True)[0]["epoch"]
-    return f"interrupted; the last checkpoint is epoch {epoch}: resume with python {script}.py --resume {run_path}"
+    return f"the last checkpoint is epoch {epoch}: resume with python {script}.py --resume {run_path}"
 
 
 def _one_line_on_interrupt(kind, value, traceback):
-    if issubclass(kind, KeyboardInterrupt) and _CURRENT["path"] is not None:
+    """Ctrl-C, and a full disk wherever a file of the run was being written: one line instead of a traceback."""
+    disk_full = issubclass(kind, OSError) and value.errno == errno.ENOSPC
+    if (issubclass(kind, KeyboardInterrupt) or disk_full) and _CURRENT["path"] is not None:
         if _CURRENT["bar"] is not None:
             _CURRENT["bar"].close()
-        print(interrupt_message(_CURRENT["script"], _CURRENT["path"]), file=sys.stderr, flush=True)
+        what = f"error: {value.strerror}: {value.filename or _CURRENT['path']}" if disk_full else "interrupted"
+        print(f"{what}; {resume_hint(_CURRENT['script'], _CURRENT['path'])}", file=sys.stderr, flush=True)
         return
     _DEFAULT_EXCEPTHOOK(kind, value, traceback)
 

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+import runkit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--env",
@@ -69,9 +71,8 @@ def _lines(run_path):
 
 
 def _load(run_path):
-    import crl_deep
 
-    return crl_deep.load_checkpoint(str(run_path))
+    return runkit.load_checkpoint(str(run_path), "crl_deep")
 
 
 def _stable(line):
@@ -93,10 +94,9 @@ def test_dry_run_of_a_resume_plans_the_run_and_writes_nothing(reference_run):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     config = json.loads((reference_run / "config.json").read_text())
     assert {**report["args"], "dry_run": False, "resume": None} == config["args"]  # the run's own settings
-    import crl_deep
 
     params = _load(reference_run)["state"]["params"]  # the checkpoint's own parameter counts
-    assert report["params"] == {name: crl_deep.count_params(tree) for name, tree in params.items()}
+    assert report["params"] == {name: runkit.tree_size(tree) for name, tree in params.items()}
     assert {f: os.stat(reference_run / f).st_mtime_ns for f in os.listdir(reference_run)} == before
 
 
@@ -224,3 +224,20 @@ def test_cli_bad_input_is_one_line_before_compiling(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["error: --depth must be a positive multiple of 4 (got 6)"]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_fork_trains_from_a_folder_holding_only_its_copy_envs_and_runkit(reference_run, tmp_path):
+    """The user story "copy the script to fork an idea": crl_deep.py under another name in an empty folder,
+    beside copies of envs/ and runkit/ only, trains the same run (every line equal to the reference's)."""
+    import shutil
+
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    shutil.copy(os.path.join(ROOT, "crl_deep.py"), fork / "my_crl_idea.py")
+    for package in ("envs", "runkit"):
+        shutil.copytree(os.path.join(ROOT, package), fork / package, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "my_crl_idea.py", *TINY, "--run-dir", "runs", "--run-name", "fork"]
+    proc = subprocess.run(cmd, cwd=fork, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(fork)) == ["envs", "my_crl_idea.py", "runkit", "runs"]
+    assert [_stable(m) for m in _lines(fork / "runs" / "fork")] == [_stable(m) for m in _lines(reference_run)]

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
+
+import runkit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 3
@@ -90,9 +91,7 @@ def runs(tmp_path_factory):
     assert (run_dir / "two" / "checkpoint.msgpack").exists(), stderr.decode()[-3000:]
     resumed_after = None
     if not (run_dir / "two" / "summary.json").exists():  # it exists only if this process was starved
-        import crl_deep
-
-        resumed_after = crl_deep.load_checkpoint(str(run_dir / "two"))["epoch"]  # never a torn one
+        resumed_after = runkit.load_checkpoint(str(run_dir / "two"), "crl_deep")["epoch"]  # never a torn one
         assert resumed_after in (0, 1, 2)
         _run("--resume", str(run_dir / "two"), **wandb_env)
     for seed in (SEED, SEED + 1):
@@ -138,13 +137,12 @@ def test_evaluate_picks_one_seed_and_repeats_its_logged_evaluation(runs):
 
 
 def test_checkpoint_and_buffers_hold_every_seed(runs):
-    import crl_deep
 
     runs, _ = runs
-    stacked = crl_deep.load_checkpoint(str(runs / "two"))
+    stacked = runkit.load_checkpoint(str(runs / "two"), "crl_deep")
     assert stacked["epoch"] == 2 and stacked["args"]["num_seeds"] == 2 and stacked["args"]["seed"] == SEED
     for i, seed in enumerate((SEED, SEED + 1)):
-        alone = crl_deep.load_checkpoint(str(runs / f"alone{seed}"))
+        alone = runkit.load_checkpoint(str(runs / f"alone{seed}"), "crl_deep")
         flat_stacked = dict(_flat(stacked["state"]))
         for path, leaf in _flat(alone["state"]):
             assert flat_stacked[path].shape == (2, *np.shape(leaf)), path
@@ -249,38 +247,3 @@ def test_bad_num_seeds_fails_with_one_line():
     with pytest.raises(SystemExit, match=r"^error: --num-seeds 3 is not divisible by the 2 devices"):
         crl_deep.check_args(dataclasses.replace(args, num_seeds=3), num_devices=2)
     crl_deep.check_args(dataclasses.replace(args, num_seeds=4, num_envs=3, batch_size=15), num_devices=2)
-
-
-def test_runlog_one_wandb_run_per_seed_in_one_group(tmp_path, monkeypatch):
-    """RunLog with a stand-in wandb module: a run per seed (own id, name, config seed, one group),
-    each seed's records logged to its own run, each run's summary its seed's."""
-    import crl_deep
-
-    runs = []
-
-    class FakeRun:
-        def __init__(self, **kwargs):
-            self.init, self.logged, self.summary, self.finished = kwargs, [], {}, False
-            runs.append(self)
-
-        def log(self, record, step):
-            self.logged.append((step, record))
-
-        def finish(self):
-            self.finished = True
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun(**kw)))
-    args = crl_deep.Args(seed=7, num_seeds=2, track=True, wandb_project="p")
-    log = crl_deep.RunLog(args, str(tmp_path / "grid_cell"), 0, 2)
-    (tmp_path / "grid_cell").mkdir()
-    for epoch in range(2):
-        log.log([{"epoch": epoch, "seed": s, "sps": 1.0, "eval/x": 10.0 * s + epoch} for s in (7, 8)], 100, "eval/x")
-    summary = log.finish(100)
-    assert [r.init["id"] for r in runs] == ["grid_cell__s7", "grid_cell__s8"]
-    assert [r.init["name"] for r in runs] == ["grid_cell__s7", "grid_cell__s8"]
-    assert all(r.init["group"] == "grid_cell" and r.init["reinit"] == "create_new" for r in runs)
-    assert [r.init["config"]["seed"] for r in runs] == [7, 8] and runs[0].init["config"]["num_seeds"] == 2
-    assert [[rec["seed"] for _, rec in r.logged] for r in runs] == [[7, 7], [8, 8]]
-    assert [r.summary["eval/x_last5"] for r in runs] == [70.5, 80.5] and all(r.finished for r in runs)
-    assert summary["eval/x_last5"] == 75.5 and summary["eval/x_last5_std"] == 5.0
-    assert summary["seeds"] == {"7": {"eval/x_last5": 70.5}, "8": {"eval/x_last5": 80.5}}

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 import crl_deep as C
+import runkit
 
 # --------------------------------------------------------------------------------------------
 # energies and losses against hand computation
@@ -103,7 +104,7 @@ def test_tower_parameter_count_matches_formula():
     w = 256
     layer = w * w + w + 2 * w  # Dense + LayerNorm scale/bias
     formula = (3 * w + w + 2 * w) + 32 * layer + (w * 64 + 64)
-    assert C.count_params(params) == formula == 2_139_712  # the paper's ~2M at depth 32
+    assert runkit.tree_size(params) == formula == 2_139_712  # the paper's ~2M at depth 32
 
 
 def test_residual_norms_are_recorded_per_block_and_free_otherwise():
@@ -292,7 +293,7 @@ def test_sampling_uses_only_filled_slots():
 
 def test_buffer_npz_round_trip_and_terminals(tmp_path):
     buffer, traj = _filled_buffer([[10], [3, 20]], capacity=40)
-    C.save_buffer(str(tmp_path), buffer, epoch=7)
+    runkit.save_buffer(str(tmp_path), buffer, epoch=7)
     data = np.load(tmp_path / "buffer.npz")
     assert data["observations"].shape == (80, 2) and data["actions"].shape == (80, 1)
     times = data["observations"][:40, 0].astype(int) - 1
@@ -300,7 +301,7 @@ def test_buffer_npz_round_trip_and_terminals(tmp_path):
     ends = [t for t in times[:-1] if traj[t + 1, 0] != traj[t, 0]] + [times[-1]]
     np.testing.assert_array_equal(np.flatnonzero(data["terminals"][:40]), [list(times).index(t) for t in ends])
     assert int(data["_epoch"]) == 7
-    back = C.load_buffer(str(tmp_path / "buffer.npz"), 40)
+    back = runkit.load_buffer(str(tmp_path / "buffer.npz"), 40)
     a = C.buffer_sample(buffer, jax.random.PRNGKey(5), 64, 0.9, (0,))
     b = C.buffer_sample(jax.tree_util.tree_map(jnp.asarray, back), jax.random.PRNGKey(5), 64, 0.9, (0,))
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
@@ -335,18 +336,3 @@ def test_bad_input_fails_with_one_clear_line(change, devices, words):
 
 def test_default_args_pass_the_checks():
     C.check_args(C.Args(env="reacher"), ENV_IDS, 1)
-
-
-def test_device_peak_memory_reports_the_largest_peak_where_the_backend_counts_it():
-    class Device:
-        def __init__(self, stats):
-            self.stats = stats
-
-        def memory_stats(self):
-            return self.stats
-
-    gpu = [Device({"peak_bytes_in_use": 5, "bytes_in_use": 1}), Device({"peak_bytes_in_use": 7})]
-    assert C.device_peak_memory(gpu) == {"device_peak_bytes": 7}
-    assert C.device_peak_memory([Device(None)]) == {}  # jax's CPU devices: no stats, no field
-    if jax.default_backend() == "cpu":
-        assert C.device_peak_memory(jax.devices()) == {}

@@ -21,6 +21,7 @@ import crl_deep
 import gcbc
 import offline_crl
 import qrl
+import runkit
 import sac_her
 import td3_her
 
@@ -220,7 +221,7 @@ def real_init(name, dataset):
     """(params by network, the buffer or dataset) as a real run of the case builds them."""
     key = jax.random.PRNGKey(0)
     if name == "crl_deep":
-        args = crl_deep.parse_args(argv_of(name, dataset))
+        args = runkit.parse_args(crl_deep.Args, "crl_deep", argv_of(name, dataset))
         dims = crl_deep.Dims(STATE, (4, 5, 6), ACTION)
         nets = crl_deep.build_networks(args, STATE + GOAL, GOAL, ACTION)
         state = crl_deep.init_train_state(key, nets, crl_deep.make_optimizers(args), args, dims)
@@ -266,10 +267,10 @@ def test_dense_flops_and_tree_bytes_by_hand():
         "blocks": {"Dense_0": {"kernel": jnp.zeros((2, 4, 4)), "bias": jnp.zeros((2, 4))}},
         "LayerNorm_0": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)},
     }
-    assert crl_deep.dense_flops(params) == 2 * (3 * 4 + 2 * 4 * 4)  # stacked kernels count every copy
-    assert crl_deep.tree_size(params) == 12 + 4 + 32 + 8 + 8
+    assert runkit.dense_flops(params) == 2 * (3 * 4 + 2 * 4 * 4)  # stacked kernels count every copy
+    assert runkit.tree_size(params) == 12 + 4 + 32 + 8 + 8
     shapes = {"a": jax.ShapeDtypeStruct((5, 3), jnp.float32), "b": jax.ShapeDtypeStruct((7,), jnp.int8)}
-    assert crl_deep.tree_bytes(shapes) == 5 * 3 * 4 + 7
+    assert runkit.tree_bytes(shapes) == 5 * 3 * 4 + 7
 
 
 def test_dry_run_table_rows():

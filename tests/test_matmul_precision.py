@@ -23,6 +23,7 @@ import pytest
 from test_dry_run import CASES, argv_of, dataset  # noqa: F401  (dataset: the fixture the offline cases need)
 
 import crl_deep as C
+import runkit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = C.Dims(10, (4, 5, 6), 2)  # reacher's sizes
@@ -117,7 +118,7 @@ def test_float32_precision_is_bit_identical_to_default_on_cpu(float32_losses):
     params = nets.g_encoder.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))
     default_hlo = jax.jit(nets.g_encoder.apply).lower(params, jnp.ones((4, 3))).as_text()
     try:
-        C.apply_matmul_precision(args)
+        runkit.apply_matmul_precision(args)
         assert jax.config.jax_default_matmul_precision == "float32"
         # the setting reaches the program (HIGHEST on every dot) ...
         hlo = jax.jit(nets.g_encoder.apply).lower(params, jnp.ones((4, 3))).as_text()
@@ -131,7 +132,7 @@ def test_float32_precision_is_bit_identical_to_default_on_cpu(float32_losses):
 
 def test_default_and_bfloat16_leave_jax_precision_alone():
     for precision in ("default", "bfloat16"):
-        C.apply_matmul_precision(tiny_args(precision))
+        runkit.apply_matmul_precision(tiny_args(precision))
         assert jax.config.jax_default_matmul_precision is None
 
 
@@ -193,11 +194,14 @@ def test_resume_with_another_precision_is_refused(tmp_path):
     args = tiny_args("bfloat16", env="reacher")
     run = tmp_path / "run"
     run.mkdir()
-    C.save_checkpoint(str(run), args, {"x": np.zeros(1, np.float32)}, 0, 0, 0.0)
+    runkit.save_checkpoint(str(run), "crl_deep", args, {"x": np.zeros(1, np.float32)}, 0, 0, 0.0)
     with pytest.raises(SystemExit, match=r"--matmul-precision 'default' \(the run has 'bfloat16'\)"):
-        C.parse_args(["--resume", str(run), "--matmul-precision", "default"])
-    assert C.parse_args(["--resume", str(run), "--matmul-precision", "bfloat16"]).matmul_precision == "bfloat16"
-    assert C.parse_args(["--resume", str(run)]).matmul_precision == "bfloat16"
+        runkit.parse_args(C.Args, "crl_deep", ["--resume", str(run), "--matmul-precision", "default"])
+    assert (
+        runkit.parse_args(C.Args, "crl_deep", ["--resume", str(run), "--matmul-precision", "bfloat16"]).matmul_precision
+        == "bfloat16"
+    )
+    assert runkit.parse_args(C.Args, "crl_deep", ["--resume", str(run)]).matmul_precision == "bfloat16"
 
 
 def test_short_bfloat16_run_finishes_with_finite_losses(tmp_path):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import runkit
 from tools import table1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,8 +186,7 @@ def test_documented_commands_are_the_sweeps_runs_at_the_papers_settings():
             documented.num_eval_envs,
         ) == (512, 62, 800, 10_000, 1_000, 100, 10**8, 128)
         steps = (
-            crl_deep.prefill_unrolls(documented) * 62 * 512
-            + 100 * crl_deep.train_steps_per_epoch(documented) * 512 * 62
+            runkit.prefill_unrolls(documented) * 62 * 512 + 100 * runkit.train_steps_per_epoch(documented) * 512 * 62
         )
         assert steps == FULL >= table1.FULL_LENGTH * table1.PAPER_ENV_STEPS  # a full run is not flagged SHORT
     assert not points

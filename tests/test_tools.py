@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import runkit
 from tools import curves
 from tools.render import chosen_backend, osmesa_available
 
@@ -112,7 +113,7 @@ def maze_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs") / "tiny"
     path.mkdir()
     carry = {"train_state": train_state, "env_state": {}, "key": jax.random.PRNGKey(1)}
-    crl_deep.save_checkpoint(str(path), args, crl_deep.checkpoint_state(carry), 0, 1234, 0.0)
+    runkit.save_checkpoint(str(path), "crl_deep", args, runkit.checkpoint_state(carry), 0, 1234, 0.0)
     (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": dataclasses.asdict(args)}))
     return str(path)
 
@@ -271,13 +272,15 @@ def two_seed_run(tmp_path_factory):
     env = envs.make(args.env)
     dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
     nets = crl_deep.build_networks(args, env.observation_size, len(dims.goal_indices), dims.action_size)
-    key, k_init, _, _ = crl_deep.seed_keys(args)  # [2, 2] each: the keys of runs of --seed 3 and --seed 4
+    key, k_init, _, _ = runkit.seed_keys(
+        args.seed, args.num_seeds
+    )  # [2, 2] each: the keys of runs of --seed 3 and --seed 4
     optimizers = crl_deep.make_optimizers(args)
     train_state = jax.vmap(lambda k: crl_deep.init_train_state(k, nets, optimizers, args, dims))(k_init)
     path = tmp_path_factory.mktemp("runs") / "two_seeds"
     path.mkdir()
     carry = {"train_state": train_state, "env_state": {}, "key": key}
-    crl_deep.save_checkpoint(str(path), args, crl_deep.checkpoint_state(carry), 0, 5678, 0.0)
+    runkit.save_checkpoint(str(path), "crl_deep", args, runkit.checkpoint_state(carry), 0, 5678, 0.0)
     (path / "config.json").write_text(json.dumps({"script": "crl_deep", "args": dataclasses.asdict(args)}))
     return str(path)
 
@@ -297,7 +300,7 @@ def test_load_agent_run_seed_is_that_seeds_slice_of_the_stack(two_seed_run):
     from tools.agent import load_agent
 
     env = envs.make("ant_u_maze")
-    stacked = crl_deep.load_checkpoint(two_seed_run)["params"]
+    stacked = runkit.load_checkpoint(two_seed_run, "crl_deep")["params"]
     assert _leaves(stacked)[0].shape[0] == 2
     agents = {s: load_agent(two_seed_run, run_seed=s) for s in (3, 4)}
     for i, (seed, agent) in enumerate(agents.items()):
@@ -309,7 +312,7 @@ def test_load_agent_run_seed_is_that_seeds_slice_of_the_stack(two_seed_run):
         # the slice is what a run of --seed S alone starts from
         alone = crl_deep.Args(env="ant_u_maze", depth=4, width=16, repr_dim=8, seed=seed)
         dims = crl_deep.Dims(env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size)
-        k_init = crl_deep.seed_keys(alone)[1]
+        k_init = runkit.seed_keys(alone.seed, alone.num_seeds)[1]
         single = crl_deep.init_train_state(k_init, agent.nets, crl_deep.make_optimizers(alone), alone, dims)["params"]
         for got, want in zip(_leaves(agent.params), _leaves(single)):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

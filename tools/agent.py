@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import runkit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -105,8 +107,8 @@ def load_agent(path: str, run_seed: int | None = None) -> Agent:
             raise ValueError(f"{path}: a {script} run; this tool reads crl_deep checkpoints only")
     module = importlib.import_module("crl_deep")
     try:
-        ckpt = module.load_checkpoint(path)
-    except SystemExit as e:  # the script's one-line error, "error: <file>: <what is wrong>"
+        ckpt = runkit.load_checkpoint(path, "crl_deep")
+    except SystemExit as e:  # runkit's one-line error, "error: <file>: <what is wrong>"
         raise ValueError(str(e.code).removeprefix("error: ")) from None
     fields = {f for f in module.Args.__dataclass_fields__}
     args = module.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})

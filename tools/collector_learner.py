@@ -17,13 +17,17 @@ collector_learner.png (success over env steps, one line per agent).
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 
+import runkit
 from tools.runs import atomic_write, find_runs, save_figure
 
 
@@ -56,7 +60,7 @@ def make_epoch_fn(crl, env, collector_nets, learner_nets, collector_args, learne
     def train_step(carry, _):
         key, k_collect, k_sgd = jax.random.split(carry["key"], 3)
         env_state, states, actions, traj_ids = crl.collect_unroll(
-            env,
+            env.step,
             collector_nets.actor,
             carry["agents"][0]["params"]["actor"],
             carry["env_state"],
@@ -132,16 +136,16 @@ def train(collector_depth: int, learner_depths: list[int], crl_argv: list[str]) 
         "env_state": jax.jit(env.reset)(jax.random.split(k_reset, base.num_envs)),
         "key": key,
     }
-    carry = jax.jit(lambda c: crl.prefill(c, env, collector_nets, collector_args, dims, crl.prefill_unrolls(base)))(
-        carry
-    )
+    carry = jax.jit(
+        lambda c: crl.prefill(c, env.step, collector_nets, collector_args, dims, runkit.prefill_unrolls(base))
+    )(carry)
     carry = {"agents": agents, "buffer": carry["buffer"], "env_state": carry["env_state"], "key": carry["key"]}
-    num_train_steps = crl.train_steps_per_epoch(base)
+    num_train_steps = runkit.train_steps_per_epoch(base)
     epoch_fn = make_epoch_fn(
         crl, env, collector_nets, learner_nets, collector_args, learner_args, dims, num_train_steps
     )
     steps_per_epoch = num_train_steps * base.num_envs * base.unroll_length
-    env_steps = crl.prefill_unrolls(base) * base.unroll_length * base.num_envs
+    env_steps = runkit.prefill_unrolls(base) * base.unroll_length * base.num_envs
 
     evaluators = [
         jax.jit(

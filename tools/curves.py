@@ -10,12 +10,15 @@ mean of the last 5 evaluations per run, then mean, std and count over seeds.
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import csv
 import io
 import math
-import os
-import sys
 from collections import defaultdict
 
 import numpy as np

@@ -6,7 +6,7 @@
     python -m tools.evaluate runs/<run> --run-seed 1                 # one seed of a --num-seeds run
 
 Loads the latest checkpoint of a run made by any training script (`config.json` names it:
-crl_deep, sac_her, td3_her, gcbc, offline_crl, qrl) through that script's own `load_checkpoint`, rebuilds
+crl_deep, sac_her, td3_her, gcbc, offline_crl, qrl) with `runkit.load_checkpoint`, rebuilds
 its policy network from the run's `Args` with the script's own constructors, and runs the
 deterministic policy exactly as the script evaluates after each epoch: `envs.evaluate` on the run's
 eval env (`--eval-env`, else the `_eval` variant of `--env`), one episode per eval env. With no
@@ -21,15 +21,19 @@ the way tools/video.py does; it needs an OpenGL backend (docs/tools.md).
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import dataclasses
 import importlib
 import json
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import runkit
 from tools.agent import select_seed
 
 
@@ -79,8 +83,8 @@ def load_policy(run_path: str, run_seed: int | None = None) -> Policy:
     script = run_script(run_path)
     module = importlib.import_module(script)  # the scripts sit at the repository root
     try:
-        ckpt = module.load_checkpoint(run_path)  # whatever the format, the script knows it
-    except SystemExit as e:  # the scripts' one-line "error: ..." for a missing or bad checkpoint
+        ckpt = runkit.load_checkpoint(run_path, script)
+    except SystemExit as e:  # runkit's one-line "error: ..." for a missing or bad checkpoint
         raise ValueError(str(e.code).removeprefix("error: ")) from None
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{run_path}: no readable checkpoint ({e})") from None

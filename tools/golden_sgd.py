@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import crl_deep as C  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+import crl_deep as C
 
 # The tolerances of the files' README, or tighter where measured (docs/crl_deep.md has the figures).
 # "rel" errors are max |ours - ref| / max |ref| per tensor (the worst tensor); "abs" plain max |ours - ref|.

@@ -16,14 +16,17 @@ real runs. Extra arguments after `--` go to every run unchanged (e.g. `-- --trac
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import importlib.util
 import itertools
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 

@@ -15,8 +15,12 @@ one is reached, like OGBench's navigate data). Start cells are drawn uniformly a
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
+import dataclasses
 from typing import Literal
 
 import numpy as np

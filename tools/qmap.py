@@ -14,8 +14,12 @@ corridors (so the wall lies between them).
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
+import argparse
 
 import numpy as np
 

@@ -14,9 +14,13 @@ pairwise distance of phi over the at-goal steps, divided by that over all steps)
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import json
-import sys
 
 import numpy as np
 

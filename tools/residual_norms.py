@@ -13,9 +13,13 @@ Panels: actor, phi(s, a), psi(g); one line per run, x = block index (block k hol
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import json
-import sys
 
 import numpy as np
 

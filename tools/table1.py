@@ -13,9 +13,13 @@ budget, unfinished runs, fewer than 3 seeds, several batch sizes mixed.
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 

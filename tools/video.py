@@ -13,9 +13,13 @@ On CPU MuJoCo renders through OSMesa (`apt-get install libosmesa6`); on GPU mach
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as python tools/<name>.py too
+
 import argparse
 import json
-import sys
 
 from tools.render import setup_gl
 
