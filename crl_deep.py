@@ -772,12 +772,8 @@ def env_options(args: Args) -> dict:
 def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
     """Every bad-input check that needs no env and no compilation; `runkit.fail`s on the first. env_ids
     defaults to envs.ENV_IDS, num_devices to jax.device_count() (tools/grid.py vets sweeps with it)."""
-    if env_ids is None:
-        import envs
-
-        env_ids = envs.ENV_IDS
+    runkit.check_online(args, env_ids, num_devices)
     fail = runkit.fail
-    runkit.check_online(args, env_ids, num_devices or jax.device_count())
     if args.true_inertia_obs and not all(e.startswith("humanoid") for e in (args.env, args.eval_env or args.env)):
         fail("--true-inertia-obs applies to humanoid envs only")
     if args.batch_size < 2:
@@ -808,6 +804,11 @@ def build(args: Args, k_init, k_reset, key):
     return jax.jit(env.step), dims, nets, optimizers, mesh, make_carry, carry_shapes, shardings
 
 
+def epoch_flops(params: dict, args: Args) -> int:
+    """Dense FLOPs of an epoch's SGD steps (of every seed, for seed-stacked params)."""
+    return sgd_step_flops(params, args) * runkit.train_steps_per_epoch(args) * args.sgd_steps_per_train_step
+
+
 def sgd_step_flops(params: dict, args: Args) -> int:
     """Dense FLOPs of one SGD step (runkit.dry_run's rule): the critic loss trains phi(s, a) and psi(g); the
     actor loss trains the actor and passes the gradient through phi(s, a ~ pi) (psi(g) is reused)."""
@@ -825,16 +826,15 @@ def dry_run(args: Args) -> dict:
     runkit.skip_compilation_cache()
     key, k_init, k_reset, _ = runkit.seed_keys(args.seed, args.num_seeds)
     env_step, dims, nets, optimizers, mesh, _, carry_shapes, shardings = build(args, k_init, k_reset, key)
-    params = carry_shapes["train_state"]["params"]  # per agent: with --num-seeds one seed's slice
-    if args.num_seeds > 1:
-        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    stacked = carry_shapes["train_state"]["params"]  # with --num-seeds: report one seed's slice
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[args.num_seeds > 1 :], x.dtype), stacked)
     compile_start = time.time()
     compiled = compile_epoch(carry_shapes, shardings, mesh, env_step, nets, optimizers, args, dims)
     compile_seconds = time.time() - compile_start
+    estimate = runkit.estimate_epoch(SCRIPT, epoch_flops(stacked, args), args.batch_size, args.width)
     sgd_steps = runkit.train_steps_per_epoch(args) * args.sgd_steps_per_train_step
-    extra = {"sgd_steps_per_epoch": sgd_steps, "num_seeds": args.num_seeds}
-    buffer_bytes = runkit.tree_bytes(carry_shapes["buffer"])
-    flops = sgd_step_flops(params, args)
+    extra = {"sgd_steps_per_epoch": sgd_steps, "num_seeds": args.num_seeds, "epoch_seconds_estimate": estimate}
+    flops, buffer_bytes = sgd_step_flops(params, args), runkit.tree_bytes(carry_shapes["buffer"])
     return runkit.dry_run_report(args, SCRIPT, compiled, compile_seconds, params, flops, buffer_bytes, extra)
 
 
@@ -857,6 +857,7 @@ if __name__ == "__main__":
     env_step, dims, nets, optimizers, mesh, make_carry, carry_shapes, shardings = build(args, k_init, k_reset, key)
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         saved = runkit.restore_state(runkit.checkpoint_state(carry_shapes), checkpoint["state"], args.resume)
+    runkit.estimate_epoch(SCRIPT, epoch_flops(carry_shapes["train_state"]["params"], args), args.batch_size, args.width)
     # the initial state is built (in place, split over devices) while the epoch compiles from shapes alone
     epoch_fn, compile_seconds, carry = runkit.compile_beside(
         lambda: compile_epoch(carry_shapes, shardings, mesh, env_step, nets, optimizers, args, dims),

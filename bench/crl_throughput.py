@@ -31,83 +31,105 @@ forward + phi input gradient (2 x phi); psi(g) is shared between the two updates
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
-import tyro
-
-import runkit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crl_deep as C  # noqa: E402
+import runkit  # noqa: E402
+
+VARIANTS = (
+    "scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop",
+    "no_adam", "no_layer_norm", "relu", "dot_energy", "autodiff_energy", "bfloat16",
+)  # fmt: skip
+# Sizes of the networks' inputs (state, goal indices, action) without building an env: network-only runs need
+# no brax or mujoco (a GPU machine with only jax, flax and optax runs them).
+SIZES = {"reacher": (10, (4, 5, 6), 2), "ant": (29, (0, 1), 8), "humanoid": (268, (0, 1, 2), 17)}
+# One device call of under 10 minutes: the SGD step at the paper's deep settings on a GPU.
+PRESETS = {
+    "gpu": dict(
+        depths=[64, 256, 1024], batch_size=512, variants=["scan", "unroll2", "unroll8", "loop", "bfloat16"],
+        sizes="humanoid", whole_loop=False, rounds=2, sgd_steps=10, seconds_per_measurement=5.0,
+    ),
+}  # fmt: skip
 
 
-@dataclass
-class BenchArgs:
-    depths: list[int] = field(default_factory=lambda: [4, 16, 64, 256, 1024])
-    """depths to measure"""
-    width: int = 256
-    """tower width"""
-    batch_size: int = 256
-    """SGD batch"""
-    variants: list[
-        Literal[
-            "scan",
-            "remat",
-            "save_all",
-            "unroll1",
-            "unroll2",
-            "unroll4",
-            "unroll8",
-            "unroll16",
-            "loop",
-            "no_adam",
-            "no_layer_norm",
-            "relu",
-            "dot_energy",
-            "autodiff_energy",
-            "bfloat16",
-        ]
-    ] = field(default_factory=lambda: ["scan", "remat", "save_all", "loop"])
-    """network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan
-    saving every intermediate, unrollN = the scan with --scan-unroll N, loop = a Python loop of blocks,
-    bfloat16 = the default build with --matmul-precision bfloat16 (the towers' Dense layers in bfloat16).
-    Profiling by subtraction (other math, timed only to see what a part costs): no_adam = plain SGD
-    instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the [B, B] dot product instead of
-    the L2 energy's [B, B, D] differences. autodiff_energy = the default with the energy matrix's gradient
-    left to autodiff (crl_deep before its hand-written `pairwise_sq_dist` backward)"""
-    energy_check: bool = False
-    """instead of the timings: the L2 energy matrix's forward+backward three ways (autodiff of the
-    [B, B, D] differences, crl_deep's pairwise_sq_dist, the expanded |x|^2 + |y|^2 - 2 x.y as matmuls):
-    gradient error against float64 and time, on random and on all-alike representations"""
-    memory_depths: list[int] = field(default_factory=list)
-    """instead of the timings: XLA's compiled memory analysis of the SGD step at these depths (compile
-    only), for every --memory-batches and with and without --remat"""
-    memory_batches: list[int] = field(default_factory=lambda: [256, 512])
-    """batch sizes of the memory analysis"""
-    memory_precisions: list[Literal["default", "bfloat16"]] = field(default_factory=lambda: ["default", "bfloat16"])
-    """--matmul-precision values of the memory analysis"""
-    loop_max_depth: int = 64
-    """the Python-loop build compiles in minutes beyond this depth (spec 10: >5 min at 1024)"""
-    sgd_steps: int = 10
-    """SGD steps timed per round (fewer where one step takes seconds)"""
-    seconds_per_measurement: float = 20.0
-    """cap on the timed SGD steps of one round"""
-    rounds: int = 3
-    """timed rounds per variant, interleaved across the variants of a depth"""
-    whole_loop: bool = True
-    """also measure crl_deep.train_epoch on reacher"""
-    num_envs: int = 32
-    """envs of the whole-loop measurement (unroll 10: 320 env steps per 8 SGD steps, ratio 1:40)"""
+def parse_bench_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of the flags below (gpu: see PRESETS)")
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256, 1024], help="depths to measure")
+    p.add_argument("--width", type=int, default=256, help="tower width")
+    p.add_argument("--batch-size", type=int, default=256, help="SGD batch")
+    p.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=["scan", "remat", "save_all", "loop"],
+        help="network builds to compare: scan = crl_deep's default, remat = --remat, save_all = the scan saving "
+        "every intermediate, unrollN = --scan-unroll N, loop = a Python loop of blocks, bfloat16 = "
+        "--matmul-precision bfloat16. Profiling by subtraction (other math, timed only to see what a part "
+        "costs): no_adam = plain SGD instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the "
+        "[B, B] dot product instead of the L2 energy; autodiff_energy = the energy matrix's gradient left to "
+        "autodiff (crl_deep before its hand-written pairwise_sq_dist backward)",
+    )  # fmt: skip
+    p.add_argument("--sizes", choices=sorted(SIZES), default="reacher", help="the env whose input sizes the nets get")
+    p.add_argument(
+        "--energy-check", action="store_true",
+        help="instead of the timings: the L2 energy matrix's forward+backward three ways (error and time)",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-depths", type=int, nargs="*", default=[],
+        help="instead of the timings: XLA's compiled memory analysis of the SGD step at these depths",
+    )  # fmt: skip
+    p.add_argument("--memory-batches", type=int, nargs="+", default=[256, 512], help="batches of the memory analysis")
+    p.add_argument(
+        "--memory-precisions", nargs="+", choices=["default", "bfloat16"], default=["default", "bfloat16"],
+        help="--matmul-precision values of the memory analysis",
+    )  # fmt: skip
+    p.add_argument("--loop-max-depth", type=int, default=64, help="the Python loop compiles in minutes beyond this")
+    p.add_argument("--sgd-steps", type=int, default=10, help="SGD steps timed per round")
+    p.add_argument("--seconds-per-measurement", type=float, default=20.0, help="cap on the timed steps of one round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, interleaved across variants")
+    p.add_argument(
+        "--whole-loop", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure crl_deep.train_epoch on reacher (imports envs: brax and mujoco)",
+    )  # fmt: skip
+    p.add_argument("--num-envs", type=int, default=32, help="envs of the whole-loop measurement")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:  # the preset's values, then any flag given on the command line on top
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
+
+
+def environment_line() -> dict:
+    """What the figures were measured on: versions, backend, devices, and on NVIDIA GPUs the driver."""
+    from importlib import metadata
+
+    line = {"kind": "environment", "python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            line[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            line[name] = None
+    device = jax.devices()[0]
+    line.update(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count())
+    line["platform_version"] = getattr(device.client, "platform_version", None)  # e.g. the CUDA version
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        line["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        line["nvidia_smi"] = None
+    line["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return line
 
 
 class ComparisonTower(nn.Module):
@@ -172,6 +194,16 @@ def sgd_flops(depth: int, width: int, batch: int, dims: C.Dims, repr_dim: int) -
     return 3 * (phi + psi) + 3 * actor + 2 * phi
 
 
+def xla_peak_bytes(memory) -> int:
+    """Arguments + outputs - aliased (donated) + temporaries of a compiled program's memory analysis."""
+    return int(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+
+
 def timed(fn, *xs):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*xs))
@@ -226,7 +258,7 @@ def with_autodiff_energy(fn):
         C.energy = energy
 
 
-def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dict:
+def prepare_sgd(variant: str, depth: int, bench: argparse.Namespace, dims: C.Dims) -> dict:
     """Compiles the jitted SGD step of one variant and runs it once.
 
     Start-to-first-update is timed the way crl_deep's main starts: the train state is built (its
@@ -274,6 +306,7 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         pending = pool.submit(build_state)
         step = step.lower(state_shapes, batch, key).compile()
         compile_s = time.perf_counter() - start
+        memory = step.memory_analysis()
         state, init_s = pending.result()
     (state, _), first_step_s = timed(step, state, batch, key)
     start_to_first_update_s = time.perf_counter() - start
@@ -287,6 +320,7 @@ def prepare_sgd(variant: str, depth: int, bench: BenchArgs, dims: C.Dims) -> dic
         "keys": list(jax.random.split(key, n)),
         "n": n,
         "compile_s": compile_s,
+        "xla_peak_mib": None if memory is None else round(xla_peak_bytes(memory) / 2**20, 1),
         "init_s": init_s,
         "first_step_s": first_step_s,
         "round_s": [],
@@ -306,7 +340,7 @@ def time_round(m: dict):
     assert np.isfinite(float(metrics["critic_loss"]))
 
 
-def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
+def sgd_line(m: dict, bench: argparse.Namespace, dims: C.Dims, peak: dict) -> dict:
     rate, best = m["n"] / float(np.median(m["round_s"])), m["n"] / min(m["round_s"])
     gflops = sgd_flops(m["depth"], bench.width, bench.batch_size, dims, m["args"].repr_dim) * rate / 1e9
     return {
@@ -329,6 +363,10 @@ def sgd_line(m: dict, bench: BenchArgs, dims: C.Dims, peak: dict) -> dict:
         "init_s": round(m["init_s"], 2),
         "first_step_s": round(m["first_step_s"], 2),
         "start_to_first_update_s": round(m["start_to_first_update_s"], 2),
+        # XLA's estimate for this program (arguments + outputs - aliased + temporaries), and the device's own
+        # peak so far in this process (GPU/TPU only; a running maximum over the variants measured before)
+        "xla_peak_mib": m["xla_peak_mib"],
+        **runkit.device_peak_memory(),
     }
 
 
@@ -340,7 +378,7 @@ BREAKDOWN = {
 }
 
 
-def breakdown_line(lines: list[dict], dims: C.Dims, bench: BenchArgs, peak: dict) -> Optional[dict]:
+def breakdown_line(lines: list[dict], dims: C.Dims, bench: argparse.Namespace, peak: dict) -> Optional[dict]:
     """Where the default build's SGD step spends its time, by subtraction: each profiling variant
     removes one part; the dense layers' share is their FLOPs at the 256-wide chain's measured rate.
     All in CPU seconds of this process (run it pinned to one core)."""
@@ -367,8 +405,8 @@ def breakdown_line(lines: list[dict], dims: C.Dims, bench: BenchArgs, peak: dict
     return out
 
 
-def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[dict]:
-    """The L2 energy matrix + forward InfoNCE, value and gradient three ways (see BenchArgs.energy_check)."""
+def energy_check(bench: argparse.Namespace, repr_dim: int = 64, rounds: int = 5) -> list[dict]:
+    """The L2 energy matrix + forward InfoNCE, value and gradient three ways (--energy-check)."""
     from jax.experimental import enable_x64
 
     jnp = jax.numpy
@@ -427,7 +465,9 @@ def energy_check(bench: BenchArgs, repr_dim: int = 64, rounds: int = 5) -> list[
     return lines
 
 
-def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims: C.Dims, precision: str) -> dict:
+def sgd_memory(
+    depth: int, batch_size: int, remat: bool, bench: argparse.Namespace, dims: C.Dims, precision: str
+) -> dict:
     """XLA's memory analysis of the jitted SGD step (train state donated, as in crl_deep's epoch)."""
     args = C.Args(depth=depth, width=bench.width, batch_size=batch_size, remat=remat, matmul_precision=precision)
     nets = C.build_networks(args, 0, 0, dims.action_size)
@@ -458,20 +498,11 @@ def sgd_memory(depth: int, batch_size: int, remat: bool, bench: BenchArgs, dims:
         "output_mib": round(memory.output_size_in_bytes / mib, 1),
         "alias_mib": round(memory.alias_size_in_bytes / mib, 1),
         "temp_mib": round(memory.temp_size_in_bytes / mib, 1),
-        "peak_estimate_mib": round(
-            (
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                - memory.alias_size_in_bytes
-                + memory.temp_size_in_bytes
-            )
-            / mib,
-            1,
-        ),
+        "peak_estimate_mib": round(xla_peak_bytes(memory) / mib, 1),
     }
 
 
-def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims: C.Dims) -> dict:
+def measure_loop(variant: str, depth: int, bench: argparse.Namespace, env, stepper, dims: C.Dims) -> dict:
     """crl_deep.train_epoch on reacher: one train step = 32 envs x 10 steps, then 8 SGD steps."""
     unroll, sgd_per_step = 10, max(1, bench.num_envs * 10 // 40)
     args = C.Args(
@@ -510,16 +541,7 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
     (carry, _), _ = timed(compiled, carry)  # warm
     (carry, metrics), t = timed(compiled, carry)
     memory = compiled.memory_analysis()
-    peak = (
-        None
-        if memory is None
-        else int(
-            memory.temp_size_in_bytes
-            + memory.argument_size_in_bytes
-            + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes
-        )
-    )
+    peak = None if memory is None else xla_peak_bytes(memory)
     return {
         "kind": "whole_loop",
         "variant": variant,
@@ -534,14 +556,11 @@ def measure_loop(variant: str, depth: int, bench: BenchArgs, env, stepper, dims:
 
 
 if __name__ == "__main__":
-    bench = tyro.cli(BenchArgs)
+    bench = parse_bench_args()
     jax.config.update("jax_enable_compilation_cache", False)  # compile times, not cache loads
-    import envs
-
-    raw = envs.make("reacher")
-    dims = C.Dims(raw.state_dim, tuple(int(i) for i in raw.goal_indices), raw.action_size)
-    env = envs.wrap_for_training(raw, episode_length=1000)
-    stepper = jax.jit(env.step)
+    state_dim, goal_indices, action_size = SIZES[bench.sizes]
+    dims = C.Dims(state_dim, goal_indices, action_size)
+    print(json.dumps(environment_line()), flush=True)
     if bench.energy_check:
         for line in energy_check(bench):
             print(json.dumps(line), flush=True)
@@ -553,6 +572,15 @@ if __name__ == "__main__":
                     print(json.dumps(sgd_memory(depth, batch_size, remat, bench, dims, precision)), flush=True)
     if bench.memory_depths:
         sys.exit(0)
+    if bench.whole_loop:  # the only part that steps an env
+        import envs
+
+        raw = envs.make("reacher")
+        assert (
+            bench.sizes == "reacher" and (raw.state_dim, tuple(raw.goal_indices), raw.action_size) == SIZES["reacher"]
+        )
+        env = envs.wrap_for_training(raw, episode_length=1000)
+        stepper = jax.jit(env.step)
     peak_line = matmul_peak()
     print(json.dumps(peak_line), flush=True)
     for depth in bench.depths:
@@ -571,6 +599,3 @@ if __name__ == "__main__":
             for variant in variants:
                 if variant not in ("loop", "save_all", *BREAKDOWN):
                     print(json.dumps(measure_loop(variant, depth, bench, env, stepper, dims)), flush=True)
-    import resource
-
-    print(json.dumps({"kind": "process", "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

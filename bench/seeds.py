@@ -25,10 +25,9 @@ import jax
 import numpy as np
 import tyro
 
-import runkit
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crl_deep as C  # noqa: E402
+import runkit  # noqa: E402
 
 
 @dataclass

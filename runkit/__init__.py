@@ -8,7 +8,7 @@ fork of an algorithm edits. The science (networks, losses, buffers, the jitted e
     files         write_atomic / atomic_file (never half-written; a full disk is one line), to_numpy
     dry_run       dry_run_report and its FLOP and byte counts (--dry-run)
     devices       init_distributed, apply_matmul_precision, log_backend, device_peak_memory, data_mesh,
-                  compile_beside, the seed axis (per_seed, seed_keys, eval_key, seed_rows)
+                  compile_beside, the seed axis (per_seed, seed_keys, eval_key, seed_rows), estimate_epoch
     online        the online scripts' schedule (prefill_unrolls, train_steps_per_epoch), check_online,
                   carry_shardings, checkpoint_state, resumed_carry, over_seeds
     replay_files  a ring buffer as an OGBench-format file and back (--save-buffer)
@@ -21,6 +21,7 @@ from runkit.devices import (
     compile_beside,
     data_mesh,
     device_peak_memory,
+    estimate_epoch,
     eval_key,
     init_distributed,
     log_backend,

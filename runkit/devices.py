@@ -93,3 +93,41 @@ def seed_rows(metrics: dict) -> list:
     metrics = {k: np.atleast_1d(v) for k, v in jax.device_get(metrics).items()}
     num_seeds = len(next(iter(metrics.values())))
     return [{k: float(v[i]) for k, v in metrics.items()} for i in range(num_seeds)]
+
+
+# ---- how long the first epoch will take --------------------------------------------------------------
+STEP_SHARE = 0.45  # an SGD step's dense FLOPs run at about this share of the matmul probe (CPU; bench/RESULTS.md)
+
+
+def matmul_rate(batch: int, width: int, layers: int = 16) -> float:
+    """FLOP/s of this backend on a chain of `layers` float32 [batch, width] x [width, width] matmuls, the
+    towers' own shape (best of 3 after a warm-up; about a second)."""
+    x, ws = jnp.ones((batch, width)), jnp.full((layers, width, width), 1.0 / width)
+    chain = jax.jit(lambda x, ws: jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0])
+    jax.block_until_ready(chain(x, ws))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(chain(x, ws))
+        best = min(best, time.perf_counter() - start)
+    return 2 * batch * width * width * layers / best
+
+
+def estimate_epoch(script: str, flops_per_epoch: float, batch: int, width: int, limit_s: float = 600.0):
+    """Seconds the first epoch's SGD steps should take: the dry-run FLOP count over a quick rate probe (None
+    for epochs under 1e12 FLOPs, not probed). Above `limit_s` it says so on stderr, in one line."""
+    if flops_per_epoch < 1e12:
+        return None
+    rate = matmul_rate(batch, width)
+    seconds = flops_per_epoch / (rate * STEP_SHARE)
+    if seconds > limit_s:
+        took = f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.0f} min"
+        on_cpu = "; these settings are meant for a GPU" if jax.default_backend() == "cpu" else ""
+        print(
+            f"{script}: the first epoch will take about {took}: {flops_per_epoch:.2g} dense FLOPs of SGD steps "
+            f"(the --dry-run count) at {STEP_SHARE:.0%} (a step's share) of the {rate / 1e9:.0f} GFLOP/s a "
+            f"[{batch}, {width}] matmul chain reaches here{on_cpu}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return seconds

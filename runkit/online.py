@@ -23,9 +23,14 @@ def train_steps_per_epoch(args) -> int:
     return (args.total_env_steps - prefill_steps) // (args.num_epochs * args.num_envs * args.unroll_length)
 
 
-def check_online(args, env_ids, num_devices: int):
-    """Env ids, the shared range checks (check_common), the split over devices (envs and batch; whole seeds
-    with --num-seeds) and the schedule."""
+def check_online(args, env_ids=None, num_devices=None):
+    """Env ids (default envs.ENV_IDS), the shared range checks (check_common), the split over the devices
+    (default jax.device_count(); envs and batch, or whole seeds with --num-seeds) and the schedule."""
+    if env_ids is None:
+        import envs
+
+        env_ids = envs.ENV_IDS
+    num_devices = num_devices or jax.device_count()
     if args.env not in env_ids:
         fail(f"unknown env {args.env!r}; valid: {', '.join(env_ids)}")
     if getattr(args, "eval_env", None) is not None and args.eval_env not in env_ids:

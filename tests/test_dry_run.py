@@ -228,22 +228,22 @@ def real_init(name, dataset):
         return state["params"], crl_deep.buffer_init(args.replay_size, args.num_envs, STATE, ACTION)
     if name in ("sac_her", "td3_her"):
         module = {"sac_her": sac_her, "td3_her": td3_her}[name]
-        args = module.parse_args(argv_of(name, dataset))
+        args = runkit.parse_args(module.Args, name, argv_of(name, dataset))
         nets = module.build_networks(args, ACTION)
         state = module.init_train_state(key, nets, optax.adam(args.learning_rate), STATE + GOAL, ACTION)
         return state["params"], module.buffer_init(args.replay_size, args.num_envs, STATE + GOAL, ACTION, GOAL)
     if name == "gcbc":
-        args = gcbc.resolve(gcbc.parse_args(argv_of(name, dataset)), ("reacher",))
+        args = gcbc.resolve(runkit.parse_args(gcbc.Args, "gcbc", argv_of(name, dataset)), ("reacher",))
         params = {"actor": gcbc.build_networks(args, ACTION, STATE).init(key, jnp.zeros((1, STATE + GOAL)))}
         return params, gcbc.buffer_init(args.replay_size, args.num_envs, STATE, ACTION)
     if name == "offline_crl":
-        args = offline_crl.parse_args(argv_of(name, dataset))
+        args = runkit.parse_args(offline_crl.Args, "offline_crl", argv_of(name, dataset))
         sa, g, actor = offline_crl.make_networks(args, ACTION)
         adam = optax.adam(1e-3)
         state = offline_crl.init_train_state(key, sa, g, actor, STATE, ACTION, GOAL, adam, adam)
         data = offline_crl.make_device_dataset(offline_crl.load_dataset(dataset), np.arange(4, 7))
         return {"actor": state["actor"], **state["critic"]}, data
-    args = qrl.resolve(qrl.parse_args(argv_of(name, dataset)))
+    args = qrl.resolve(runkit.parse_args(qrl.Args, "qrl", argv_of(name, dataset)))
     dims = qrl.Dims(STATE, (4, 5, 6), ACTION)
     state = qrl.init_train_state(key, qrl.build_networks(args, dims), args, dims)
     networks = {k: v for k, v in state["critic"].items() if k.endswith(("encoder", "dynamics"))}

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import gcbc
+import runkit
+from envs import ogbench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +83,7 @@ def test_load_dataset_rejects_bad_files_with_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"missing key\(s\) \['terminals'\]"):
         gcbc.load_dataset(str(tmp_path / "bad.npz"), 10, 2)
     np.savez(tmp_path / "noterm.npz", observations=np.zeros((4, 10)), actions=np.zeros((4, 2)), terminals=np.zeros(4))
-    with pytest.raises(ValueError, match="no trajectory"):
+    with pytest.raises(ValueError, match="no complete trajectory"):
         gcbc.load_dataset(str(tmp_path / "noterm.npz"), 10, 2)
 
 
@@ -204,8 +206,8 @@ def test_defaults_are_ogbenchs_gcbc_on_ogbench_ids_and_unchanged_on_our_envs():
         )
     given = gcbc.resolve(gcbc.Args(mode="offline", env="antmaze-medium-stitch-v0", batch_size=64), ("reacher",))
     assert given.batch_size == 64 and given.width == 512  # a flag given wins
-    assert gcbc.is_ogbench_id("antmaze-giant-navigate-v0") and gcbc.is_ogbench_id("pointmaze-giant-stitch-v0")
-    assert not gcbc.is_ogbench_id("antmaze-huge-navigate-v0") and not gcbc.is_ogbench_id("reacher")
+    assert ogbench.is_dataset_id("antmaze-giant-navigate-v0") and ogbench.is_dataset_id("pointmaze-giant-stitch-v0")
+    assert not ogbench.is_dataset_id("antmaze-huge-navigate-v0") and not ogbench.is_dataset_id("reacher")
 
 
 def test_no_goal_policy_has_no_goal_weights_and_ignores_the_goal():
@@ -272,9 +274,10 @@ def test_tiny_offline_run_writes_outputs_and_resumes(tmp_path):
     rows = read_rows(run)
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["sgd_steps"] == 20
     assert "training/bc_loss" in rows[0] and "eval/episode_success" in rows[0]
-    checkpoint = gcbc.load_checkpoint(str(run))
+    checkpoint = runkit.load_checkpoint(str(run), "gcbc")
     assert checkpoint["header"]["script"] == "gcbc" and set(checkpoint["params"]) == {"actor"}
-    gcbc.save_checkpoint(str(run), gcbc.Args(**checkpoint["args"]), checkpoint["state"], 0, 0, 1.0)  # as if stopped
+    args = gcbc.Args(**checkpoint["args"])
+    runkit.save_checkpoint(str(run), "gcbc", args, checkpoint["state"], 0, 0, 1.0)  # as if stopped
 
     (run / "summary.json").unlink()
     run_script("--resume", str(run))
@@ -504,7 +507,7 @@ def test_tiny_offline_run_on_an_ogbench_dataset_evaluates_ogbenchs_tasks(tmp_pat
         assert np.isfinite(r["training/bc_loss"]) and np.isfinite(r["validation/bc_loss"])
     assert rows[0]["training/bc_loss"] > rows[1]["training/bc_loss"]
     assert rows[-1]["eval/success_last5"] == pytest.approx(np.mean([r["eval/success"] for r in rows[:-1]]))
-    checkpoint = gcbc.load_checkpoint(str(run))
+    checkpoint = runkit.load_checkpoint(str(run), "gcbc")
     args = checkpoint["args"]
     assert args["no_goal"] is no_goal and args["width"] == 32 and args["num_epochs"] == 2
     assert args["episode_length"] == 20 and args["learning_rate"] == 3e-4
@@ -538,8 +541,8 @@ def test_a_resumed_ogbench_run_repeats_the_uninterrupted_one(tmp_path):
     run_script(*short)
     full, short = tmp_path / "full", tmp_path / "short"
     uninterrupted = read_rows(full)
-    args = gcbc.Args(**gcbc.load_checkpoint(str(full))["args"])
-    gcbc.save_checkpoint(str(full), args, gcbc.load_checkpoint(str(short))["state"], 0, 0, 1.0)
+    args = gcbc.Args(**runkit.load_checkpoint(str(full), "gcbc")["args"])
+    runkit.save_checkpoint(str(full), "gcbc", args, runkit.load_checkpoint(str(short), "gcbc")["state"], 0, 0, 1.0)
     (full / "summary.json").unlink()
     run_script("--resume", str(full))
     resumed = read_rows(full)

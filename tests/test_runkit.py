@@ -315,3 +315,22 @@ def test_tools_run_as_python_tools_name_from_any_folder(tmp_path):
         text=True,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: evaluate.py")
+
+
+def test_a_long_first_epoch_is_announced_in_one_line_with_how_it_was_estimated(monkeypatch, capsys):
+    from runkit import devices
+
+    assert runkit.estimate_epoch("crl_deep", 5e11, 256, 256) is None  # not probed
+    monkeypatch.setattr(devices, "matmul_rate", lambda batch, width: 1e11)
+    assert runkit.estimate_epoch("crl_deep", 4.5e12, 256, 256) == pytest.approx(100.0)  # 4.5e12 / (0.45 * 1e11)
+    assert capsys.readouterr().err == ""  # under 10 minutes: nothing said
+    assert runkit.estimate_epoch("crl_deep", 3.24e16, 512, 1024) == pytest.approx(720_000.0)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("crl_deep: the first epoch will take about 200.0 h: 3.2e+16 dense FLOPs of SGD steps")
+    assert "45% (a step's share) of the 100 GFLOP/s a [512, 1024] matmul chain reaches here" in line
+    assert line.endswith("; these settings are meant for a GPU") == (jax.default_backend() == "cpu")
+
+
+def test_the_matmul_probe_measures_a_plausible_rate():
+    rate = runkit.devices.matmul_rate(64, 64, layers=4)
+    assert 1e8 < rate < 1e16

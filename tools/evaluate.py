@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import runkit
+from envs import ogbench
 from tools.agent import select_seed
 
 
@@ -139,7 +140,7 @@ def _sizes(module, args):
     if args.env in envs.ENV_IDS:
         env = _train_env(args)
         return env.state_dim, tuple(int(i) for i in env.goal_indices), env.action_size
-    probe = module.make_ogbench_env(args.env, None)
+    probe = ogbench.make_env(args.env, None)
     state_dim = int(np.prod(probe.observation_space.shape))
     return state_dim, tuple(range(state_dim)), int(probe.action_space.shape[0])
 
@@ -238,13 +239,13 @@ def evaluate(
     if "ogbench_seed" in setup:  # offline_crl / qrl / gcbc on an OGBench env: the script's own loop
         if video:
             raise ValueError("--video renders envs/ ids only; this run is evaluated on OGBench")
-        module, a = policy.module, policy.args
+        a = policy.args
         try:
-            eval_envs = [module.make_ogbench_env(env_id, setup["episode_length"]) for _ in range(episodes)]
+            eval_envs = [ogbench.make_env(env_id, setup["episode_length"]) for _ in range(episodes)]
         except Exception as e:  # gymnasium raises several types for unknown names
             raise ValueError(f"--env {env_id!r}: not an OGBench env ({type(e).__name__}: {e})") from None
         act = jax.jit(lambda params, obs, goals: policy.act(params, jax.numpy.concatenate([obs, goals], -1)))
-        metrics = module.evaluate_ogbench(
+        metrics = ogbench.evaluate(
             eval_envs, lambda o, g: act(policy.params, o, g), a.seed if seed is None else seed
         )
         out["key"] = "run" if seed is None else f"seed {seed}"
