@@ -51,7 +51,7 @@ import runkit  # noqa: E402
 
 VARIANTS = (
     "scan", "remat", "save_all", "unroll1", "unroll2", "unroll4", "unroll8", "unroll16", "loop",
-    "no_adam", "no_layer_norm", "relu", "dot_energy", "autodiff_energy", "bfloat16",
+    "no_adam", "no_layer_norm", "relu", "dot_energy", "autodiff_energy", "bfloat16", "flat_adam", "transposed_dots",
 )  # fmt: skip
 # Sizes of the networks' inputs (state, goal indices, action) without building an env: network-only runs need
 # no brax or mujoco (a GPU machine with only jax, flax and optax runs them).
@@ -78,7 +78,9 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
         "--matmul-precision bfloat16. Profiling by subtraction (other math, timed only to see what a part "
         "costs): no_adam = plain SGD instead of Adam, no_layer_norm, relu instead of swish, dot_energy = the "
         "[B, B] dot product instead of the L2 energy; autodiff_energy = the energy matrix's gradient left to "
-        "autodiff (crl_deep before its hand-written pairwise_sq_dist backward)",
+        "autodiff (crl_deep before its hand-written pairwise_sq_dist backward). Candidates, the same math: "
+        "flat_adam = each Adam over one flat vector of its network's parameters (optax.flatten), "
+        "transposed_dots = every Dense's backward matmuls on explicitly transposed copies (g @ w^T, x^T @ g)",
     )  # fmt: skip
     p.add_argument("--sizes", choices=sorted(SIZES), default="reacher", help="the env whose input sizes the nets get")
     p.add_argument(
@@ -242,6 +244,50 @@ def matmul_peak() -> dict:
     }
 
 
+@jax.custom_vjp
+def _transposed_dot(x, w):
+    return x @ w
+
+
+def _transposed_dot_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _transposed_dot_bwd(residuals, g):
+    """The Dense backward on materialised transposes (an optimization barrier stops XLA folding them back
+    into the dot's dimension numbers): both products then run in the layout of a forward matmul."""
+    x, w = residuals
+    w_t, x_t = jax.lax.optimization_barrier((jax.numpy.transpose(w), jax.numpy.transpose(x)))
+    return g @ w_t, x_t @ g
+
+
+_transposed_dot.defvjp(_transposed_dot_fwd, _transposed_dot_bwd)
+
+
+def transposed_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    assert x.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers
+    return _transposed_dot(x, w)
+
+
+class TransposedDense(nn.Dense):
+    dot_general: object = transposed_dot_general
+
+
+TransposedDense.__name__ = "Dense"  # flax names a layer after its class: the same parameter tree as nn.Dense
+
+
+def with_dense(dense, fn):
+    """Calls fn (which traces the networks) with flax's Dense replaced by `dense` (None: unchanged)."""
+    if dense is None:
+        return fn()
+    original = nn.Dense
+    nn.Dense = dense
+    try:
+        return fn()
+    finally:
+        nn.Dense = original
+
+
 def with_autodiff_energy(fn):
     """Calls fn with crl_deep.energy's l2 kinds taken on a [B, B, D] difference tensor by autodiff."""
     energy = C.energy
@@ -286,6 +332,10 @@ def prepare_sgd(variant: str, depth: int, bench: argparse.Namespace, dims: C.Dim
     optimizers = C.make_optimizers(args)
     if variant == "no_adam":  # one fused scale-and-add pass over the parameters instead of Adam's
         optimizers = C.Optimizers(optax.sgd(1e-6), optax.sgd(1e-6), optax.sgd(1e-6))
+    if variant == "flat_adam":
+        optimizers = C.Optimizers(
+            *(optax.flatten(optax.adam(lr)) for lr in (args.actor_lr, args.critic_lr)), optimizers.alpha
+        )
     init = jax.jit(lambda k: C.init_train_state(k, nets, optimizers, args, dims))
     # The batch is an argument, as in crl_deep (sampled from the buffer): closed over as a constant it
     # made XLA's compile 1.5x longer (depth 1024: 13.0 s vs 8.8 s).
@@ -304,7 +354,8 @@ def prepare_sgd(variant: str, depth: int, bench: argparse.Namespace, dims: C.Dim
     state_shapes = init.eval_shape(key)  # traces init once; the thread's call reuses the trace
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(build_state)
-        step = step.lower(state_shapes, batch, key).compile()
+        dense = TransposedDense if variant == "transposed_dots" else None
+        step = with_dense(dense, lambda: step.lower(state_shapes, batch, key).compile())
         compile_s = time.perf_counter() - start
         memory = step.memory_analysis()
         state, init_s = pending.result()

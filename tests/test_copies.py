@@ -3,7 +3,8 @@ byte-identical in every script that carries them, so a fork still edits one self
 copies cannot drift. (Host code is not copied: the scripts import it from runkit.)
 
 A block starts at `# --- shared block: <name> (identical in every script; tests/test_copies.py) ---`
-and ends at `# --- end shared block: <name> ---`. Any top-level script with such a marker is checked.
+(indented inside a class body, e.g. shared flags of an Args) and ends at `# --- end shared block: <name> ---`.
+Any top-level script with such a marker is checked.
 """
 
 import glob
@@ -13,7 +14,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START = re.compile(r"^# --- shared block: (\w+) \(identical in every script; tests/test_copies\.py\) ---$", re.M)
+START = re.compile(r"^ *# --- shared block: (\w+) \(identical in every script; tests/test_copies\.py\) ---$", re.M)
 # Which scripts must carry which block (a new script joins by carrying the markers).
 REQUIRED = {
     "tower": ("crl_deep.py", "sac_her.py", "td3_her.py", "gcbc.py", "offline_crl.py", "qrl.py"),
@@ -21,6 +22,7 @@ REQUIRED = {
     "tanh_gaussian": ("crl_deep.py", "sac_her.py", "qrl.py"),
     "ring_buffer": ("crl_deep.py", "qrl.py"),
     "her": ("sac_her.py", "td3_her.py"),
+    "her_args": ("sac_her.py", "td3_her.py"),  # the flags both HER baselines share, inside their Args
 }
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runkit
 import sac_her
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,12 +222,11 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path):
     assert rows[1]["env_steps"] == 200  # 4 envs x 10 prefill steps + 2 epochs x 4 unrolls x 4 envs x 5 steps
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "sac_her" and config["args"]["her_ratio"] == 0.8
-    checkpoint = sac_her.load_checkpoint(str(run))
+    checkpoint = runkit.load_checkpoint(str(run), "sac_her")
     assert set(checkpoint["params"]) == {"actor", "critic"} and checkpoint["epoch"] == 1
     # Pretend the run stopped after epoch 0: resume must redo epoch 1 only and finish the summary.
-    sac_her.save_checkpoint(
-        str(run), sac_her.Args(**checkpoint["args"]), checkpoint["state"], 0, rows[0]["env_steps"], rows[0]["wall_time"]
-    )
+    args, state = sac_her.Args(**checkpoint["args"]), checkpoint["state"]
+    runkit.save_checkpoint(str(run), "sac_her", args, state, 0, rows[0]["env_steps"], rows[0]["wall_time"])
     (run / "summary.json").unlink()
     run_script("--resume", str(run))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

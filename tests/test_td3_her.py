@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import runkit
 import td3_her
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +157,7 @@ def test_tiny_run_writes_outputs_and_a_checkpoint(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [0, 1, None] and rows[1]["env_steps"] == 200
     assert np.isfinite(rows[0]["training/actor_loss"]) and "eval/episode_success" in rows[1]
-    checkpoint = td3_her.load_checkpoint(str(run))
+    checkpoint = runkit.load_checkpoint(str(run), "td3_her")
     assert checkpoint["header"]["script"] == "td3_her" and set(checkpoint["params"]) == {"actor", "critic"}
     assert int(checkpoint["epoch"]) == 1 and checkpoint["args"]["policy_delay"] == 2
     # --resume shares its code with sac_her.py, whose test covers it (one subprocess run less here).
