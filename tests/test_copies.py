@@ -23,6 +23,9 @@ REQUIRED = {
     "ring_buffer": ("crl_deep.py", "qrl.py"),
     "her": ("sac_her.py", "td3_her.py"),
     "her_args": ("sac_her.py", "td3_her.py"),  # the flags both HER baselines share, inside their Args
+    "ddpg_bc": ("offline_crl.py", "qrl.py"),
+    "offline_goals": ("offline_crl.py", "qrl.py"),
+    "offline_inputs": ("offline_crl.py", "qrl.py"),
 }
 
 

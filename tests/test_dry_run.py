@@ -24,6 +24,7 @@ import qrl
 import runkit
 import sac_her
 import td3_her
+from envs import ogbench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,7 +242,7 @@ def real_init(name, dataset):
         sa, g, actor = offline_crl.make_networks(args, ACTION)
         adam = optax.adam(1e-3)
         state = offline_crl.init_train_state(key, sa, g, actor, STATE, ACTION, GOAL, adam, adam)
-        data = offline_crl.make_device_dataset(offline_crl.load_dataset(dataset), np.arange(4, 7))
+        data = offline_crl.make_device_dataset(ogbench.load_dataset(dataset), np.arange(4, 7))
         return {"actor": state["actor"], **state["critic"]}, data
     args = qrl.resolve(runkit.parse_args(qrl.Args, "qrl", argv_of(name, dataset)))
     dims = qrl.Dims(STATE, (4, 5, 6), ACTION)
@@ -249,7 +250,7 @@ def real_init(name, dataset):
     networks = {k: v for k, v in state["critic"].items() if k.endswith(("encoder", "dynamics"))}
     if name == "qrl_online":
         return {"actor": state["actor"], **networks}, qrl.buffer_init(args.replay_size, args.num_envs, STATE, ACTION)
-    data = qrl.make_device_dataset(qrl.load_dataset(dataset), np.arange(4, 7))
+    data = qrl.make_device_dataset(ogbench.load_dataset(dataset), np.arange(4, 7))
     return {"actor": state["actor"], **networks}, data
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 import offline_crl as oc
+import runkit
+from envs import ogbench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OGBENCH_ENV = "pointmaze-medium-navigate-v0"
@@ -51,9 +53,9 @@ def run_script(path, argv):
 # ---------------------------------------------------------------------------------------------------
 def test_loader_splits_at_terminals_and_drops_unfinished_rows(tmp_path):
     raw = labelled_dataset([3, 1, 5], trailing=2)
-    data = oc.load_dataset(write_npz(tmp_path / "d.npz", **raw))
+    data = ogbench.load_dataset(write_npz(tmp_path / "d.npz", **raw))
     assert data["observations"].shape == (9, 2)  # the 2 trailing rows are gone
-    rows, end = oc.index_trajectories(data["terminals"])
+    rows, end = ogbench.index_trajectories(data["terminals"])
     # transitions: rows 0,1 (traj 0), none in the 1-row traj 1 (row 3), rows 4..7 (traj 2)
     np.testing.assert_array_equal(rows, [0, 1, 4, 5, 6, 7])
     np.testing.assert_array_equal(end, [2, 2, 2, 3, 8, 8, 8, 8, 8])
@@ -61,7 +63,7 @@ def test_loader_splits_at_terminals_and_drops_unfinished_rows(tmp_path):
 
 def test_sampled_next_observations_and_goals_stay_in_their_trajectory(tmp_path):
     raw = labelled_dataset([3, 1, 5, 2, 40], trailing=3)
-    data = oc.load_dataset(write_npz(tmp_path / "d.npz", **raw))
+    data = ogbench.load_dataset(write_npz(tmp_path / "d.npz", **raw))
     device = oc.make_device_dataset(data, np.arange(2))
     batch = oc.sample_batch(device, jax.random.PRNGKey(0), 4096, 0.9)
     s, s_next = np.asarray(batch["observations"]), np.asarray(batch["next_observations"])
@@ -80,7 +82,7 @@ def test_sampled_next_observations_and_goals_stay_in_their_trajectory(tmp_path):
 def test_geometric_and_uniform_goal_offsets_have_the_right_law(tmp_path):
     # one long trajectory: the geometric offset k >= 1 with P(k) ~ gamma^(k-1) has mean 1/(1-gamma)
     long = oc.make_device_dataset(
-        oc.load_dataset(write_npz(tmp_path / "l.npz", **labelled_dataset([200_000]))), np.arange(2)
+        ogbench.load_dataset(write_npz(tmp_path / "l.npz", **labelled_dataset([200_000]))), np.arange(2)
     )
     t, _, value_goal, _ = oc.sample_indices(long, jax.random.PRNGKey(1), 20_000, 0.9)
     k = np.asarray(value_goal - t)
@@ -89,7 +91,7 @@ def test_geometric_and_uniform_goal_offsets_have_the_right_law(tmp_path):
     assert abs(np.mean(k == 1) - 0.1) < 0.01
     # 5-row trajectories: from the first row the uniform goal is rows 1..4 with probability 1/4 each
     short = oc.make_device_dataset(
-        oc.load_dataset(write_npz(tmp_path / "s.npz", **labelled_dataset([5] * 50))), np.arange(2)
+        ogbench.load_dataset(write_npz(tmp_path / "s.npz", **labelled_dataset([5] * 50))), np.arange(2)
     )
     t, _, _, actor_goal = oc.sample_indices(short, jax.random.PRNGKey(2), 40_000, 0.99)
     t, actor_goal = np.asarray(t), np.asarray(actor_goal)
@@ -116,7 +118,7 @@ def test_bad_datasets_are_rejected_with_their_message(tmp_path, change, message)
     raw = labelled_dataset([3, 4])
     change(raw)
     with pytest.raises(ValueError) as err:
-        oc.load_dataset(write_npz(tmp_path / "bad.npz", **raw))
+        ogbench.load_dataset(write_npz(tmp_path / "bad.npz", **raw))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -232,7 +234,7 @@ def test_depth_flags_set_each_network_and_cold_init_shrinks_the_critic_heads():
         return [jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, d))) for net, d in inputs]
 
     def counts(**kw):
-        return tuple(oc.param_count(tree) for tree in shapes(**kw))
+        return tuple(runkit.tree_size(tree) for tree in shapes(**kw))
 
     block = 4 * (16 * 16 + 16 + 2 * 16)  # 4 x (Dense kernel + bias, LayerNorm scale + bias)
     base = counts(depth=4)
@@ -286,8 +288,8 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
     from ogbench.utils import load_dataset as ogbench_load
 
     theirs = ogbench_load(dataset)
-    ours = oc.load_dataset(dataset)
-    rows, _ = oc.index_trajectories(ours["terminals"])
+    ours = ogbench.load_dataset(dataset)
+    rows, _ = ogbench.index_trajectories(ours["terminals"])
     np.testing.assert_array_equal(theirs["observations"], ours["observations"][rows])
     np.testing.assert_array_equal(theirs["next_observations"], ours["observations"][rows + 1])
     np.testing.assert_array_equal(theirs["actions"], ours["actions"][rows])
@@ -324,12 +326,12 @@ def test_tiny_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(tmp_path)
     assert rows[-1]["eval/success_last5"] == pytest.approx(np.mean([r["eval/success"] for r in rows[:-1]]))
     config = json.load(open(run / "config.json"))
     assert config["script"] == "offline_crl" and config["resolved"]["alpha"] == 0.03
-    ckpt = oc.load_checkpoint(str(run))
+    ckpt = runkit.load_checkpoint(str(run), "offline_crl")
     assert ckpt["env_steps"] == 40 and ckpt["epoch"] == 1  # offline: env_steps counts gradient steps
     assert ckpt["params"]["sa_encoder"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 2  # depth 8
     assert ckpt["params"]["actor"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 1  # actor depth 4
     # an interrupted run: roll the checkpoint back to epoch 0 and drop the summary, then --resume
-    oc.save_checkpoint(str(run), oc.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
+    runkit.save_checkpoint(str(run), "offline_crl", oc.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "offline_crl.py"), ["--resume", str(run)])
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import qrl
+import runkit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OGBENCH_ENV = "pointmaze-medium-navigate-v0"
@@ -438,13 +439,13 @@ def test_tiny_offline_run_on_a_dataset_rolled_out_of_an_ogbench_env_and_resume(t
     config = json.load(open(run / "config.json"))
     assert config["script"] == "qrl" and config["resolved"]["alpha"] == 0.0003  # OGBench's pointmaze value
     assert config["resolved"]["actor_random_goal_prob"] == 0.0 and config["args"]["alpha"] is None
-    ckpt = qrl.load_checkpoint(str(run))
+    ckpt = runkit.load_checkpoint(str(run), "qrl")
     assert ckpt["env_steps"] == 40 and ckpt["epoch"] == 1
     assert set(ckpt["params"]) == {"actor", "state_encoder", "dynamics", "multiplier", "iqe_mix"}  # psi = phi
     assert ckpt["params"]["state_encoder"]["params"]["tower"]["blocks"]["Dense_0"]["kernel"].shape[0] == 2  # depth 8
     # interrupted after epoch 0: roll the checkpoint back, drop the summary, --resume
     assert set(ckpt["state"]) == {"params", "train_state", "key"}
-    qrl.save_checkpoint(str(run), qrl.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
+    runkit.save_checkpoint(str(run), "qrl", qrl.Args(**ckpt["args"]), ckpt["state"], 0, 20, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "qrl.py"), ["--resume", str(run)])
     rows = read_rows(run)
@@ -498,11 +499,11 @@ def test_tiny_online_run_writes_the_run_folder_and_resumes(tmp_path):
     assert summary["eval/episode_success_last5"] == pytest.approx(
         np.mean([r["eval/episode_success"] for r in rows[:-1]])
     )
-    ckpt = qrl.load_checkpoint(str(run))
+    ckpt = runkit.load_checkpoint(str(run), "qrl")
     assert set(ckpt["params"]) == {"actor", "state_encoder", "goal_encoder", "dynamics", "multiplier", "iqe_mix"}
     assert set(ckpt["state"]) == {"params", "train_state", "key", "env_state"}
     assert "log_beta" in ckpt["state"]["train_state"]
-    qrl.save_checkpoint(str(run), qrl.Args(**ckpt["args"]), ckpt["state"], 0, 80, 1.0)
+    runkit.save_checkpoint(str(run), "qrl", qrl.Args(**ckpt["args"]), ckpt["state"], 0, 80, 1.0)
     os.remove(run / "summary.json")
     run_script(os.path.join(ROOT, "qrl.py"), ["--resume", str(run)])
     rows = read_rows(run)

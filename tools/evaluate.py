@@ -154,6 +154,8 @@ def _offline_crl(module, args):
 def _qrl(module, args):
     dims = module.Dims(*_sizes(module, args))
     actor = module.build_networks(args, dims).actor
+    if args.mode == "online":  # the tanh-Gaussian actor: tanh(mean) of obs = [state, goal]
+        return lambda params, obs: module.deterministic_action(actor, params, obs)
     return lambda params, obs: module.policy_action(
         actor, params, obs[..., : dims.state_dim], obs[..., dims.state_dim :]
     )
@@ -245,9 +247,7 @@ def evaluate(
         except Exception as e:  # gymnasium raises several types for unknown names
             raise ValueError(f"--env {env_id!r}: not an OGBench env ({type(e).__name__}: {e})") from None
         act = jax.jit(lambda params, obs, goals: policy.act(params, jax.numpy.concatenate([obs, goals], -1)))
-        metrics = ogbench.evaluate(
-            eval_envs, lambda o, g: act(policy.params, o, g), a.seed if seed is None else seed
-        )
+        metrics = ogbench.evaluate(eval_envs, lambda o, g: act(policy.params, o, g), a.seed if seed is None else seed)
         out["key"] = "run" if seed is None else f"seed {seed}"
     else:
         if env_id not in envs.ENV_IDS:
