@@ -541,54 +541,13 @@ def check_args(args: Args) -> None:
         fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
 
 
-# --- shared block: offline_inputs (identical in every script; tests/test_copies.py) ---
-def load_offline_inputs(args):
-    """The dataset, its -val twin (or None), the evaluation env (one of our envs/ ids, else a first OGBench
-    env) and the goal indices (OGBench goals are whole observations), checked against each other before
-    anything compiles."""
-    if not os.path.isfile(args.dataset):
-        runkit.fail(f"--dataset {args.dataset!r} does not exist")
-    val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else ""
+def load_inputs(args: Args):
+    """ogbench.load_inputs of the flags: (dataset, its -val twin or None, eval env, goal indices); bad files
+    and a dataset that does not fit the env fail in one line, before anything compiles."""
     try:
-        dataset = ogbench.load_dataset(args.dataset)
-        val_dataset = ogbench.load_dataset(val_path) if os.path.isfile(val_path) else None
+        return ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length)
     except ValueError as e:
         runkit.fail(str(e))
-    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
-    if args.env in envs.ENV_IDS:
-        eval_env = envs.make(envs.eval_variant(args.env))
-        env_sizes, goal_indices = (eval_env.state_dim, eval_env.action_size), tuple(map(int, eval_env.goal_indices))
-    else:
-        try:
-            eval_env = ogbench.make_env(args.env, args.eval_episode_length)
-        except Exception as e:  # gymnasium raises several types for unknown names
-            runkit.fail(f"--env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
-        env_sizes = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0])
-        goal_indices = tuple(range(obs_dim))
-    if env_sizes != (obs_dim, action_dim):
-        runkit.fail(
-            f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
-            f"has {env_sizes[0]} and {env_sizes[1]}"
-        )
-    if val_dataset is not None and (val_dataset["observations"].shape[1], val_dataset["actions"].shape[1]) != env_sizes:
-        runkit.fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
-    return dataset, val_dataset, eval_env, goal_indices
-
-
-def make_offline_evaluator(args, act, eval_env):
-    """(actor params, key) -> eval metrics (floats), act(params, observations, goals) -> actions: envs.evaluate
-    on our envs/ ids, else OGBench's evaluation tasks with fixed seeds (the key unused)."""
-    if args.env in envs.ENV_IDS:
-        state_dim, length = eval_env.state_dim, args.eval_episode_length or 1000
-        policy = lambda params: lambda obs: act(params, obs[:, :state_dim], obs[:, state_dim:])
-        run = jax.jit(lambda params, key: envs.evaluate(eval_env, policy(params), key, args.eval_episodes, length))
-        return lambda params, key: {k: float(v) for k, v in jax.device_get(run(params, key)).items()}
-    more = [ogbench.make_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
-    policy = jax.jit(act)
-    return lambda params, key: ogbench.evaluate([eval_env, *more], lambda o, g: policy(params, o, g), args.seed)
-
-
-# --- end shared block: offline_inputs ---
 
 
 def checkpoint_state(train_state: dict, key) -> dict:
@@ -658,7 +617,7 @@ def dry_run(args: Args) -> dict:
     one JSON line. The dataset is read and checked as in a real run, but kept on the host."""
     runkit.skip_compilation_cache()
     runkit.apply_matmul_precision(args)
-    dataset, _, _, goal_indices = load_offline_inputs(args)
+    dataset, _, _, goal_indices = load_inputs(args)
     with jax.default_device(jax.devices("cpu")[0]):
         data = runkit.as_shapes(make_device_dataset(dataset, goal_indices))
     _, _, update, init = build(args, dataset, goal_indices)
@@ -690,7 +649,7 @@ if __name__ == "__main__":
         dry_run(args)
         sys.exit(0)
     checkpoint = runkit.load_checkpoint(args.resume, SCRIPT) if args.resume else None
-    dataset, val_dataset, eval_env, goal_indices = load_offline_inputs(args)
+    dataset, val_dataset, eval_env, goal_indices = load_inputs(args)
     run_path = runkit.open_run(args, SCRIPT, {"resolved": resolved(args)})
     runkit.log_backend(SCRIPT)
 
@@ -719,7 +678,7 @@ if __name__ == "__main__":
     compile_seconds = time.time() - compile_start
     validation_metrics = make_validation(args, losses)
     act = lambda params, obs, goals: policy_action(actor, params, obs, goals)
-    evaluate = make_offline_evaluator(args, act, eval_env)
+    evaluate = ogbench.make_evaluator(args.env, eval_env, act, args.eval_episodes, args.eval_episode_length, args.seed)
     headline = "eval/episode_success" if args.env in envs.ENV_IDS else "eval/success"
 
     # ---- the loop: one jitted epoch of gradient steps, then evaluate, log, checkpoint ----

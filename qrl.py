@@ -1,29 +1,24 @@
-"""Quasimetric RL (QRL) for goal reaching, online on `envs/` or offline on OGBench-format datasets,
-with the paper's depth-scalable residual towers.
+"""Quasimetric RL (QRL) for goal reaching, online on `envs/` or offline on OGBench-format datasets, with the
+paper's depth-scalable residual towers (docs/qrl.md).
 
     python qrl.py --mode online --env arm_push_easy --depth 16
     python qrl.py --mode offline --dataset data/pointmaze-giant-stitch-v0.npz --env pointmaze-giant-stitch-v0
 
 The value is a learned quasimetric d(s, g) >= 0 (asymmetric, triangle inequality, d(x, x) = 0) between
-latents of a state encoder phi(s) and a goal encoder psi(g): an IQE head (or MRN). It is trained by
-constrained optimisation: push random (state, goal) pairs apart (minimise mean 100 softplus(5 - d/100)),
-subject to one-step distances d(s, s') <= 1 (mean(relu(d - 1)^2) <= eps), with a learned
-Lagrange multiplier. A latent dynamics model phi(s) + T(phi(s), a) ~ phi(s') gives
-Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)). The actor maximises Q / stop_grad(mean |Q|): offline
-DDPG+BC-style with -alpha * log pi(a_data | s, g) (OGBench's), online as a tanh-Gaussian policy with an
-entropy bonus (crl_deep.py's actor). Offline defaults are OGBench's QRL agent's; see docs/qrl.md. Host
-code (run folder, checkpoints, logging) is the `runkit` package; datasets and OGBench's evaluation are
-`envs/ogbench.py`.
+latents phi(s), psi(g) (an IQE or MRN head), trained by constrained optimisation: push random (state, goal)
+pairs apart subject to one-step distances d(s, s') <= 1, with a learned Lagrange multiplier. A latent
+dynamics model phi(s) + T(phi(s), a) ~ phi(s') gives Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)), which the
+actor maximises: offline DDPG+BC (OGBench's QRL agent, whose defaults the offline mode takes), online a
+tanh-Gaussian policy with an entropy bonus (crl_deep.py's). Host code is the `runkit` package; datasets and
+OGBench's evaluation are `envs/ogbench.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
 import flax.linen as nn
@@ -38,7 +33,7 @@ import runkit
 from envs import ogbench
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Args:
     mode: Literal["online", "offline"] = "online"
     """online: collect with the actor on --env and learn from the replay; offline: learn from --dataset"""
@@ -73,8 +68,7 @@ class Args:
     alpha: Optional[float] = None
     """offline: behaviour-cloning weight of the actor loss (default: 0.0003 pointmaze, else 0.003, as OGBench)"""
     actor_random_goal_prob: Optional[float] = None
-    """probability that an actor goal is a random dataset state instead of a future one (default: offline
-    stitch datasets 0.5, else 0, as OGBench)"""
+    """P(an actor goal is a random state, not a future one) (default: offline stitch datasets 0.5, else 0)"""
     discount: float = 0.99
     """online: gamma of the geometric future actor-goal sampling (offline actor goals are uniform future)"""
     temperature_lr: float = 3e-4
@@ -114,9 +108,8 @@ class Args:
     scan_unroll: int = 1
     """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     matmul_precision: Literal["default", "float32", "bfloat16"] = "default"
-    """default: jax's own float32 matmuls (float32 on CPU, TensorFloat32 on NVIDIA Ampere/Hopper GPUs);
-    float32: full float32 on every backend; bfloat16: the towers' Dense layers compute in bfloat16
-    (params, LayerNorm, heads and losses stay float32; docs/gpu.md)"""
+    """default: jax's float32 matmuls (TensorFloat32 on NVIDIA Ampere/Hopper GPUs); float32: full float32 on every
+    backend; bfloat16: the towers' Dense layers in bfloat16 (params, LayerNorm, heads, losses float32; docs/gpu.md)"""
     seed: int = 0
     """random seed"""
     track: bool = False
@@ -132,8 +125,7 @@ class Args:
     resume: Optional[str] = None
     """continue the run stored in this folder (its own args are used; other flags are ignored)"""
     dry_run: bool = False
-    """compile the training epoch from shapes, print its parameters, FLOPs, buffer (or dataset) bytes and XLA's
-    memory estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
+    """compile the epoch from shapes, print its costs (params, FLOPs, bytes, XLA memory) as one JSON line, exit"""
 
 
 SCRIPT = "qrl"
@@ -143,8 +135,6 @@ PUSH_SCALE, PUSH_OFFSET = 100.0, 5.0
 MULTIPLIER_INIT = 1.0  # the Lagrange multiplier starts at 1 (OGBench's init)
 MRN_EPS = 1e-12  # inside the MRN square root: finite gradient where the symmetric halves coincide
 
-
-# ---- Networks: crl_deep.py's residual tower and tanh-Gaussian actor, heads for QRL ---------------
 
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
 # The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
@@ -229,14 +219,15 @@ def make_tower(args, depth: int) -> Tower:
 
 
 class Encoder(nn.Module):
-    """An encoder (phi(s), psi(g) or the dynamics T): the tower, then a linear Dense(repr_dim) head."""
+    """The tower, then a linear Dense head: phi(s), psi(g), T, or ("mean") OGBench's offline actor mean mu(s, g)."""
 
     tower: Tower
-    repr_dim: int
+    out_dim: int
+    head: str = "head"
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.repr_dim, kernel_init=kernel_init, name="head")(self.tower(x))
+        return nn.Dense(self.out_dim, kernel_init=kernel_init, name=self.head)(self.tower(x))
 
 
 class Dims(NamedTuple):  # sizes taken from the env: obs = concat[state, goal = state[goal_indices]]
@@ -286,42 +277,30 @@ def sample_action(mean, log_std, key, noise=None):
 # --- end shared block: tanh_gaussian ---
 
 
-class ConstantStdActor(nn.Module):
-    """Offline policy: the mean mu(s, g) of OGBench's constant-std (std 1) Gaussian actor."""
-
-    tower: Tower
-    action_size: int
-
-    @nn.compact
-    def __call__(self, obs):
-        return nn.Dense(self.action_size, kernel_init=kernel_init, name="mean")(self.tower(obs))
-
-
 class Networks(NamedTuple):
-    actor: nn.Module  # online: Actor (tanh-Gaussian, entropy-regularised); offline: ConstantStdActor
+    actor: nn.Module  # online: Actor (tanh-Gaussian, entropy-regularised); offline: Encoder, the mean mu(s, g)
     state_encoder: Encoder  # phi(s) -> latent
     goal_encoder: Optional[Encoder]  # psi(g) -> latent; None when goals are whole states (psi = phi)
     dynamics: Encoder  # T(concat[phi(s), a]) -> latent change
 
+    def encode_goals(self, critic: dict, goals):
+        if self.goal_encoder is None:
+            return self.state_encoder.apply(critic["state_encoder"], goals)
+        return self.goal_encoder.apply(critic["goal_encoder"], goals)
 
-def goals_are_states(dims: Dims) -> bool:
-    """OGBench goals are whole observations: then one encoder embeds states and goals (as OGBench's QRL)."""
-    return tuple(dims.goal_indices) == tuple(range(dims.state_dim))
+    def predict_next_latent(self, critic: dict, latent, action):
+        """Latent dynamics: phi(s') ~ phi(s) + T(concat[phi(s), a])."""
+        return latent + self.dynamics.apply(critic["dynamics"], jnp.concatenate([latent, action], -1))
 
 
 def build_networks(args: Args, dims: Dims) -> Networks:
+    """OGBench's goals are whole observations: then phi embeds the goals too (as OGBench's QRL)."""
     args = resolve(args)
-    actor_depth, critic_depth = args.actor_depth or args.depth, args.critic_depth or args.depth
-    tower = lambda depth: make_tower(args, depth)
-    return Networks(
-        actor=(Actor if args.mode == "online" else ConstantStdActor)(tower(actor_depth), dims.action_size),
-        state_encoder=Encoder(tower(critic_depth), args.latent_dim),
-        goal_encoder=None if goals_are_states(dims) else Encoder(tower(critic_depth), args.latent_dim),
-        dynamics=Encoder(tower(critic_depth), args.latent_dim),
-    )
-
-
-# ---- Quasimetrics: d(x, y) >= 0, d(x, x) = 0, d(x, z) <= d(x, y) + d(y, z), d(x, y) != d(y, x) in general ----
+    critic_net = lambda: Encoder(make_tower(args, args.critic_depth or args.depth), args.latent_dim)
+    actor_tower = make_tower(args, args.actor_depth or args.depth)
+    online, goals_are_states = args.mode == "online", tuple(dims.goal_indices) == tuple(range(dims.state_dim))
+    actor = Actor(actor_tower, dims.action_size) if online else Encoder(actor_tower, dims.action_size, "mean")
+    return Networks(actor, critic_net(), None if goals_are_states else critic_net(), critic_net())
 
 
 def iqe(x, y, component_dim: int, mix):
@@ -354,17 +333,11 @@ def distance(critic: dict, x, y, args: Args):
     return mrn(x, y)
 
 
-# ---- Losses --------------------------------------------------------------------------------------
-
-
 def dual_value_loss(d_far, d_step, multiplier, eps: float):
-    """QRL's constrained objective as one loss.
-
-    push: mean(100 softplus(5 - d_far / 100)) over random (state, goal) pairs (minimising it pushes them
-    apart); violation: mean(relu(d_step - 1)^2) over one-step pairs; the encoders minimise
-    push + stop_grad(lambda) * violation, the multiplier minimises lambda * (eps - stop_grad(violation)),
-    so lambda grows while the constraint is violated and shrinks (towards 0) while it holds.
-    """
+    """QRL's constrained objective as one loss. push = mean(100 softplus(5 - d_far / 100)) over random
+    (state, goal) pairs pushes them apart; violation = mean(relu(d_step - 1)^2) over one-step pairs. The
+    encoders minimise push + stop_grad(lambda) violation, the multiplier lambda (eps - stop_grad(violation)):
+    lambda grows while the constraint is violated and shrinks (towards 0) while it holds."""
     push = jnp.mean(PUSH_SCALE * jax.nn.softplus(PUSH_OFFSET - d_far / PUSH_SCALE))
     violation = jnp.mean(jax.nn.relu(d_step - 1.0) ** 2)
     value_loss = push + jax.lax.stop_gradient(multiplier) * violation
@@ -393,67 +366,44 @@ def policy_action(actor, actor_params, observations, goals):
 # --- end shared block: ddpg_bc ---
 
 
-def encode_goals(nets: Networks, critic: dict, goals):
-    if nets.goal_encoder is None:
-        return nets.state_encoder.apply(critic["state_encoder"], goals)
-    return nets.goal_encoder.apply(critic["goal_encoder"], goals)
-
-
-def predict_next_latent(nets: Networks, critic: dict, latent, action):
-    """Latent dynamics: phi(s') ~ phi(s) + T(concat[phi(s), a])."""
-    return latent + nets.dynamics.apply(critic["dynamics"], jnp.concatenate([latent, action], -1))
-
-
 def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: Dims):
-    """Dual value loss + multiplier loss + latent dynamics loss on one batch.
-
-    batch: state, action, next_state [B, state_dim], random_goal [B, goal_size]. One-step pairs are
-    (s, s') and, when goals are not whole states, (s, goal of s') as well: reaching g(s') takes one step
-    from s, so with the triangle inequality d(s_0, g(s_k)) <= k along any trajectory.
-    """
+    """Dual value loss + multiplier loss + latent dynamics loss on a batch of state, action, next_state,
+    random_goal. One-step pairs are (s, s') and, when goals are not whole states, (s, goal of s') too: reaching
+    g(s') takes one step from s, so with the triangle inequality d(s_0, g(s_k)) <= k along any trajectory."""
     latent = nets.state_encoder.apply(critic["state_encoder"], batch["state"])
     next_latent = nets.state_encoder.apply(critic["state_encoder"], batch["next_state"])
-    d_far = distance(critic, latent, encode_goals(nets, critic, batch["random_goal"]), args)
+    d_far = distance(critic, latent, nets.encode_goals(critic, batch["random_goal"]), args)
     d_step = distance(critic, latent, next_latent, args)
     if nets.goal_encoder is not None:
-        next_goal = encode_goals(nets, critic, batch["next_state"][:, jnp.asarray(dims.goal_indices)])
+        next_goal = nets.encode_goals(critic, batch["next_state"][:, jnp.asarray(dims.goal_indices)])
         d_step = jnp.concatenate([d_step, distance(critic, latent, next_goal, args)])
     multiplier = jax.nn.softplus(critic["multiplier"])
     value_loss, (push, violation) = dual_value_loss(d_far, d_step, multiplier, args.constraint_eps)
-    predicted = predict_next_latent(nets, critic, latent, batch["action"])
+    predicted = nets.predict_next_latent(critic, latent, batch["action"])
     dynamics_loss = 0.5 * jnp.mean(
         distance(critic, predicted, next_latent, args) + distance(critic, next_latent, predicted, args)
     )
     loss = value_loss + dynamics_loss
-    metrics = {
-        "critic_loss": loss,
-        "push_loss": push,
-        "constraint_violation": violation,
-        "dynamics_loss": dynamics_loss,
-        "multiplier": multiplier,
-        "d_far_mean": jnp.mean(d_far),
-        "d_step_mean": jnp.mean(d_step),
-        "d_step_max": jnp.max(d_step),
-    }
+    metrics = {"critic_loss": loss, "push_loss": push, "constraint_violation": violation}
+    metrics |= {"dynamics_loss": dynamics_loss, "multiplier": multiplier, "d_far_mean": jnp.mean(d_far)}
+    metrics |= {"d_step_mean": jnp.mean(d_step), "d_step_max": jnp.max(d_step)}
     if args.quasimetric == "iqe":
         metrics["iqe_mix"] = jax.nn.sigmoid(critic["iqe_mix"])
     return loss, metrics
 
 
 def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args: Args, key=None, log_beta=None):
-    """Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic.
-
-    Offline (DDPG+BC): a = clip(mu(s, g)), loss -Q / stop_grad(mean |Q|) - alpha log N(a_data; mu, I).
-    Online (SAC-style, as crl_deep.py's actor): a ~ pi(. | s, g) reparameterised, loss -Q + beta log pi(a | s, g).
-    """
+    """Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic. Offline (DDPG+BC):
+    a = clip(mu(s, g)), loss -Q / stop_grad(mean |Q|) - alpha log N(a_data; mu, I). Online (SAC-style, as
+    crl_deep.py's actor): a ~ pi(. | s, g) reparameterised, loss -Q + beta log pi(a | s, g)."""
     state, goal = batch["state"], batch["actor_goal"]
     obs = jnp.concatenate([state, goal], -1)
     critic = jax.lax.stop_gradient(critic)
 
     def q_value(action):
         latent = nets.state_encoder.apply(critic["state_encoder"], state)
-        predicted = predict_next_latent(nets, critic, latent, action)
-        return -distance(critic, predicted, encode_goals(nets, critic, goal), args)
+        predicted = nets.predict_next_latent(critic, latent, action)
+        return -distance(critic, predicted, nets.encode_goals(critic, goal), args)
 
     if isinstance(nets.actor, Actor):
         mean, log_std = nets.actor.apply(actor_params, obs)
@@ -461,49 +411,28 @@ def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args:
         q = q_value(action)
         q_loss = -jnp.mean(q)  # not normalised: Q varies over actions by a small part of its size
         loss = q_loss + jnp.exp(log_beta) * jnp.mean(log_prob)
-        return loss, {
-            "actor_loss": loss,
-            "q_loss": q_loss,
-            "q_mean": jnp.mean(q),
-            "entropy": -jnp.mean(log_prob),
-            "log_prob": log_prob,
-        }
+        metrics = {"actor_loss": loss, "q_loss": q_loss, "q_mean": jnp.mean(q), "entropy": -jnp.mean(log_prob)}
+        return loss, {**metrics, "log_prob": log_prob}
     mean = nets.actor.apply(actor_params, obs)
     q = q_value(jnp.clip(mean, -1.0, 1.0))
     loss, (q_loss, bc_loss) = ddpg_bc_loss(q, mean, batch["action"], args.alpha)
-    return loss, {
-        "actor_loss": loss,
-        "q_loss": q_loss,
-        "bc_loss": bc_loss,
-        "q_mean": jnp.mean(q),
-        "bc_mse": jnp.mean((mean - batch["action"]) ** 2),
-    }
-
-
-# ---- Train state and the update step -------------------------------------------------------------
+    metrics = {"actor_loss": loss, "q_loss": q_loss, "bc_loss": bc_loss, "q_mean": jnp.mean(q)}
+    return loss, {**metrics, "bc_mse": jnp.mean((mean - batch["action"]) ** 2)}
 
 
 def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
     k_actor, k_state, k_goal, k_dyn = jax.random.split(key, 4)
     goal_size = len(dims.goal_indices)
-    critic = {
-        "state_encoder": nets.state_encoder.init(k_state, jnp.zeros((1, dims.state_dim))),
-        "dynamics": nets.dynamics.init(k_dyn, jnp.zeros((1, args.latent_dim + dims.action_size))),
-        # softplus(raw) = MULTIPLIER_INIT
-        "multiplier": jnp.asarray(math.log(math.expm1(MULTIPLIER_INIT)), jnp.float32),
-    }
+    critic = {"state_encoder": nets.state_encoder.init(k_state, jnp.zeros((1, dims.state_dim)))}
+    critic["dynamics"] = nets.dynamics.init(k_dyn, jnp.zeros((1, args.latent_dim + dims.action_size)))
+    critic["multiplier"] = jnp.asarray(math.log(math.expm1(MULTIPLIER_INIT)), jnp.float32)  # softplus: the init
     if nets.goal_encoder is not None:
         critic["goal_encoder"] = nets.goal_encoder.init(k_goal, jnp.zeros((1, goal_size)))
     if args.quasimetric == "iqe":
         critic["iqe_mix"] = jnp.zeros((), jnp.float32)  # sigmoid(0) = 0.5: half mean, half max
     actor = nets.actor.init(k_actor, jnp.zeros((1, dims.state_dim + goal_size)))
-    actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
-    state = {
-        "actor": actor,
-        "critic": critic,
-        "actor_opt": actor_opt.init(actor),
-        "critic_opt": critic_opt.init(critic),
-    }
+    actor_opt, critic_opt = optax.adam(args.actor_lr).init(actor), optax.adam(args.critic_lr).init(critic)
+    state = {"actor": actor, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
     if isinstance(nets.actor, Actor):  # online: the entropy temperature beta = exp(log_beta), starting at 1
         state["log_beta"] = jnp.zeros((), jnp.float32)
         state["temperature_opt"] = optax.adam(args.temperature_lr).init(state["log_beta"])
@@ -512,32 +441,23 @@ def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
 
 def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args, dims: Dims):
     """One critic and one actor update (online also the temperature), all from the same pre-update critic."""
-    actor_opt, critic_opt = optax.adam(args.actor_lr), optax.adam(args.critic_lr)
-    (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-        train_state["critic"], batch, nets, args, dims
+    actor, critic = train_state["actor"], train_state["critic"]
+    critic_grads, critic_metrics = jax.grad(critic_loss_fn, has_aux=True)(critic, batch, nets, args, dims)
+    actor_grads, actor_metrics = jax.grad(actor_loss_fn, has_aux=True)(
+        actor, critic, batch, nets, args, key, train_state.get("log_beta")
     )
-    (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-        train_state["actor"], train_state["critic"], batch, nets, args, key, train_state.get("log_beta")
-    )
-    critic_updates, critic_opt_state = critic_opt.update(critic_grads, train_state["critic_opt"])
-    actor_updates, actor_opt_state = actor_opt.update(actor_grads, train_state["actor_opt"])
-    new_state = {
-        "critic": optax.apply_updates(train_state["critic"], critic_updates),
-        "actor": optax.apply_updates(train_state["actor"], actor_updates),
-        "critic_opt": critic_opt_state,
-        "actor_opt": actor_opt_state,
-    }
+    critic_updates, critic_opt = optax.adam(args.critic_lr).update(critic_grads, train_state["critic_opt"])
+    actor_updates, actor_opt = optax.adam(args.actor_lr).update(actor_grads, train_state["actor_opt"])
+    new_state = {"critic": optax.apply_updates(critic, critic_updates), "critic_opt": critic_opt}
+    new_state |= {"actor": optax.apply_updates(actor, actor_updates), "actor_opt": actor_opt}
     if "log_beta" in train_state:  # beta rises while the entropy is below the target, as in crl_deep.py
         entropy_gap = jax.lax.stop_gradient(-actor_metrics.pop("log_prob") + 0.5 * dims.action_size)
-        temperature_opt = optax.adam(args.temperature_lr)
         grad = jax.grad(lambda log_beta: jnp.exp(log_beta) * jnp.mean(entropy_gap))(train_state["log_beta"])
+        temperature_opt = optax.adam(args.temperature_lr)
         updates, new_state["temperature_opt"] = temperature_opt.update(grad, train_state["temperature_opt"])
         new_state["log_beta"] = optax.apply_updates(train_state["log_beta"], updates)
         actor_metrics["beta"] = jnp.exp(train_state["log_beta"])
     return new_state, {**critic_metrics, **actor_metrics}
-
-
-# ---- Online replay: crl_deep.py's ring buffer of each env's trajectory ---------------------------
 
 
 # --- shared block: ring_buffer (identical in every script; tests/test_copies.py) ---
@@ -607,13 +527,9 @@ def sample_goal_offsets(key, horizon, discount: float):
 def buffer_sample_transitions(
     buffer: dict, key, batch_size: int, discount: float, goal_indices, random_goal_prob: float, tries: int = 4
 ) -> dict:
-    """A QRL batch from the ring: (s, a, s') of one episode, an actor goal from the same episode's
-    geometric future (or, with probability random_goal_prob, a random stored state's goal) and a random
-    goal (any stored step of any env) for the push-apart term.
-
-    Sampling of envs and anchors as crl_deep.py's buffer_sample: each env equally often, anchors uniform
-    over stored steps with a stored successor in their episode (rejection over `tries` candidates).
-    """
+    """(s, a, s') of one episode (envs and anchors as crl_deep.py's buffer_sample; anchors need a stored successor),
+    an actor goal from its geometric future (else, with random_goal_prob, a random stored state's goal) and a
+    random goal (any stored step of any env) for the push-apart term."""
     num_envs = buffer["state"].shape[1]
     k_env, k_pos, k_offset, k_rand_env, k_rand_pos, k_mix = jax.random.split(key, 6)
     i = jnp.arange(batch_size)
@@ -632,16 +548,10 @@ def buffer_sample_transitions(
     random_goals = buffer["state"][rand_pos, rand_env][..., goal_indices]  # [2, B, goal]: push, actor
     future_goal = buffer["state"][_physical(buffer, pos + offset), env_idx][:, goal_indices]
     use_random = jax.random.uniform(k_mix, (batch_size, 1)) < random_goal_prob
-    return {
-        "state": buffer["state"][_physical(buffer, pos), env_idx],
-        "action": buffer["action"][_physical(buffer, pos), env_idx],
-        "next_state": buffer["state"][_physical(buffer, pos + jnp.minimum(horizon, 1)), env_idx],
-        "actor_goal": jnp.where(use_random, random_goals[1], future_goal),
-        "random_goal": random_goals[0],
-    }
-
-
-# ---- Offline data: OGBench-format datasets (envs/ogbench.py), sampled in jit ---------------------
+    anchor, next_step = _physical(buffer, pos), _physical(buffer, pos + jnp.minimum(horizon, 1))
+    batch = {"state": buffer["state"][anchor, env_idx], "action": buffer["action"][anchor, env_idx]}
+    batch |= {"next_state": buffer["state"][next_step, env_idx]}
+    return {**batch, "actor_goal": jnp.where(use_random, random_goals[1], future_goal), "random_goal": random_goals[0]}
 
 
 # --- shared block: offline_goals (identical in every script; tests/test_copies.py) ---
@@ -681,51 +591,26 @@ def sample_offline_batch(data: dict, key, batch_size: int, random_goal_prob: flo
     t, t_next, _, future = sample_indices(data, k_rows, batch_size, 0.99)  # the geometric goal is unused
     random_rows = jax.random.randint(k_random, (2, batch_size), 0, data["goals"].shape[0])
     actor_goal = jnp.where(jax.random.uniform(k_mix, (batch_size,)) < random_goal_prob, random_rows[1], future)
-    return {
-        "state": data["observations"][t],
-        "action": data["actions"][t],
-        "next_state": data["observations"][t_next],
-        "actor_goal": data["goals"][actor_goal],
-        "random_goal": data["goals"][random_rows[0]],
-    }
-
-
-# ---- Collection and the jitted epochs ------------------------------------------------------------
-
-
-def collect_unroll(env, actor: Actor, actor_params, env_state, key, unroll_length: int, state_dim: int):
-    """Steps the batched training env with the stochastic policy.
-
-    Returns the new env state and (state [T, E, state_dim], action [T, E, A], traj_id [T, E]) of the
-    steps taken (each state is the one the action was taken in).
-    """
-
-    def step(env_state, key):
-        mean, log_std = actor.apply(actor_params, env_state.obs)
-        action, _ = sample_action(mean, log_std, key)
-        record = (env_state.obs[:, :state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
-        return env.step(env_state, action), record
-
-    env_state, (states, actions, traj_ids) = jax.lax.scan(step, env_state, jax.random.split(key, unroll_length))
-    return env_state, states, actions, traj_ids
+    batch = {"state": data["observations"][t], "action": data["actions"][t], "next_state": data["observations"][t_next]}
+    return {**batch, "actor_goal": data["goals"][actor_goal], "random_goal": data["goals"][random_rows[0]]}
 
 
 def collect_and_insert(carry: dict, env, nets: Networks, args: Args, dims: Dims) -> dict:
+    """An unroll of the batched training env with the stochastic policy, written into the buffer: (state,
+    action, traj_id) of each step, the state the one the action was taken in."""
     key, k_collect = jax.random.split(carry["key"])
     actor_params = carry["train_state"]["actor"]
-    env_state, states, actions, traj_ids = collect_unroll(
-        env, nets.actor, actor_params, carry["env_state"], k_collect, args.unroll_length, dims.state_dim
-    )
+
+    def step(env_state, key):
+        mean, log_std = nets.actor.apply(actor_params, env_state.obs)
+        action, _ = sample_action(mean, log_std, key)
+        record = (env_state.obs[:, : dims.state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
+        return env.step(env_state, action), record
+
+    keys = jax.random.split(k_collect, args.unroll_length)
+    env_state, (states, actions, traj_ids) = jax.lax.scan(step, carry["env_state"], keys)
     buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
     return {**carry, "key": key, "env_state": env_state, "buffer": buffer}
-
-
-def prefill(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_unrolls: int) -> dict:
-    """Fills the buffer with `num_unrolls` unrolls of the initial policy (no updates)."""
-    carry, _ = jax.lax.scan(
-        lambda c, _: (collect_and_insert(c, env, nets, args, dims), None), carry, None, length=num_unrolls
-    )
-    return carry
 
 
 def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_train_steps: int):
@@ -755,38 +640,24 @@ def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_t
 
 def offline_epoch(train_state: dict, data: dict, key, nets: Networks, args: Args, dims: Dims):
     """`eval_every` gradient steps. `data` is an argument: closed-over arrays would be baked into the program."""
-
-    def step(train_state, k):
-        batch = sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob)
-        return sgd_step(train_state, batch, None, nets, args, dims)
-
+    sample = lambda k: sample_offline_batch(data, k, args.batch_size, args.actor_random_goal_prob)
+    step = lambda train_state, k: sgd_step(train_state, sample(k), None, nets, args, dims)
     train_state, metrics = jax.lax.scan(step, train_state, jax.random.split(key, args.eval_every))
     return train_state, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
-# ---- Mode defaults, input checks, what a checkpoint holds ----------------------------------------
-
-
 def resolve(args: Args) -> Args:
-    """Fills the mode-dependent defaults (None fields)."""
-    online = args.mode == "online"
-    pick = lambda value, online_default, offline_default: (
-        value if value is not None else online_default if online else offline_default
-    )
-    return dataclasses.replace(
-        args,
-        width=pick(args.width, 256, 512),
-        latent_dim=pick(args.latent_dim, 64, 512),
-        batch_size=pick(args.batch_size, 256, 1024),
-        alpha=pick(args.alpha, 0.0, 0.0003 if args.env.startswith("pointmaze") else 0.003),
-        actor_random_goal_prob=pick(args.actor_random_goal_prob, 0.0, 0.5 if "stitch" in args.env else 0.0),
-    )
+    """Fills the mode-dependent defaults (None fields) with the (online, offline) values below."""
+    defaults = {"width": (256, 512), "latent_dim": (64, 512), "batch_size": (256, 1024)}
+    defaults["alpha"] = (0.0, 0.0003 if args.env.startswith("pointmaze") else 0.003)
+    defaults["actor_random_goal_prob"] = (0.0, 0.5 if "stitch" in args.env else 0.0)
+    offline = args.mode != "online"
+    return dataclasses.replace(args, **{k: v[offline] for k, v in defaults.items() if getattr(args, k) is None})
 
 
 def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
-    """Every bad-input check that needs no file, no env and no compilation; `runkit.fail`s on the first.
-    env_ids defaults to envs.ENV_IDS, num_devices to jax.device_count() (tools/grid.py vets sweeps with
-    check_args(args); the dataset file is checked when a run starts)."""
+    """Every bad-input check that needs no file, no env and no compilation (the dataset is checked when a run
+    starts); `runkit.fail`s on the first. env_ids, num_devices: as runkit.check_online (tools/grid.py)."""
     fail, args = runkit.fail, resolve(args)
     if args.mode == "online":
         if args.dataset:
@@ -819,92 +690,32 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
 def checkpoint_state(train_state: dict, key, env_state=None) -> dict:
     """What a checkpoint holds: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
     ["iqe_mix"]}, the rest of the train state (optimizer states, online log_beta), the key, online the envs."""
-    state = {
-        "params": {"actor": train_state["actor"], **train_state["critic"]},
-        "train_state": {k: v for k, v in train_state.items() if k not in ("actor", "critic")},
-        "key": key,
-    }
-    if env_state is not None:
-        state["env_state"] = env_state
-    return state
+    rest = {k: v for k, v in train_state.items() if k not in ("actor", "critic")}
+    state = {"params": {"actor": train_state["actor"], **train_state["critic"]}, "train_state": rest, "key": key}
+    return state if env_state is None else {**state, "env_state": env_state}
 
 
 def train_state_of(saved: dict) -> dict:
     """The train state inside a restored checkpoint_state, as fresh device arrays (the epoch donates them)."""
-    params = saved["params"]
-    critic = {k: v for k, v in params.items() if k != "actor"}
-    return jax.tree_util.tree_map(jnp.array, {"actor": params["actor"], "critic": critic, **saved["train_state"]})
+    critic = {k: v for k, v in saved["params"].items() if k != "actor"}
+    train_state = {"actor": saved["params"]["actor"], "critic": critic, **saved["train_state"]}
+    return jax.tree_util.tree_map(jnp.array, train_state)
 
 
-# ---- Setup shared by a run and --dry-run, per mode; the dry run's report --------------------------
-
-
-# --- shared block: offline_inputs (identical in every script; tests/test_copies.py) ---
-def load_offline_inputs(args):
-    """The dataset, its -val twin (or None), the evaluation env (one of our envs/ ids, else a first OGBench
-    env) and the goal indices (OGBench goals are whole observations), checked against each other before
-    anything compiles."""
-    if not os.path.isfile(args.dataset):
-        runkit.fail(f"--dataset {args.dataset!r} does not exist")
-    val_path = args.dataset[: -len(".npz")] + "-val.npz" if args.dataset.endswith(".npz") else ""
-    try:
-        dataset = ogbench.load_dataset(args.dataset)
-        val_dataset = ogbench.load_dataset(val_path) if os.path.isfile(val_path) else None
-    except ValueError as e:
-        runkit.fail(str(e))
-    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
-    if args.env in envs.ENV_IDS:
-        eval_env = envs.make(envs.eval_variant(args.env))
-        env_sizes, goal_indices = (eval_env.state_dim, eval_env.action_size), tuple(map(int, eval_env.goal_indices))
-    else:
-        try:
-            eval_env = ogbench.make_env(args.env, args.eval_episode_length)
-        except Exception as e:  # gymnasium raises several types for unknown names
-            runkit.fail(f"--env {args.env!r} is neither one of our envs/ ids nor an OGBench env ({e})")
-        env_sizes = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0])
-        goal_indices = tuple(range(obs_dim))
-    if env_sizes != (obs_dim, action_dim):
-        runkit.fail(
-            f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {args.env!r} "
-            f"has {env_sizes[0]} and {env_sizes[1]}"
-        )
-    if val_dataset is not None and (val_dataset["observations"].shape[1], val_dataset["actions"].shape[1]) != env_sizes:
-        runkit.fail(f"{val_path}: observation/action sizes differ from {args.dataset}")
-    return dataset, val_dataset, eval_env, goal_indices
-
-
-def make_offline_evaluator(args, act, eval_env):
-    """(actor params, key) -> eval metrics (floats), act(params, observations, goals) -> actions: envs.evaluate
-    on our envs/ ids, else OGBench's evaluation tasks with fixed seeds (the key unused)."""
-    if args.env in envs.ENV_IDS:
-        state_dim, length = eval_env.state_dim, args.eval_episode_length or 1000
-        policy = lambda params: lambda obs: act(params, obs[:, :state_dim], obs[:, state_dim:])
-        run = jax.jit(lambda params, key: envs.evaluate(eval_env, policy(params), key, args.eval_episodes, length))
-        return lambda params, key: {k: float(v) for k, v in jax.device_get(run(params, key)).items()}
-    more = [ogbench.make_env(args.env, args.eval_episode_length) for _ in range(args.eval_episodes - 1)]
-    policy = jax.jit(act)
-    return lambda params, key: ogbench.evaluate([eval_env, *more], lambda o, g: policy(params, o, g), args.seed)
-
-
-# --- end shared block: offline_inputs ---
-
-
-def online_setup(args: Args):
-    """The training env and networks, the initial carry's builder and keys, its shapes (nothing computed),
-    its shardings (envs and buffer split over devices) and the compile of the epoch (from shapes alone, the
-    carry donated: updated in place)."""
+def setup_online(args: Args, checkpoint=None, dry=False):
+    """The env, networks and initial carry (envs and buffer split over devices; restored, then prefilled),
+    the epoch compiled from shapes beside its build (the carry donated), its compile seconds and the
+    evaluation (actor params, key) -> metrics. dry: the compile and the train state's and buffer's shapes."""
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length)
     dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
     nets = build_networks(args, dims)
 
     def make_carry(k_init, k_reset, key):
-        return {
-            "train_state": init_train_state(k_init, nets, args, dims),
-            "buffer": buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size),
-            "env_state": env.reset(jax.random.split(k_reset, args.num_envs)),
-            "key": key,
-        }
+        train_state = init_train_state(k_init, nets, args, dims)
+        buffer = buffer_init(args.replay_size, args.num_envs, dims.state_dim, dims.action_size)
+        env_state = env.reset(jax.random.split(k_reset, args.num_envs))
+        return {"train_state": train_state, "buffer": buffer, "env_state": env_state, "key": key}
 
     key, k_init, k_reset = runkit.seed_keys(args.seed, 1, 3)
     carry_shapes = jax.eval_shape(make_carry, k_init, k_reset, key)
@@ -914,48 +725,50 @@ def online_setup(args: Args):
     out_shardings = (shardings, NamedSharding(mesh, PartitionSpec()))
     jitted = jax.jit(epoch, in_shardings=(shardings,), out_shardings=out_shardings, donate_argnums=0)
     compile_epoch = lambda: jitted.lower(carry_shapes).compile()
-    return env, nets, dims, make_carry, (k_init, k_reset, key), carry_shapes, shardings, compile_epoch
-
-
-def setup_online(args: Args, checkpoint):
-    """The carry (restored from the checkpoint, then prefilled), the compiled epoch, its compile seconds and
-    the evaluation (actor params, key) -> metrics."""
-    env, nets, dims, make_carry, keys, carry_shapes, shardings, compile_epoch = online_setup(args)
+    if dry:
+        return compile_epoch, carry_shapes["train_state"], carry_shapes["buffer"]
     if checkpoint is not None:  # a checkpoint that does not fit fails here, before any compile
         template = checkpoint_state(carry_shapes["train_state"], carry_shapes["key"], carry_shapes["env_state"])
         saved = runkit.restore_state(template, checkpoint["state"], args.resume)
-    # the initial carry is built while the epoch compiles
-    make_carry = jax.jit(make_carry, out_shardings=shardings)
-    epoch_fn, compile_seconds, carry = runkit.compile_beside(compile_epoch, make_carry, *keys)
+    make_carry = jax.jit(make_carry, out_shardings=shardings)  # built while the epoch compiles
+    epoch_fn, compile_seconds, carry = runkit.compile_beside(compile_epoch, make_carry, k_init, k_reset, key)
     if checkpoint is not None:  # the buffer is refilled by the restored policy
-        carry["train_state"] = train_state_of(saved)
-        carry["env_state"] = jax.tree_util.tree_map(jnp.array, saved["env_state"])
-        carry["key"] = jnp.array(saved["key"])
-    fill = lambda c: prefill(c, env, nets, args, dims, runkit.prefill_unrolls(args))
+        restored = jax.tree_util.tree_map(jnp.array, {"env_state": saved["env_state"], "key": saved["key"]})
+        carry = {**carry, "train_state": train_state_of(saved), **restored}
+    unroll = lambda c, _: (collect_and_insert(c, env, nets, args, dims), None)  # the prefill: no updates
+    fill = lambda c: jax.lax.scan(unroll, c, None, length=runkit.prefill_unrolls(args))[0]
     carry = jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
     eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
     act = lambda params: lambda obs: deterministic_action(nets.actor, params, obs)
-    run = jax.jit(
-        lambda params, key: envs.evaluate(eval_env, act(params), key, args.num_eval_envs, args.episode_length)
-    )
+    n, length = args.num_eval_envs, args.episode_length
+    run = jax.jit(lambda params, key: envs.evaluate(eval_env, act(params), key, n, length))
     evaluate = lambda params, key: {k: float(v) for k, v in jax.device_get(run(params, key)).items()}
     return carry, epoch_fn, evaluate, compile_seconds
 
 
-def offline_setup(args: Args, dataset: dict, goal_indices):
-    """Sizes and networks of a dataset, the train state's initialiser (key -> train state) and the compile of
-    the epoch (from shapes, the train state donated)."""
+def load_inputs(args: Args):
+    """ogbench.load_inputs of the flags (dataset, -val twin or None, eval env, goal indices); one line on bad input."""
+    try:
+        return ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length)
+    except ValueError as e:
+        runkit.fail(str(e))
+
+
+def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_indices, dry=False):
+    """The networks, the train state and key (restored), the data on device, the epoch compiled from shapes
+    (the train state donated), its compile seconds, the validation (train state, val data, key) -> losses
+    and the evaluation. dry: the compile and the train state's and data's shapes (data kept on the host)."""
     dims = Dims(dataset["observations"].shape[1], tuple(goal_indices), dataset["actions"].shape[1])
     nets = build_networks(args, dims)
     epoch = jax.jit(lambda ts, data, k: offline_epoch(ts, data, k, nets, args, dims), donate_argnums=0)
     compile_epoch = lambda *state_data_key: epoch.lower(*runkit.as_shapes(state_data_key)).compile()
-    return nets, dims, lambda key: init_train_state(key, nets, args, dims), compile_epoch
-
-
-def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_indices):
-    """The train state and key (restored from the checkpoint), the data on device, the compiled epoch, its
-    compile seconds, the validation (train state, val data, key) -> losses and the evaluation."""
-    nets, dims, init, compile_epoch = offline_setup(args, dataset, goal_indices)
+    init = lambda key: init_train_state(key, nets, args, dims)
+    if dry:
+        with jax.default_device(jax.devices("cpu")[0]):
+            data = runkit.as_shapes(make_device_dataset(dataset, goal_indices))
+        key = jax.random.PRNGKey(args.seed)
+        train_state = jax.eval_shape(init, key)
+        return lambda: compile_epoch(train_state, data, key), train_state, data
     data = make_device_dataset(dataset, goal_indices)
     val_data = None if val_dataset is None else make_device_dataset(val_dataset, goal_indices)
     key, k_init = runkit.seed_keys(args.seed, 1, 2)
@@ -975,7 +788,8 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_i
         _, actor_metrics = actor_loss_fn(train_state["actor"], train_state["critic"], batch, nets, args)
         return {**critic_metrics, **actor_metrics}
 
-    evaluate = make_offline_evaluator(args, lambda params, o, g: policy_action(nets.actor, params, o, g), eval_env)
+    act = lambda params, o, g: policy_action(nets.actor, params, o, g)
+    evaluate = ogbench.make_evaluator(args.env, eval_env, act, args.eval_episodes, args.eval_episode_length, args.seed)
     return train_state, key, data, val_data, epoch_fn, validation, evaluate, compile_seconds
 
 
@@ -986,19 +800,12 @@ def dry_run(args: Args) -> dict:
     args = resolve(args)
     runkit.apply_matmul_precision(args)
     if args.mode == "online":
-        *_, carry_shapes, _, compile_epoch = online_setup(args)
-        compile_start, compiled = time.time(), compile_epoch()
-        train_state, data_bytes = carry_shapes["train_state"], runkit.tree_bytes(carry_shapes["buffer"])
+        compile_epoch, train_state, data = setup_online(args, dry=True)
         sgd_steps = runkit.train_steps_per_epoch(args) * args.sgd_steps_per_train_step
     else:
-        dataset, _, _, goal_indices = load_offline_inputs(args)
-        _, _, init, compile_epoch = offline_setup(args, dataset, goal_indices)
-        with jax.default_device(jax.devices("cpu")[0]):
-            data = runkit.as_shapes(make_device_dataset(dataset, goal_indices))
-        key = jax.random.PRNGKey(args.seed)
-        train_state = jax.eval_shape(init, key)
-        compile_start, compiled = time.time(), compile_epoch(train_state, data, key)
-        data_bytes, sgd_steps = runkit.tree_bytes(data), args.eval_every
+        compile_epoch, train_state, data = setup_offline(args, None, *load_inputs(args), dry=True)
+        sgd_steps = args.eval_every
+    compile_start, compiled = time.time(), compile_epoch()
     compile_seconds = time.time() - compile_start
     critic = train_state["critic"]
     params = {"actor": train_state["actor"], **{k: v for k, v in critic.items() if k.endswith(("encoder", "dynamics"))}}
@@ -1012,11 +819,9 @@ def dry_run(args: Args) -> dict:
     else:
         encoders = f["state_encoder"] * (3 * param_grad + 2 * forward)
     flops = args.batch_size * (encoders + f["actor"] * param_grad + f["dynamics"] * (param_grad + input_grad))
-    extra = {"sgd_steps_per_epoch": sgd_steps}
+    data_bytes, extra = runkit.tree_bytes(data), {"sgd_steps_per_epoch": sgd_steps}
     return runkit.dry_run_report(args, SCRIPT, compiled, compile_seconds, params, flops, data_bytes, extra)
 
-
-# ---- Main: set up the mode's data and evaluation, then one host iteration per epoch ----------------
 
 if __name__ == "__main__":
     argv_args = runkit.parse_args(Args, SCRIPT)  # with --resume: the run's own (resolved) args
@@ -1027,7 +832,7 @@ if __name__ == "__main__":
         dry_run(args)
         sys.exit(0)
     online = args.mode == "online"
-    offline_inputs = None if online else load_offline_inputs(args)  # bad files fail here, before a run folder
+    offline_inputs = None if online else load_inputs(args)  # bad files fail here, before a run folder
     checkpoint = runkit.load_checkpoint(args.resume, SCRIPT) if args.resume is not None else None
     run_path = runkit.open_run(argv_args, SCRIPT, {"resolved": dataclasses.asdict(args)})
     runkit.log_backend(SCRIPT)
@@ -1048,11 +853,8 @@ if __name__ == "__main__":
             args, checkpoint, *offline_inputs
         )
         steps_per_epoch, num_epochs, bar_steps = args.eval_every, args.train_steps // args.eval_every, 1
-    print(
-        f"{SCRIPT} ({args.mode}): params critic {runkit.tree_size(train_state['critic'])}, "
-        f"actor {runkit.tree_size(train_state['actor'])}",
-        flush=True,
-    )
+    critic_size, actor_size = runkit.tree_size(train_state["critic"]), runkit.tree_size(train_state["actor"])
+    print(f"{SCRIPT} ({args.mode}): params critic {critic_size}, actor {actor_size}", flush=True)
 
     # ---- the loop: one jitted epoch, then evaluate, log, checkpoint ----
     log = runkit.RunLog(args, SCRIPT, run_path, start_epoch, num_epochs, bar_steps, start_time, compile_seconds)

@@ -10,10 +10,19 @@ A dataset is an `.npz` with `observations` [N, D], `actions` [N, A] and `termina
 row of each trajectory, whose action has no recorded next state), as OGBench writes them and as
 crl_deep.py's --save-buffer writes its replay buffer. The `ogbench` package (its gymnasium envs) is
 imported only by `make_env` and `is_dataset_id`.
+
+An offline script (offline_crl.py, qrl.py --mode offline) takes its inputs and its evaluation from here:
+
+    dataset, val_dataset, eval_env, goal_indices = ogbench.load_inputs(path, env_name, episode_length)
+    evaluate = ogbench.make_evaluator(env_name, eval_env, act, episodes, episode_length, seed)
+    metrics = evaluate(actor_params, key)          # act(params, observations, goals) -> actions
+
+where `env_name` is an OGBench env (or dataset) name or one of our `envs/` ids.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -115,3 +124,55 @@ def evaluate(eval_envs, act, seed: int) -> dict:
     metrics["success"] = float(np.mean(all_success))
     metrics["episode_length"] = float(np.mean(all_length))
     return metrics
+
+
+def load_inputs(path: str, env_name: str, episode_length: Optional[int]):
+    """(dataset, its `-val.npz` twin or None, the evaluation env, the goal indices) of an offline run, checked
+    against each other before anything compiles. `env_name` is one of our envs/ ids (the env is its `_eval`
+    variant; goals are its goal_indices) or an OGBench env (`make_env(env_name, episode_length)`; goals are
+    whole observations). Raises ValueError with one line, naming --dataset or --env, on a bad input."""
+    import envs
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--dataset {path!r} does not exist")
+    val_path = path[: -len(".npz")] + "-val.npz" if path.endswith(".npz") else ""
+    dataset = load_dataset(path)
+    val_dataset = load_dataset(val_path) if os.path.isfile(val_path) else None
+    obs_dim, action_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    if env_name in envs.ENV_IDS:
+        eval_env = envs.make(envs.eval_variant(env_name))
+        env_sizes, goal_indices = (eval_env.state_dim, eval_env.action_size), tuple(map(int, eval_env.goal_indices))
+    else:
+        try:
+            eval_env = make_env(env_name, episode_length)
+        except Exception as e:  # gymnasium raises several types for unknown names
+            raise ValueError(f"--env {env_name!r} is neither one of our envs/ ids nor an OGBench env ({e})") from None
+        env_sizes = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0])
+        goal_indices = tuple(range(obs_dim))
+    if env_sizes != (obs_dim, action_dim):
+        raise ValueError(
+            f"dataset has observations of size {obs_dim} and actions of size {action_dim}; env {env_name!r} "
+            f"has {env_sizes[0]} and {env_sizes[1]}"
+        )
+    if val_dataset is not None and (val_dataset["observations"].shape[1], val_dataset["actions"].shape[1]) != env_sizes:
+        raise ValueError(f"{val_path}: observation/action sizes differ from {path}")
+    return dataset, val_dataset, eval_env, goal_indices
+
+
+def make_evaluator(env_name: str, eval_env, act, episodes: int, episode_length: Optional[int], seed: int):
+    """(actor params, key) -> eval metrics (floats) of the deterministic policy act(params, observations, goals)
+    -> actions, on `load_inputs`' eval_env. Our envs/ ids: a jitted `envs.evaluate` of `episodes` envs, one
+    episode each of `episode_length` steps (default 1000), from the key. OGBench: `evaluate` on its 5 tasks,
+    `episodes` per task, with the fixed seeds of `seed` (the key unused)."""
+    import jax
+
+    import envs
+
+    if env_name in envs.ENV_IDS:
+        state_dim, length = eval_env.state_dim, episode_length or 1000
+        policy = lambda params: lambda obs: act(params, obs[:, :state_dim], obs[:, state_dim:])
+        run = jax.jit(lambda params, key: envs.evaluate(eval_env, policy(params), key, episodes, length))
+        return lambda params, key: {k: float(v) for k, v in jax.device_get(run(params, key)).items()}
+    more = [make_env(env_name, episode_length) for _ in range(episodes - 1)]
+    policy = jax.jit(act)
+    return lambda params, key: evaluate([eval_env, *more], lambda o, g: policy(params, o, g), seed)

@@ -25,7 +25,6 @@ REQUIRED = {
     "her_args": ("sac_her.py", "td3_her.py"),  # the flags both HER baselines share, inside their Args
     "ddpg_bc": ("offline_crl.py", "qrl.py"),
     "offline_goals": ("offline_crl.py", "qrl.py"),
-    "offline_inputs": ("offline_crl.py", "qrl.py"),
 }
 
 
