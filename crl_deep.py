@@ -31,7 +31,7 @@ import runkit
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(runkit.RunFlags):
     env: str = "humanoid_u_maze"
     """environment id (one of envs.ENV_IDS)"""
     eval_env: Optional[str] = None
@@ -102,26 +102,10 @@ class Args:
     (params, LayerNorm, heads and losses stay float32; docs/gpu.md)"""
     cached_reset: bool = False
     """reproduce brax's AutoResetWrapper: one start and goal per env for the whole run"""
-    seed: int = 0
-    """random seed (the run is deterministic on CPU for a given seed)"""
     num_seeds: int = 1
     """independent agents (seeds seed .. seed + num_seeds - 1) in one process and one compiled epoch"""
-    track: bool = False
-    """log metrics to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "crl_deep"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team or user)"""
-    run_dir: str = "runs"
-    """folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """default: {env}__crl_deep__d{depth}__s{seed}__{unix time}"""
-    resume: Optional[str] = None
-    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
     save_buffer: bool = False
     """also write the replay buffer to <run>/buffer.npz at each checkpoint (OGBench keys)"""
-    dry_run: bool = False
-    """compile the epoch from shapes, print its costs as one JSON line, write nothing (docs/dry_run.md)"""
 
 
 SCRIPT = "crl_deep"

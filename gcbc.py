@@ -40,7 +40,7 @@ import runkit
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(runkit.RunFlags):
     mode: Literal["online", "offline"] = "online"
     """online: GCSL (collect with the policy, relabel in hindsight, clone); offline: GCBC on --dataset"""
     dataset: Optional[str] = None
@@ -101,24 +101,6 @@ class Args:
     """online: steps per env collected by the initial policy before training starts"""
     cached_reset: bool = False
     """online: reproduce brax's AutoResetWrapper (one start and goal per env for the whole run)"""
-    seed: int = 0
-    """random seed"""
-    track: bool = False
-    """log metrics to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "crl_deep"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team or user)"""
-    run_dir: str = "runs"
-    """folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """default: {env}__gcbc__d{depth}__s{seed}__{unix time}"""
-    resume: Optional[str] = None
-    """continue the run stored in this folder with its own settings (flags given again must agree, except
-    --track, --wandb-*)"""
-    dry_run: bool = False
-    """compile the training epoch from shapes, print its parameters, FLOPs, buffer (or dataset) bytes and XLA's
-    memory estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "gcbc"

@@ -33,8 +33,8 @@ import runkit
 from envs import ogbench
 
 
-@dataclasses.dataclass
-class Args:
+@dataclasses.dataclass(frozen=True)
+class Args(runkit.RunFlags):
     dataset: str = ""
     """OGBench-format .npz (observations, actions, terminals); a `<name>-val.npz` twin is used when present"""
     env: str = ""
@@ -90,24 +90,6 @@ class Args:
     InfoNCE losses, 0 for binary_nce as in OGBench)"""
     cold_init: bool = False
     """initialise the final layer of phi and psi 100x smaller (the paper's cold-init ablation)"""
-    seed: int = 0
-    """seed of initialisation, sampling and evaluation"""
-    track: bool = False
-    """log to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "crl_deep"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team or user)"""
-    run_dir: str = "runs"
-    """folder that holds the run folders"""
-    run_name: Optional[str] = None
-    """run folder name (default: {env}__offline_crl__d{depth}__s{seed}__{unix time})"""
-    resume: Optional[str] = None
-    """checkpoint.msgpack (or its run folder) of an interrupted run to continue with its own settings (flags
-    given again must agree, except --track, --wandb-*)"""
-    dry_run: bool = False
-    """compile the training epoch from shapes, print its parameters, FLOPs, dataset bytes and XLA's memory
-    estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
 
 
 SCRIPT = "offline_crl"

@@ -34,7 +34,7 @@ from envs import ogbench
 
 
 @dataclasses.dataclass(frozen=True)
-class Args:
+class Args(runkit.RunFlags):
     mode: Literal["online", "offline"] = "online"
     """online: collect with the actor on --env and learn from the replay; offline: learn from --dataset"""
     env: str = "arm_push_easy"
@@ -110,22 +110,6 @@ class Args:
     matmul_precision: Literal["default", "float32", "bfloat16"] = "default"
     """default: jax's float32 matmuls (TensorFloat32 on NVIDIA Ampere/Hopper GPUs); float32: full float32 on every
     backend; bfloat16: the towers' Dense layers in bfloat16 (params, LayerNorm, heads, losses float32; docs/gpu.md)"""
-    seed: int = 0
-    """random seed"""
-    track: bool = False
-    """log metrics to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "crl_deep"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team or user)"""
-    run_dir: str = "runs"
-    """folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """default: {env}__qrl_{mode}__d{depth}__s{seed}__{unix time}"""
-    resume: Optional[str] = None
-    """continue the run stored in this folder (its own args are used; other flags are ignored)"""
-    dry_run: bool = False
-    """compile the epoch from shapes, print its costs (params, FLOPs, bytes, XLA memory) as one JSON line, exit"""
 
 
 SCRIPT = "qrl"

@@ -28,7 +28,7 @@ import runkit
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(runkit.RunFlags):
     # --- shared block: her_args (identical in every script; tests/test_copies.py) ---
     env: str = "humanoid_u_maze"
     """environment id (one of envs.ENV_IDS)"""
@@ -75,24 +75,6 @@ class Args:
     """share of sampled transitions whose goal is relabelled (0: no relabelling)"""
     cached_reset: bool = False
     """reproduce brax's AutoResetWrapper: one start and goal per env for the whole run"""
-    seed: int = 0
-    """random seed"""
-    track: bool = False
-    """log metrics to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "crl_deep"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team or user)"""
-    run_dir: str = "runs"
-    """folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """default: {env}__<script>__d{depth}__s{seed}__{unix time}"""
-    resume: Optional[str] = None
-    """continue the run stored in this folder with its own settings (flags given again must agree, except
-    --track, --wandb-*)"""
-    dry_run: bool = False
-    """compile the training epoch from shapes, print its parameters, FLOPs, buffer bytes and XLA's memory
-    estimate as one JSON line and exit without a run folder (docs/dry_run.md)"""
     # --- end shared block: her_args ---
     sgd_steps_per_train_step: int = 800
     """SGD steps (critic, actor, temperature, targets) after each collected unroll"""

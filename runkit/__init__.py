@@ -2,8 +2,9 @@
 fork of an algorithm edits. The science (networks, losses, buffers, the jitted epoch) stays in the scripts.
 
     checks        fail, check_common: bad input as one `error:` line, before anything compiles
-    run           parse_args (--resume), open_run (config.json, one line on Ctrl-C), RunLog (metrics.jsonl,
-                  summary, wandb, progress bar, the stop on a non-finite loss), progress (in-epoch bar)
+    run           RunFlags (the host flags every Args extends), parse_args (--resume), open_run (config.json,
+                  one line on Ctrl-C), RunLog (metrics.jsonl, summary, wandb, progress bar, the stop on a
+                  non-finite loss), progress (in-epoch bar)
     checkpoint    checkpoint.msgpack: save_checkpoint, load_checkpoint, read_checkpoint, restore_state
     files         write_atomic / atomic_file (never half-written; a full disk is one line), to_numpy
     dry_run       dry_run_report and its FLOP and byte counts (--dry-run)
@@ -51,4 +52,4 @@ from runkit.online import (
     train_steps_per_epoch,
 )
 from runkit.replay_files import buffer_stems, load_buffer, save_buffer, save_buffers, saved_buffers
-from runkit.run import RunLog, open_run, parse_args, progress
+from runkit.run import RunFlags, RunLog, open_run, parse_args, progress

@@ -25,6 +25,28 @@ from runkit.files import git_commit, versions, write_atomic
 RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume", "dry_run")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The flags of a run's host side, the same in every script: each script's Args extends this class."""
+
+    seed: int = 0
+    """random seed (a run is deterministic on CPU for a given seed)"""
+    track: bool = False
+    """log metrics to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "crl_deep"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+    run_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """default: {env}__{script}__d{depth}__s{seed}__{unix time}"""
+    resume: Optional[str] = None
+    """continue the run in this folder with its own settings (flags given again must agree, but --track, --wandb-*)"""
+    dry_run: bool = False
+    """compile the epoch from shapes, print its costs as one JSON line, write nothing (docs/dry_run.md)"""
+
+
 def parse_args(Args, script: str, argv=None):
     """Args from the command line (tyro). With --resume RUN: the run's own args; flags given again must
     agree with them, except RUN_FLAGS (e.g. --track), which apply and are listed on stderr."""
