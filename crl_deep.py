@@ -849,8 +849,7 @@ if __name__ == "__main__":
     )
     start_epoch, env_steps, wall_offset, buffer = 0, 0, 0.0, None
     if checkpoint is not None:  # with the buffer saved beside the checkpoint, if any
-        stems = runkit.buffer_stems(args.seed, args.num_seeds)
-        buffer = runkit.saved_buffers(run_path, stems, checkpoint["epoch"], args.replay_size)
+        buffer = runkit.saved_buffers(run_path, checkpoint["epoch"], args.replay_size, args.seed, args.num_seeds)
         carry = runkit.resumed_carry(saved, carry["buffer"] if buffer is None else buffer, shardings)
         start_epoch, env_steps, wall_offset = checkpoint["epoch"] + 1, checkpoint["env_steps"], checkpoint["wall_time"]
     evaluate_policy = make_evaluator(nets, args)

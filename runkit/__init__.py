@@ -1,19 +1,9 @@
 """The host side of every training script, imported as CleanRL's scripts import cleanrl_utils: the code no
-fork of an algorithm edits. The science (networks, losses, buffers, the jitted epoch) stays in the scripts.
-
-    checks        fail, check_common: bad input as one `error:` line, before anything compiles
-    run           RunFlags (the host flags every Args extends), parse_args (--resume), open_run (config.json,
-                  one line on Ctrl-C), RunLog (metrics.jsonl, summary, wandb, progress bar, the stop on a
-                  non-finite loss), progress (in-epoch bar)
-    checkpoint    checkpoint.msgpack: save_checkpoint, load_checkpoint, read_checkpoint, restore_state
-    files         write_atomic / atomic_file (never half-written; a full disk is one line), to_numpy
-    dry_run       dry_run_report and its FLOP and byte counts (--dry-run)
-    devices       init_distributed, apply_matmul_precision, log_backend, device_peak_memory, data_mesh,
-                  compile_beside, the seed axis (per_seed, seed_keys, eval_key, seed_rows), estimate_epoch
-    online        the online scripts' schedule (prefill_unrolls, train_steps_per_epoch), check_online,
-                  carry_shardings, checkpoint_state, resumed_carry, over_seeds
-    replay_files  a ring buffer as an OGBench-format file and back (--save-buffer)
-"""
+fork of an algorithm edits (the science stays in the scripts). Modules: checks (bad input as one `error:`
+line), run (RunFlags, --resume, the run folder, RunLog, the in-epoch progress bar, one line on Ctrl-C),
+checkpoint (checkpoint.msgpack), files (never half-written; a full disk is one line), dry_run (--dry-run),
+devices (processes, precision, memory, the seed axis, the first-epoch estimate), online (the online scripts'
+schedule, checks, shardings and checkpoint layout) and replay_files (--save-buffer)."""
 
 from runkit.checkpoint import checkpoint_path, load_checkpoint, read_checkpoint, restore_state, save_checkpoint
 from runkit.checks import check_common, fail, flag

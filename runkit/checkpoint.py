@@ -63,21 +63,11 @@ def save_checkpoint(run_path: str, script: str, args, state: dict, epoch: int, e
         return
     payload = flax.serialization.msgpack_serialize(nested_dict(state))
     config = dataclasses.asdict(args)
-    header = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "script": script,
-        "env": args.env,
-        "depths": {k: v for k, v in config.items() if k.endswith("depth")},
-        "widths": {k: v for k, v in config.items() if k in ("width", "repr_dim")},
-        "seed": args.seed,
-        "epoch": epoch,
-        "env_steps": env_steps,
-        "wall_time": wall_time,
-        "args": config,
-        "payload_bytes": len(payload),
-        "payload_crc32": zlib.crc32(payload),
-    }
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "script": script, "env": args.env}
+    header["depths"] = {k: v for k, v in config.items() if k.endswith("depth")}
+    header["widths"] = {k: v for k, v in config.items() if k in ("width", "repr_dim")}
+    header |= {"seed": args.seed, "epoch": epoch, "env_steps": env_steps, "wall_time": wall_time, "args": config}
+    header |= {"payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
     write_atomic(os.path.join(run_path, CHECKPOINT_FILE), json.dumps(header).encode() + b"\n" + payload)
 
 

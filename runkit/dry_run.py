@@ -74,23 +74,12 @@ def dry_run_report(
     peak = None
     if stats is not None:
         peak = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
-    report = {
-        "script": script,
-        "params": {name: tree_size(tree) for name, tree in params.items()},
-        "params_total": sum(tree_size(tree) for tree in params.values()),
-        "flops_per_sgd_step": int(flops_per_sgd_step),
-        "buffer_bytes": int(buffer_bytes),
-        "memory": memory,
-        "peak_bytes": peak,
-        "peak_gib": None if peak is None else round(peak / 2**30, 3),
-        "compile_seconds": round(compile_seconds, 3),
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        **(extra or {}),
-        "args": dataclasses.asdict(args),
-    }
+    sizes = {name: tree_size(tree) for name, tree in params.items()}
+    report = {"script": script, "params": sizes, "params_total": sum(sizes.values())}
+    report |= {"flops_per_sgd_step": int(flops_per_sgd_step), "buffer_bytes": int(buffer_bytes), "memory": memory}
+    report |= {"peak_bytes": peak, "peak_gib": None if peak is None else round(peak / 2**30, 3)}
+    report |= {"compile_seconds": round(compile_seconds, 3), "backend": jax.default_backend()}
+    report |= {"device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(), "jax": jax.__version__}
+    report |= {"xla_flags": os.environ.get("XLA_FLAGS", ""), **(extra or {}), "args": dataclasses.asdict(args)}
     print(json.dumps(report), flush=True)
     return report

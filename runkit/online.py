@@ -71,12 +71,11 @@ def carry_shardings(carry: dict, mesh, num_envs: int, num_seeds: int = 1):
 def checkpoint_state(carry: dict) -> dict:
     """What a checkpoint of an online run holds: the network params, the rest of the train state (optimizer
     states, targets, temperatures), the env state and the key. The replay buffer is not in it."""
-    train_state = carry["train_state"]
+    rest = {k: v for k, v in carry["train_state"].items() if k != "params"}
     return {
-        "params": train_state["params"],
-        "train_state": {k: v for k, v in train_state.items() if k != "params"},
-        "env_state": carry["env_state"],
-        "key": carry["key"],
+        "params": carry["train_state"]["params"],
+        "train_state": rest,
+        **{k: carry[k] for k in ("env_state", "key")},
     }
 
 

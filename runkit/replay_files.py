@@ -35,16 +35,10 @@ def save_buffer(run_path: str, buffer: dict, epoch: int, stem: str = "buffer"):
     path = os.path.join(run_path, f"{stem}.npz")
     if os.path.exists(path):
         os.replace(path, os.path.join(run_path, f"{stem}_previous.npz"))
+    arrays = {"observations": states.reshape(num_envs * size, -1), "actions": actions.reshape(num_envs * size, -1)}
+    arrays |= {"terminals": terminals.reshape(-1), "_traj_id": traj.reshape(-1), "_num_envs": np.asarray(num_envs)}
     with atomic_file(path) as f:
-        np.savez(
-            f,
-            observations=states.reshape(num_envs * size, -1),
-            actions=actions.reshape(num_envs * size, -1),
-            terminals=terminals.reshape(-1),
-            _traj_id=traj.reshape(-1),
-            _num_envs=np.asarray(num_envs),
-            _epoch=np.asarray(epoch),
-        )
+        np.savez(f, **arrays, _epoch=np.asarray(epoch))
 
 
 def load_buffer(path: str, capacity: int) -> dict:
@@ -66,10 +60,10 @@ def load_buffer(path: str, capacity: int) -> dict:
     return buffer
 
 
-def saved_buffers(run_path: str, stems: list, epoch: int, capacity: int):
-    """The rings saved with the checkpoint of `epoch` (one per stem, each <stem>.npz or its previous copy),
-    stacked along a seed axis when there are several; None unless every stem has one."""
-    buffers = []
+def saved_buffers(run_path: str, epoch: int, capacity: int, seed: int, num_seeds: int):
+    """The rings saved with the checkpoint of `epoch` (each seed's <stem>.npz or its previous copy), stacked
+    along a seed axis when there are several; None unless every seed has one."""
+    buffers, stems = [], buffer_stems(seed, num_seeds)
     for stem in stems:
         for name in (f"{stem}.npz", f"{stem}_previous.npz"):
             file = os.path.join(run_path, name)

@@ -21,9 +21,6 @@ from runkit.checks import fail, flag
 from runkit.devices import device_peak_memory
 from runkit.files import git_commit, versions, write_atomic
 
-# free on --resume; --dry-run plans the resumed run (its own args) and writes nothing
-RUN_FLAGS = ("track", "wandb_project", "wandb_entity", "run_dir", "run_name", "resume", "dry_run")
-
 
 @dataclasses.dataclass(frozen=True)
 class RunFlags:
@@ -45,6 +42,10 @@ class RunFlags:
     """continue the run in this folder with its own settings (flags given again must agree, but --track, --wandb-*)"""
     dry_run: bool = False
     """compile the epoch from shapes, print its costs as one JSON line, write nothing (docs/dry_run.md)"""
+
+
+# free on --resume (the rest must agree with the run); --dry-run plans the resumed run and writes nothing
+RUN_FLAGS = tuple(f.name for f in dataclasses.fields(RunFlags) if f.name != "seed")
 
 
 def parse_args(Args, script: str, argv=None):
@@ -70,11 +71,9 @@ def parse_args(Args, script: str, argv=None):
     if conflicts:
         fail(f"--resume {args.resume}: a resumed run keeps its settings; drop {'; '.join(conflicts)}")
     applied = [n for n in changed if n != "resume"]
+    listed = ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied)
     if applied:
-        print(
-            "resume: " + ", ".join(f"{flag(n)} {getattr(args, n)!r} (was {getattr(saved, n)!r})" for n in applied),
-            file=sys.stderr,
-        )
+        print(f"resume: {listed}", file=sys.stderr)
     return dataclasses.replace(saved, **{n: getattr(args, n) for n in applied}, resume=args.resume)
 
 
