@@ -1,17 +1,12 @@
-"""Quasimetric RL (QRL) for goal reaching, online on `envs/` or offline on OGBench-format datasets, with the
-paper's depth-scalable residual towers (docs/qrl.md).
+"""Quasimetric RL (QRL), online on `envs/` or offline on OGBench-format datasets, with the paper's residual towers.
 
     python qrl.py --mode online --env arm_push_easy --depth 16
     python qrl.py --mode offline --dataset data/pointmaze-giant-stitch-v0.npz --env pointmaze-giant-stitch-v0
 
-The value is a learned quasimetric d(s, g) >= 0 (asymmetric, triangle inequality, d(x, x) = 0) between
-latents phi(s), psi(g) (an IQE or MRN head), trained by constrained optimisation: push random (state, goal)
-pairs apart subject to one-step distances d(s, s') <= 1, with a learned Lagrange multiplier. A latent
-dynamics model phi(s) + T(phi(s), a) ~ phi(s') gives Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)), which the
-actor maximises: offline DDPG+BC (OGBench's QRL agent, whose defaults the offline mode takes), online a
-tanh-Gaussian policy with an entropy bonus (crl_deep.py's). Host code is the `runkit` package; datasets and
-OGBench's evaluation are `envs/ogbench.py`.
-"""
+The value is a learned quasimetric d(phi(s), psi(g)) (IQE or MRN), trained to push random pairs apart subject to
+one-step distances <= 1 (a learned Lagrange multiplier). A latent dynamics model gives Q(s, a, g) = -d(phi(s) +
+T(phi(s), a), psi(g)) for the actor: offline DDPG+BC (OGBench's QRL), online a tanh-Gaussian policy with an
+entropy bonus (crl_deep.py's). docs/qrl.md."""
 
 from __future__ import annotations
 
