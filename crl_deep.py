@@ -114,22 +114,19 @@ SCRIPT = "crl_deep"
 # ---- Networks ------------------------------------------------------------------------------------
 
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
-# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
-# "lecun_uniform"), bias 0.
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (its "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 ACTIVATIONS = {"swish": nn.swish, "relu": nn.relu}
 
 
 def layer_norm_dtype(dense_dtype):
-    """LayerNorm's output dtype: inferred (float32) for float32 Dense layers (dense_dtype None), float32
-    for bfloat16 ones, so its statistics and the residual stream stay float32."""
+    """LayerNorm outputs float32 after bfloat16 Dense layers (statistics, residual stream); else inferred."""
     return None if dense_dtype is None else jnp.float32
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add). A scan
-    body: (carry, unused) -> (carry, None). With the 'intermediates' collection mutable it records the mean
-    L2 norm of the residual branch (before the add); otherwise the norm is not even traced."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input; a scan body (carry, _) -> (carry, None).
+    With 'intermediates' mutable it sows the residual branch's mean L2 norm (otherwise it is not traced)."""
 
     width: int
     layer_norm: bool
@@ -150,9 +147,8 @@ class ResidualBlock(nn.Module):
 
 
 class Tower(nn.Module):
-    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params.
-    dtype: every Dense's compute dtype (bfloat16 with --matmul-precision bfloat16; params, LayerNorm, the
-    residual stream and the output stay float32). None builds exactly the float32 tower."""
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params. dtype: the Dense
+    layers' compute dtype (None: exactly the float32 tower); params, LayerNorm and the residual stream float32."""
 
     depth: int
     width: int
@@ -170,9 +166,8 @@ class Tower(nn.Module):
         x = ACTIVATIONS[self.activation](x)
         if self.dtype is not None:  # without LayerNorm the activation is still bfloat16
             x = x.astype(jnp.float32)
-        # Backward pass, from two blocks up: keep each block's matmul outputs and recompute LayerNorm/swish
-        # from them (faster on CPU from depth 16 than stacking every intermediate, and less memory). One
-        # block saves everything. --remat keeps only the block input (one extra forward pass, least memory).
+        # Backward pass from two blocks up: keep the matmul outputs, recompute LayerNorm/swish (faster on CPU from
+        # depth 16, less memory). One block saves everything; --remat keeps only block inputs (least memory).
         if self.remat:
             block = nn.remat(ResidualBlock, prevent_cse=False)
         elif self.depth > 4:
@@ -186,8 +181,7 @@ class Tower(nn.Module):
 
 
 def make_tower(args, depth: int) -> Tower:
-    """A tower of `depth` as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll,
-    --matmul-precision)."""
+    """A tower of `depth` as --width, --layer-norm, --activation, --remat, --scan-unroll, --matmul-precision say."""
     dtype = jnp.bfloat16 if args.matmul_precision == "bfloat16" else None
     return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll, dtype)
 
@@ -221,9 +215,7 @@ def deterministic_action(actor: Actor, actor_params, obs):
 
 
 def sample_action(mean, log_std, key, noise=None):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction).
-
-    noise: the standard normal draw itself, in place of one from `key` (a test feeds a recorded one)."""
+    """Reparameterised tanh-Gaussian sample and its tanh-corrected log-probability; `noise`: a recorded draw."""
     std = jnp.exp(log_std)
     noise = jax.random.normal(key, mean.shape) if noise is None else noise
     pre_tanh = mean + std * noise
@@ -526,27 +518,19 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, optimizers: Op
 # --- shared block: ring_buffer (identical in every script; tests/test_copies.py) ---
 def buffer_init(capacity: int, num_envs: int, state_dim: int, action_size: int) -> dict:
     """Empty ring buffer. `size` steps per env are valid; the oldest sits at insert_pos - size."""
-    return {
-        "state": jnp.zeros((capacity, num_envs, state_dim), jnp.float32),
-        "action": jnp.zeros((capacity, num_envs, action_size), jnp.float32),
-        "traj_id": jnp.zeros((capacity, num_envs), jnp.int32),
-        "insert_pos": jnp.zeros((), jnp.int32),
-        "size": jnp.zeros((), jnp.int32),
-    }
+    shape, f32 = (capacity, num_envs), jnp.float32
+    steps = {"state": jnp.zeros((*shape, state_dim), f32), "action": jnp.zeros((*shape, action_size), f32)}
+    counters = {"insert_pos": jnp.zeros((), jnp.int32), "size": jnp.zeros((), jnp.int32)}
+    return {**steps, "traj_id": jnp.zeros(shape, jnp.int32), **counters}
 
 
 def buffer_insert(buffer: dict, state, action, traj_id) -> dict:
     """Writes an unroll ([T, num_envs, ...]) at the ring's head; overwrites the oldest steps."""
-    capacity = buffer["state"].shape[0]
-    steps = state.shape[0]
+    capacity, steps = buffer["state"].shape[0], state.shape[0]
     idx = (buffer["insert_pos"] + jnp.arange(steps)) % capacity
-    return {
-        "state": buffer["state"].at[idx].set(state),
-        "action": buffer["action"].at[idx].set(action),
-        "traj_id": buffer["traj_id"].at[idx].set(traj_id),
-        "insert_pos": (buffer["insert_pos"] + steps) % capacity,
-        "size": jnp.minimum(buffer["size"] + steps, capacity),
-    }
+    written = {k: buffer[k].at[idx].set(v) for k, v in (("state", state), ("action", action), ("traj_id", traj_id))}
+    size = jnp.minimum(buffer["size"] + steps, capacity)
+    return {**written, "insert_pos": (buffer["insert_pos"] + steps) % capacity, "size": size}
 
 
 def _physical(buffer, logical_pos):
@@ -555,13 +539,9 @@ def _physical(buffer, logical_pos):
 
 
 def _future_steps_in_episode(buffer, env_idx, pos):
-    """How many stored steps after logical position `pos` belong to the same episode.
-
-    traj_id never decreases along an env's stored sequence, so a binary search over the logical
-    positions (log2(capacity) gathers of [B] elements) finds the episode's last stored step.
-    """
-    capacity = buffer["state"].shape[0]
-    size = buffer["size"]
+    """Stored steps after logical position `pos` in its episode: traj_id never decreases along an env's stored
+    sequence, so a binary search (log2(capacity) gathers of [B] elements) finds the episode's last stored step."""
+    capacity, size = buffer["state"].shape[0], buffer["size"]
     own = buffer["traj_id"][_physical(buffer, pos), env_idx]
 
     def body(_, bounds):

@@ -129,22 +129,19 @@ def resolve(args: Args, env_ids=None) -> Args:
 # ---- Network: the paper's residual tower, a Gaussian head ----------------------------------------
 
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
-# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
-# "lecun_uniform"), bias 0.
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (its "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 ACTIVATIONS = {"swish": nn.swish, "relu": nn.relu}
 
 
 def layer_norm_dtype(dense_dtype):
-    """LayerNorm's output dtype: inferred (float32) for float32 Dense layers (dense_dtype None), float32
-    for bfloat16 ones, so its statistics and the residual stream stay float32."""
+    """LayerNorm outputs float32 after bfloat16 Dense layers (statistics, residual stream); else inferred."""
     return None if dense_dtype is None else jnp.float32
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add). A scan
-    body: (carry, unused) -> (carry, None). With the 'intermediates' collection mutable it records the mean
-    L2 norm of the residual branch (before the add); otherwise the norm is not even traced."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input; a scan body (carry, _) -> (carry, None).
+    With 'intermediates' mutable it sows the residual branch's mean L2 norm (otherwise it is not traced)."""
 
     width: int
     layer_norm: bool
@@ -165,9 +162,8 @@ class ResidualBlock(nn.Module):
 
 
 class Tower(nn.Module):
-    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params.
-    dtype: every Dense's compute dtype (bfloat16 with --matmul-precision bfloat16; params, LayerNorm, the
-    residual stream and the output stay float32). None builds exactly the float32 tower."""
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params. dtype: the Dense
+    layers' compute dtype (None: exactly the float32 tower); params, LayerNorm and the residual stream float32."""
 
     depth: int
     width: int
@@ -185,9 +181,8 @@ class Tower(nn.Module):
         x = ACTIVATIONS[self.activation](x)
         if self.dtype is not None:  # without LayerNorm the activation is still bfloat16
             x = x.astype(jnp.float32)
-        # Backward pass, from two blocks up: keep each block's matmul outputs and recompute LayerNorm/swish
-        # from them (faster on CPU from depth 16 than stacking every intermediate, and less memory). One
-        # block saves everything. --remat keeps only the block input (one extra forward pass, least memory).
+        # Backward pass from two blocks up: keep the matmul outputs, recompute LayerNorm/swish (faster on CPU from
+        # depth 16, less memory). One block saves everything; --remat keeps only block inputs (least memory).
         if self.remat:
             block = nn.remat(ResidualBlock, prevent_cse=False)
         elif self.depth > 4:
@@ -201,8 +196,7 @@ class Tower(nn.Module):
 
 
 def make_tower(args, depth: int) -> Tower:
-    """A tower of `depth` as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll,
-    --matmul-precision)."""
+    """A tower of `depth` as --width, --layer-norm, --activation, --remat, --scan-unroll, --matmul-precision say."""
     dtype = jnp.bfloat16 if args.matmul_precision == "bfloat16" else None
     return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll, dtype)
 

@@ -99,22 +99,19 @@ COLD_INIT_SCALE = 1e-4  # variance factor of the cold-init head: weights 100x sm
 # ---- Networks: the paper's residual tower (lecun-uniform Dense, LayerNorm, swish; blocks of 4 with a skip) ----
 
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
-# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
-# "lecun_uniform"), bias 0.
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (its "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 ACTIVATIONS = {"swish": nn.swish, "relu": nn.relu}
 
 
 def layer_norm_dtype(dense_dtype):
-    """LayerNorm's output dtype: inferred (float32) for float32 Dense layers (dense_dtype None), float32
-    for bfloat16 ones, so its statistics and the residual stream stay float32."""
+    """LayerNorm outputs float32 after bfloat16 Dense layers (statistics, residual stream); else inferred."""
     return None if dense_dtype is None else jnp.float32
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add). A scan
-    body: (carry, unused) -> (carry, None). With the 'intermediates' collection mutable it records the mean
-    L2 norm of the residual branch (before the add); otherwise the norm is not even traced."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input; a scan body (carry, _) -> (carry, None).
+    With 'intermediates' mutable it sows the residual branch's mean L2 norm (otherwise it is not traced)."""
 
     width: int
     layer_norm: bool
@@ -135,9 +132,8 @@ class ResidualBlock(nn.Module):
 
 
 class Tower(nn.Module):
-    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params.
-    dtype: every Dense's compute dtype (bfloat16 with --matmul-precision bfloat16; params, LayerNorm, the
-    residual stream and the output stay float32). None builds exactly the float32 tower."""
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params. dtype: the Dense
+    layers' compute dtype (None: exactly the float32 tower); params, LayerNorm and the residual stream float32."""
 
     depth: int
     width: int
@@ -155,9 +151,8 @@ class Tower(nn.Module):
         x = ACTIVATIONS[self.activation](x)
         if self.dtype is not None:  # without LayerNorm the activation is still bfloat16
             x = x.astype(jnp.float32)
-        # Backward pass, from two blocks up: keep each block's matmul outputs and recompute LayerNorm/swish
-        # from them (faster on CPU from depth 16 than stacking every intermediate, and less memory). One
-        # block saves everything. --remat keeps only the block input (one extra forward pass, least memory).
+        # Backward pass from two blocks up: keep the matmul outputs, recompute LayerNorm/swish (faster on CPU from
+        # depth 16, less memory). One block saves everything; --remat keeps only block inputs (least memory).
         if self.remat:
             block = nn.remat(ResidualBlock, prevent_cse=False)
         elif self.depth > 4:
@@ -171,8 +166,7 @@ class Tower(nn.Module):
 
 
 def make_tower(args, depth: int) -> Tower:
-    """A tower of `depth` as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll,
-    --matmul-precision)."""
+    """A tower of `depth` as --width, --layer-norm, --activation, --remat, --scan-unroll, --matmul-precision say."""
     dtype = jnp.bfloat16 if args.matmul_precision == "bfloat16" else None
     return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll, dtype)
 
@@ -523,15 +517,6 @@ def check_args(args: Args) -> None:
         fail(f"--energy mrn splits the representation in halves: --repr-dim must be even (got {args.repr_dim})")
 
 
-def load_inputs(args: Args):
-    """ogbench.load_inputs of the flags: (dataset, its -val twin or None, eval env, goal indices); bad files
-    and a dataset that does not fit the env fail in one line, before anything compiles."""
-    try:
-        return ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length)
-    except ValueError as e:
-        runkit.fail(str(e))
-
-
 def checkpoint_state(train_state: dict, key) -> dict:
     """What a checkpoint holds: the three networks' params, both optimizer states, the key."""
     return {
@@ -599,7 +584,7 @@ def dry_run(args: Args) -> dict:
     one JSON line. The dataset is read and checked as in a real run, but kept on the host."""
     runkit.skip_compilation_cache()
     runkit.apply_matmul_precision(args)
-    dataset, _, _, goal_indices = load_inputs(args)
+    dataset, _, _, goal_indices = ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length, runkit.fail)
     with jax.default_device(jax.devices("cpu")[0]):
         data = runkit.as_shapes(make_device_dataset(dataset, goal_indices))
     _, _, update, init = build(args, dataset, goal_indices)
@@ -631,7 +616,9 @@ if __name__ == "__main__":
         dry_run(args)
         sys.exit(0)
     checkpoint = runkit.load_checkpoint(args.resume, SCRIPT) if args.resume else None
-    dataset, val_dataset, eval_env, goal_indices = load_inputs(args)
+    dataset, val_dataset, eval_env, goal_indices = ogbench.load_inputs(
+        args.dataset, args.env, args.eval_episode_length, runkit.fail
+    )
     run_path = runkit.open_run(args, SCRIPT, {"resolved": resolved(args)})
     runkit.log_backend(SCRIPT)
 

@@ -3,10 +3,9 @@
     python qrl.py --mode online --env arm_push_easy --depth 16
     python qrl.py --mode offline --dataset data/pointmaze-giant-stitch-v0.npz --env pointmaze-giant-stitch-v0
 
-The value is a learned quasimetric d(phi(s), psi(g)) (IQE or MRN), trained to push random pairs apart subject to
-one-step distances <= 1 (a learned Lagrange multiplier). A latent dynamics model gives Q(s, a, g) = -d(phi(s) +
-T(phi(s), a), psi(g)) for the actor: offline DDPG+BC (OGBench's QRL), online a tanh-Gaussian policy with an
-entropy bonus (crl_deep.py's). docs/qrl.md."""
+The value is a learned quasimetric d(phi(s), psi(g)) (IQE or MRN) pushing random pairs apart subject to one-step
+distances <= 1. The actor maximises Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)) (T: latent dynamics): offline
+DDPG+BC (OGBench's QRL), online tanh-Gaussian with an entropy bonus (as crl_deep.py). docs/qrl.md."""
 
 from __future__ import annotations
 
@@ -103,8 +102,8 @@ class Args(runkit.RunFlags):
     scan_unroll: int = 1
     """residual blocks unrolled per iteration of the scan over blocks (speed vs compile time)"""
     matmul_precision: Literal["default", "float32", "bfloat16"] = "default"
-    """default: jax's float32 matmuls (TensorFloat32 on NVIDIA Ampere/Hopper GPUs); float32: full float32 on every
-    backend; bfloat16: the towers' Dense layers in bfloat16 (params, LayerNorm, heads, losses float32; docs/gpu.md)"""
+    """default: jax's float32 matmuls (TF32 on NVIDIA Ampere/Hopper); float32: full float32 on every backend;
+    bfloat16: the towers' Dense layers in bfloat16 (params, LayerNorm, heads, losses float32; docs/gpu.md)"""
 
 
 SCRIPT = "qrl"
@@ -116,22 +115,19 @@ MRN_EPS = 1e-12  # inside the MRN square root: finite gradient where the symmetr
 
 
 # --- shared block: tower (identical in every script; tests/test_copies.py) ---
-# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (the paper code's
-# "lecun_uniform"), bias 0.
+# The paper's residual network. Every Dense: variance scaling 1/3, fan_in, uniform (its "lecun_uniform"), bias 0.
 kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 ACTIVATIONS = {"swish": nn.swish, "relu": nn.relu}
 
 
 def layer_norm_dtype(dense_dtype):
-    """LayerNorm's output dtype: inferred (float32) for float32 Dense layers (dense_dtype None), float32
-    for bfloat16 ones, so its statistics and the residual stream stay float32."""
+    """LayerNorm outputs float32 after bfloat16 Dense layers (statistics, residual stream); else inferred."""
     return None if dense_dtype is None else jnp.float32
 
 
 class ResidualBlock(nn.Module):
-    """4 x [Dense -> LayerNorm -> activation], then add the block input (nothing after the add). A scan
-    body: (carry, unused) -> (carry, None). With the 'intermediates' collection mutable it records the mean
-    L2 norm of the residual branch (before the add); otherwise the norm is not even traced."""
+    """4 x [Dense -> LayerNorm -> activation], then add the block input; a scan body (carry, _) -> (carry, None).
+    With 'intermediates' mutable it sows the residual branch's mean L2 norm (otherwise it is not traced)."""
 
     width: int
     layer_norm: bool
@@ -152,9 +148,8 @@ class ResidualBlock(nn.Module):
 
 
 class Tower(nn.Module):
-    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params.
-    dtype: every Dense's compute dtype (bfloat16 with --matmul-precision bfloat16; params, LayerNorm, the
-    residual stream and the output stay float32). None builds exactly the float32 tower."""
+    """Input Dense(width) -> LN -> act, then depth/4 residual blocks scanned over stacked params. dtype: the Dense
+    layers' compute dtype (None: exactly the float32 tower); params, LayerNorm and the residual stream float32."""
 
     depth: int
     width: int
@@ -172,9 +167,8 @@ class Tower(nn.Module):
         x = ACTIVATIONS[self.activation](x)
         if self.dtype is not None:  # without LayerNorm the activation is still bfloat16
             x = x.astype(jnp.float32)
-        # Backward pass, from two blocks up: keep each block's matmul outputs and recompute LayerNorm/swish
-        # from them (faster on CPU from depth 16 than stacking every intermediate, and less memory). One
-        # block saves everything. --remat keeps only the block input (one extra forward pass, least memory).
+        # Backward pass from two blocks up: keep the matmul outputs, recompute LayerNorm/swish (faster on CPU from
+        # depth 16, less memory). One block saves everything; --remat keeps only block inputs (least memory).
         if self.remat:
             block = nn.remat(ResidualBlock, prevent_cse=False)
         elif self.depth > 4:
@@ -188,8 +182,7 @@ class Tower(nn.Module):
 
 
 def make_tower(args, depth: int) -> Tower:
-    """A tower of `depth` as the flags say (--width, --layer-norm, --activation, --remat, --scan-unroll,
-    --matmul-precision)."""
+    """A tower of `depth` as --width, --layer-norm, --activation, --remat, --scan-unroll, --matmul-precision say."""
     dtype = jnp.bfloat16 if args.matmul_precision == "bfloat16" else None
     return Tower(depth, args.width, args.layer_norm, args.activation, args.remat, args.scan_unroll, dtype)
 
@@ -241,9 +234,7 @@ def deterministic_action(actor: Actor, actor_params, obs):
 
 
 def sample_action(mean, log_std, key, noise=None):
-    """Reparameterised tanh-Gaussian sample and its log-probability (with the tanh correction).
-
-    noise: the standard normal draw itself, in place of one from `key` (a test feeds a recorded one)."""
+    """Reparameterised tanh-Gaussian sample and its tanh-corrected log-probability; `noise`: a recorded draw."""
     std = jnp.exp(log_std)
     noise = jax.random.normal(key, mean.shape) if noise is None else noise
     pre_tanh = mean + std * noise
@@ -262,10 +253,9 @@ class Networks(NamedTuple):
     goal_encoder: Optional[Encoder]  # psi(g) -> latent; None when goals are whole states (psi = phi)
     dynamics: Encoder  # T(concat[phi(s), a]) -> latent change
 
-    def encode_goals(self, critic: dict, goals):
-        if self.goal_encoder is None:
-            return self.state_encoder.apply(critic["state_encoder"], goals)
-        return self.goal_encoder.apply(critic["goal_encoder"], goals)
+    def encode_goals(self, critic: dict, goals):  # psi(g), or phi(g) when goals are whole states
+        name = "state_encoder" if self.goal_encoder is None else "goal_encoder"
+        return getattr(self, name).apply(critic[name], goals)
 
     def predict_next_latent(self, critic: dict, latent, action):
         """Latent dynamics: phi(s') ~ phi(s) + T(concat[phi(s), a])."""
@@ -283,9 +273,8 @@ def build_networks(args: Args, dims: Dims) -> Networks:
 
 
 def iqe(x, y, component_dim: int, mix):
-    """Interval quasimetric embedding. The latent is split into components of `component_dim`
-    coordinates; a component's distance is the length of the union of the intervals [x_j, max(x_j, y_j)]
-    (empty where x_j >= y_j); d = mix * mean + (1 - mix) * max over components. x, y: [..., D]."""
+    """Interval quasimetric embedding of x, y [..., D] in components of `component_dim` coordinates: a component's
+    distance is the length of the union of [x_j, max(x_j, y_j)]; d = mix * mean + (1 - mix) * max over them."""
     start = x.reshape(*x.shape[:-1], -1, component_dim)
     end = jnp.maximum(start, y.reshape(*y.shape[:-1], -1, component_dim))
     order = jnp.argsort(start, axis=-1)
@@ -313,10 +302,9 @@ def distance(critic: dict, x, y, args: Args):
 
 
 def dual_value_loss(d_far, d_step, multiplier, eps: float):
-    """QRL's constrained objective as one loss. push = mean(100 softplus(5 - d_far / 100)) over random
-    (state, goal) pairs pushes them apart; violation = mean(relu(d_step - 1)^2) over one-step pairs. The
-    encoders minimise push + stop_grad(lambda) violation, the multiplier lambda (eps - stop_grad(violation)):
-    lambda grows while the constraint is violated and shrinks (towards 0) while it holds."""
+    """QRL's constrained objective as one loss: push = mean(100 softplus(5 - d_far / 100)) over random pairs,
+    violation = mean(relu(d_step - 1)^2) over one-step pairs. The encoders minimise push + stop_grad(lambda)
+    violation, lambda minimises lambda (eps - stop_grad(violation)): it grows while the constraint is violated."""
     push = jnp.mean(PUSH_SCALE * jax.nn.softplus(PUSH_OFFSET - d_far / PUSH_SCALE))
     violation = jnp.mean(jax.nn.relu(d_step - 1.0) ** 2)
     value_loss = push + jax.lax.stop_gradient(multiplier) * violation
@@ -346,9 +334,8 @@ def policy_action(actor, actor_params, observations, goals):
 
 
 def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: Dims):
-    """Dual value loss + multiplier loss + latent dynamics loss on a batch of state, action, next_state,
-    random_goal. One-step pairs are (s, s') and, when goals are not whole states, (s, goal of s') too: reaching
-    g(s') takes one step from s, so with the triangle inequality d(s_0, g(s_k)) <= k along any trajectory."""
+    """Dual value + multiplier + latent dynamics loss. One-step pairs: (s, s') and, when goals are not whole
+    states, (s, goal of s'), so with the triangle inequality d(s_0, g(s_k)) <= k along any trajectory."""
     latent = nets.state_encoder.apply(critic["state_encoder"], batch["state"])
     next_latent = nets.state_encoder.apply(critic["state_encoder"], batch["next_state"])
     d_far = distance(critic, latent, nets.encode_goals(critic, batch["random_goal"]), args)
@@ -359,9 +346,8 @@ def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: 
     multiplier = jax.nn.softplus(critic["multiplier"])
     value_loss, (push, violation) = dual_value_loss(d_far, d_step, multiplier, args.constraint_eps)
     predicted = nets.predict_next_latent(critic, latent, batch["action"])
-    dynamics_loss = 0.5 * jnp.mean(
-        distance(critic, predicted, next_latent, args) + distance(critic, next_latent, predicted, args)
-    )
+    both_ways = distance(critic, predicted, next_latent, args) + distance(critic, next_latent, predicted, args)
+    dynamics_loss = 0.5 * jnp.mean(both_ways)
     loss = value_loss + dynamics_loss
     metrics = {"critic_loss": loss, "push_loss": push, "constraint_violation": violation}
     metrics |= {"dynamics_loss": dynamics_loss, "multiplier": multiplier, "d_far_mean": jnp.mean(d_far)}
@@ -372,9 +358,8 @@ def critic_loss_fn(critic: dict, batch: dict, nets: Networks, args: Args, dims: 
 
 
 def actor_loss_fn(actor_params, critic: dict, batch: dict, nets: Networks, args: Args, key=None, log_beta=None):
-    """Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)); no gradient reaches the critic. Offline (DDPG+BC):
-    a = clip(mu(s, g)), loss -Q / stop_grad(mean |Q|) - alpha log N(a_data; mu, I). Online (SAC-style, as
-    crl_deep.py's actor): a ~ pi(. | s, g) reparameterised, loss -Q + beta log pi(a | s, g)."""
+    """Q(s, a, g) = -d(phi(s) + T(phi(s), a), psi(g)), no gradient to the critic. Offline DDPG+BC on a = clip(mu(s,
+    g)); online (as crl_deep.py's actor) a ~ pi(. | s, g) reparameterised, loss -Q + beta log pi(a | s, g)."""
     state, goal = batch["state"], batch["actor_goal"]
     obs = jnp.concatenate([state, goal], -1)
     critic = jax.lax.stop_gradient(critic)
@@ -420,11 +405,9 @@ def init_train_state(key, nets: Networks, args: Args, dims: Dims) -> dict:
 
 def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args, dims: Dims):
     """One critic and one actor update (online also the temperature), all from the same pre-update critic."""
-    actor, critic = train_state["actor"], train_state["critic"]
+    actor, critic, log_beta = train_state["actor"], train_state["critic"], train_state.get("log_beta")
     critic_grads, critic_metrics = jax.grad(critic_loss_fn, has_aux=True)(critic, batch, nets, args, dims)
-    actor_grads, actor_metrics = jax.grad(actor_loss_fn, has_aux=True)(
-        actor, critic, batch, nets, args, key, train_state.get("log_beta")
-    )
+    actor_grads, actor_metrics = jax.grad(actor_loss_fn, has_aux=True)(actor, critic, batch, nets, args, key, log_beta)
     critic_updates, critic_opt = optax.adam(args.critic_lr).update(critic_grads, train_state["critic_opt"])
     actor_updates, actor_opt = optax.adam(args.actor_lr).update(actor_grads, train_state["actor_opt"])
     new_state = {"critic": optax.apply_updates(critic, critic_updates), "critic_opt": critic_opt}
@@ -442,27 +425,19 @@ def sgd_step(train_state: dict, batch: dict, key, nets: Networks, args: Args, di
 # --- shared block: ring_buffer (identical in every script; tests/test_copies.py) ---
 def buffer_init(capacity: int, num_envs: int, state_dim: int, action_size: int) -> dict:
     """Empty ring buffer. `size` steps per env are valid; the oldest sits at insert_pos - size."""
-    return {
-        "state": jnp.zeros((capacity, num_envs, state_dim), jnp.float32),
-        "action": jnp.zeros((capacity, num_envs, action_size), jnp.float32),
-        "traj_id": jnp.zeros((capacity, num_envs), jnp.int32),
-        "insert_pos": jnp.zeros((), jnp.int32),
-        "size": jnp.zeros((), jnp.int32),
-    }
+    shape, f32 = (capacity, num_envs), jnp.float32
+    steps = {"state": jnp.zeros((*shape, state_dim), f32), "action": jnp.zeros((*shape, action_size), f32)}
+    counters = {"insert_pos": jnp.zeros((), jnp.int32), "size": jnp.zeros((), jnp.int32)}
+    return {**steps, "traj_id": jnp.zeros(shape, jnp.int32), **counters}
 
 
 def buffer_insert(buffer: dict, state, action, traj_id) -> dict:
     """Writes an unroll ([T, num_envs, ...]) at the ring's head; overwrites the oldest steps."""
-    capacity = buffer["state"].shape[0]
-    steps = state.shape[0]
+    capacity, steps = buffer["state"].shape[0], state.shape[0]
     idx = (buffer["insert_pos"] + jnp.arange(steps)) % capacity
-    return {
-        "state": buffer["state"].at[idx].set(state),
-        "action": buffer["action"].at[idx].set(action),
-        "traj_id": buffer["traj_id"].at[idx].set(traj_id),
-        "insert_pos": (buffer["insert_pos"] + steps) % capacity,
-        "size": jnp.minimum(buffer["size"] + steps, capacity),
-    }
+    written = {k: buffer[k].at[idx].set(v) for k, v in (("state", state), ("action", action), ("traj_id", traj_id))}
+    size = jnp.minimum(buffer["size"] + steps, capacity)
+    return {**written, "insert_pos": (buffer["insert_pos"] + steps) % capacity, "size": size}
 
 
 def _physical(buffer, logical_pos):
@@ -471,13 +446,9 @@ def _physical(buffer, logical_pos):
 
 
 def _future_steps_in_episode(buffer, env_idx, pos):
-    """How many stored steps after logical position `pos` belong to the same episode.
-
-    traj_id never decreases along an env's stored sequence, so a binary search over the logical
-    positions (log2(capacity) gathers of [B] elements) finds the episode's last stored step.
-    """
-    capacity = buffer["state"].shape[0]
-    size = buffer["size"]
+    """Stored steps after logical position `pos` in its episode: traj_id never decreases along an env's stored
+    sequence, so a binary search (log2(capacity) gathers of [B] elements) finds the episode's last stored step."""
+    capacity, size = buffer["state"].shape[0], buffer["size"]
     own = buffer["traj_id"][_physical(buffer, pos), env_idx]
 
     def body(_, bounds):
@@ -506,9 +477,8 @@ def sample_goal_offsets(key, horizon, discount: float):
 def buffer_sample_transitions(
     buffer: dict, key, batch_size: int, discount: float, goal_indices, random_goal_prob: float, tries: int = 4
 ) -> dict:
-    """(s, a, s') of one episode (envs and anchors as crl_deep.py's buffer_sample; anchors need a stored successor),
-    an actor goal from its geometric future (else, with random_goal_prob, a random stored state's goal) and a
-    random goal (any stored step of any env) for the push-apart term."""
+    """(s, a, s') of one episode (envs and anchors as crl_deep.py's buffer_sample), an actor goal from its geometric
+    future (with random_goal_prob a random stored state's) and a random goal for the push-apart term."""
     num_envs = buffer["state"].shape[1]
     k_env, k_pos, k_offset, k_rand_env, k_rand_pos, k_mix = jax.random.split(key, 6)
     i = jnp.arange(batch_size)
@@ -564,8 +534,8 @@ def sample_indices(data: dict, key, batch_size: int, discount: float):
 
 
 def sample_offline_batch(data: dict, key, batch_size: int, random_goal_prob: float) -> dict:
-    """OGBench's QRL sampling: (s, a, s'), push-apart goals uniform over all dataset states, actor goals
-    uniform over the trajectory's future (or, with probability random_goal_prob, uniform over the data)."""
+    """OGBench's QRL sampling: (s, a, s'), push-apart goals uniform over the data, actor goals uniform over the
+    trajectory's future (with random_goal_prob uniform over the data)."""
     k_rows, k_random, k_mix = jax.random.split(key, 3)
     t, t_next, _, future = sample_indices(data, k_rows, batch_size, 0.99)  # the geometric goal is unused
     random_rows = jax.random.randint(k_random, (2, batch_size), 0, data["goals"].shape[0])
@@ -575,27 +545,23 @@ def sample_offline_batch(data: dict, key, batch_size: int, random_goal_prob: flo
 
 
 def collect_and_insert(carry: dict, env, nets: Networks, args: Args, dims: Dims) -> dict:
-    """An unroll of the batched training env with the stochastic policy, written into the buffer: (state,
-    action, traj_id) of each step, the state the one the action was taken in."""
+    """An unroll of the training envs with the stochastic policy, its (state, action, traj_id) into the buffer."""
     key, k_collect = jax.random.split(carry["key"])
-    actor_params = carry["train_state"]["actor"]
 
     def step(env_state, key):
-        mean, log_std = nets.actor.apply(actor_params, env_state.obs)
+        mean, log_std = nets.actor.apply(carry["train_state"]["actor"], env_state.obs)
         action, _ = sample_action(mean, log_std, key)
         record = (env_state.obs[:, : dims.state_dim], action, env_state.info["traj_id"].astype(jnp.int32))
         return env.step(env_state, action), record
 
-    keys = jax.random.split(k_collect, args.unroll_length)
-    env_state, (states, actions, traj_ids) = jax.lax.scan(step, carry["env_state"], keys)
-    buffer = buffer_insert(carry["buffer"], states, actions, traj_ids)
+    env_state, steps = jax.lax.scan(step, carry["env_state"], jax.random.split(k_collect, args.unroll_length))
+    buffer = buffer_insert(carry["buffer"], *steps)
     return {**carry, "key": key, "env_state": env_state, "buffer": buffer}
 
 
 def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_train_steps: int):
-    """`num_train_steps` x (collect an unroll, insert it, `sgd_steps_per_train_step` SGD steps). No in-epoch
-    progress callback (runkit.progress): a side effect in the loop changes how XLA optimises the program,
-    and with it the float rounding of a run (the progress bar moves once per epoch)."""
+    """`num_train_steps` x (collect an unroll, `sgd_steps_per_train_step` SGD steps). No runkit.progress callback:
+    here it changes how XLA optimises the program, and with it a run's float rounding."""
 
     def train_step(carry, _):
         carry = collect_and_insert(carry, env, nets, args, dims)
@@ -603,10 +569,8 @@ def online_epoch(carry: dict, env, nets: Networks, args: Args, dims: Dims, num_t
 
         def sgd(train_state, key):
             k_sample, k_sgd = jax.random.split(key)
-            goal_indices, random_goal_prob = dims.goal_indices, args.actor_random_goal_prob
-            batch = buffer_sample_transitions(
-                carry["buffer"], k_sample, args.batch_size, args.discount, goal_indices, random_goal_prob
-            )
+            sizes = (args.batch_size, args.discount, dims.goal_indices, args.actor_random_goal_prob)
+            batch = buffer_sample_transitions(carry["buffer"], k_sample, *sizes)
             return sgd_step(train_state, batch, k_sgd, nets, args, dims)
 
         keys = jax.random.split(k_sgd, args.sgd_steps_per_train_step)
@@ -630,13 +594,12 @@ def resolve(args: Args) -> Args:
     defaults = {"width": (256, 512), "latent_dim": (64, 512), "batch_size": (256, 1024)}
     defaults["alpha"] = (0.0, 0.0003 if args.env.startswith("pointmaze") else 0.003)
     defaults["actor_random_goal_prob"] = (0.0, 0.5 if "stitch" in args.env else 0.0)
-    offline = args.mode != "online"
-    return dataclasses.replace(args, **{k: v[offline] for k, v in defaults.items() if getattr(args, k) is None})
+    filled = {k: v[args.mode != "online"] for k, v in defaults.items() if getattr(args, k) is None}
+    return dataclasses.replace(args, **filled)
 
 
 def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
-    """Every bad-input check that needs no file, no env and no compilation (the dataset is checked when a run
-    starts); `runkit.fail`s on the first. env_ids, num_devices: as runkit.check_online (tools/grid.py)."""
+    """Bad-input checks that need no file, env or compile; env_ids, num_devices as runkit.check_online."""
     fail, args = runkit.fail, resolve(args)
     if args.mode == "online":
         if args.dataset:
@@ -649,8 +612,6 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
     else:
         if not args.dataset:
             fail("--mode offline needs --dataset PATH.npz")
-        if not args.env:
-            fail("--mode offline needs --env (an OGBench env name or one of our envs/ ids)")
         if args.eval_env is not None:
             fail("--eval-env is for --mode online (offline evaluates on --env)")
         runkit.check_common(args)
@@ -667,8 +628,7 @@ def check_args(args: Args, env_ids=None, num_devices: Optional[int] = None):
 
 
 def checkpoint_state(train_state: dict, key, env_state=None) -> dict:
-    """What a checkpoint holds: params {"actor", "state_encoder", ["goal_encoder"], "dynamics", "multiplier",
-    ["iqe_mix"]}, the rest of the train state (optimizer states, online log_beta), the key, online the envs."""
+    """params {"actor", **critic}, the rest of the train state (optimizers, log_beta), the key, online the envs."""
     rest = {k: v for k, v in train_state.items() if k not in ("actor", "critic")}
     state = {"params": {"actor": train_state["actor"], **train_state["critic"]}, "train_state": rest, "key": key}
     return state if env_state is None else {**state, "env_state": env_state}
@@ -682,9 +642,8 @@ def train_state_of(saved: dict) -> dict:
 
 
 def setup_online(args: Args, checkpoint=None, dry=False):
-    """The env, networks and initial carry (envs and buffer split over devices; restored, then prefilled),
-    the epoch compiled from shapes beside its build (the carry donated), its compile seconds and the
-    evaluation (actor params, key) -> metrics. dry: the compile and the train state's and buffer's shapes."""
+    """The initial carry (restored, prefilled; split over devices), the compiled epoch, its compile seconds and
+    the evaluation (actor params, key) -> metrics. dry: the compile and the train state's and buffer's shapes."""
     raw_env = envs.make(args.env)
     env = envs.wrap_for_training(raw_env, episode_length=args.episode_length)
     dims = Dims(raw_env.state_dim, tuple(int(i) for i in raw_env.goal_indices), raw_env.action_size)
@@ -719,24 +678,14 @@ def setup_online(args: Args, checkpoint=None, dry=False):
     carry = jax.jit(fill, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(carry)
     eval_env = envs.make(args.eval_env or envs.eval_variant(args.env))
     act = lambda params: lambda obs: deterministic_action(nets.actor, params, obs)
-    n, length = args.num_eval_envs, args.episode_length
-    run = jax.jit(lambda params, key: envs.evaluate(eval_env, act(params), key, n, length))
+    run = jax.jit(lambda p, key: envs.evaluate(eval_env, act(p), key, args.num_eval_envs, args.episode_length))
     evaluate = lambda params, key: {k: float(v) for k, v in jax.device_get(run(params, key)).items()}
     return carry, epoch_fn, evaluate, compile_seconds
 
 
-def load_inputs(args: Args):
-    """ogbench.load_inputs of the flags (dataset, -val twin or None, eval env, goal indices); one line on bad input."""
-    try:
-        return ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length)
-    except ValueError as e:
-        runkit.fail(str(e))
-
-
 def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_indices, dry=False):
-    """The networks, the train state and key (restored), the data on device, the epoch compiled from shapes
-    (the train state donated), its compile seconds, the validation (train state, val data, key) -> losses
-    and the evaluation. dry: the compile and the train state's and data's shapes (data kept on the host)."""
+    """The train state and key (restored), the data on device, the compiled epoch, its compile seconds, the
+    validation (train state, val data, key) -> losses and the evaluation. dry: compile and shapes only."""
     dims = Dims(dataset["observations"].shape[1], tuple(goal_indices), dataset["actions"].shape[1])
     nets = build_networks(args, dims)
     epoch = jax.jit(lambda ts, data, k: offline_epoch(ts, data, k, nets, args, dims), donate_argnums=0)
@@ -745,23 +694,19 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_i
     if dry:
         with jax.default_device(jax.devices("cpu")[0]):
             data = runkit.as_shapes(make_device_dataset(dataset, goal_indices))
-        key = jax.random.PRNGKey(args.seed)
-        train_state = jax.eval_shape(init, key)
+        key, train_state = jax.random.PRNGKey(args.seed), jax.eval_shape(init, jax.random.PRNGKey(args.seed))
         return lambda: compile_epoch(train_state, data, key), train_state, data
     data = make_device_dataset(dataset, goal_indices)
-    val_data = None if val_dataset is None else make_device_dataset(val_dataset, goal_indices)
     key, k_init = runkit.seed_keys(args.seed, 1, 2)
     train_state = jax.jit(init)(k_init)
     if checkpoint is not None:
         saved = runkit.restore_state(checkpoint_state(train_state, key), checkpoint["state"], args.resume)
         train_state, key = train_state_of(saved), jnp.array(saved["key"])
-    compile_start = time.time()
-    epoch_fn = compile_epoch(train_state, data, key)
-    compile_seconds = time.time() - compile_start
+    make_val = lambda: None if val_dataset is None else make_device_dataset(val_dataset, goal_indices)
+    epoch_fn, compile_seconds, val_data = runkit.compile_beside(lambda: compile_epoch(train_state, data, key), make_val)
 
     @jax.jit
-    def validation(train_state, val_data, key):
-        """Losses on one batch of the -val twin: overfitting shows as a gap to training/."""
+    def validation(train_state, val_data, key):  # losses on a batch of the -val twin: overfitting shows
         batch = sample_offline_batch(val_data, key, args.batch_size, args.actor_random_goal_prob)
         _, critic_metrics = critic_loss_fn(train_state["critic"], batch, nets, args, dims)
         _, actor_metrics = actor_loss_fn(train_state["actor"], train_state["critic"], batch, nets, args)
@@ -773,8 +718,7 @@ def setup_offline(args: Args, checkpoint, dataset, val_dataset, eval_env, goal_i
 
 
 def dry_run(args: Args) -> dict:
-    """--dry-run: the epoch a real run of the mode would compile (from shapes, same donation and shardings),
-    its costs printed as one JSON line. Offline, the dataset is read and checked but kept on the host."""
+    """--dry-run: the epoch a real run would compile (from shapes), its costs as one JSON line."""
     runkit.skip_compilation_cache()
     args = resolve(args)
     runkit.apply_matmul_precision(args)
@@ -782,21 +726,19 @@ def dry_run(args: Args) -> dict:
         compile_epoch, train_state, data = setup_online(args, dry=True)
         sgd_steps = runkit.train_steps_per_epoch(args) * args.sgd_steps_per_train_step
     else:
-        compile_epoch, train_state, data = setup_offline(args, None, *load_inputs(args), dry=True)
+        inputs = ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length, runkit.fail)
+        compile_epoch, train_state, data = setup_offline(args, None, *inputs, dry=True)
         sgd_steps = args.eval_every
     compile_start, compiled = time.time(), compile_epoch()
     compile_seconds = time.time() - compile_start
     critic = train_state["critic"]
     params = {"actor": train_state["actor"], **{k: v for k, v in critic.items() if k.endswith(("encoder", "dynamics"))}}
-    # critic loss (all trained): phi(s), phi(s'), psi(random goal), psi(goal of s') when psi is its own
-    # network, T(phi(s), a); actor loss: the actor trained, phi(s) and psi(g) forward only, T passing the
-    # gradient to the action. Without a goal encoder phi embeds the goals too.
+    # critic loss (all trained): phi(s), phi(s'), psi(random goal), psi(goal of s') (phi when no psi), T(phi(s), a);
+    # actor loss: the actor trained, phi(s) and psi(g) forward only, T passing the gradient to the action.
     f = {name: runkit.dense_flops(p) for name, p in params.items()}
     forward, input_grad, param_grad = runkit.FORWARD, runkit.INPUT_GRAD, runkit.PARAM_GRAD
-    if "goal_encoder" in f:
-        encoders = (f["state_encoder"] + f["goal_encoder"]) * (2 * param_grad + forward)
-    else:
-        encoders = f["state_encoder"] * (3 * param_grad + 2 * forward)
+    passes = (2 * param_grad + forward) if "goal_encoder" in f else (3 * param_grad + 2 * forward)
+    encoders = (f["state_encoder"] + f.get("goal_encoder", 0)) * passes
     flops = args.batch_size * (encoders + f["actor"] * param_grad + f["dynamics"] * (param_grad + input_grad))
     data_bytes, extra = runkit.tree_bytes(data), {"sgd_steps_per_epoch": sgd_steps}
     return runkit.dry_run_report(args, SCRIPT, compiled, compile_seconds, params, flops, data_bytes, extra)
@@ -811,32 +753,30 @@ if __name__ == "__main__":
         dry_run(args)
         sys.exit(0)
     online = args.mode == "online"
-    offline_inputs = None if online else load_inputs(args)  # bad files fail here, before a run folder
+    # offline: dataset, -val twin, eval env, goal indices (bad files fail here, before a run folder)
+    inputs = None if online else ogbench.load_inputs(args.dataset, args.env, args.eval_episode_length, runkit.fail)
     checkpoint = runkit.load_checkpoint(args.resume, SCRIPT) if args.resume is not None else None
     run_path = runkit.open_run(argv_args, SCRIPT, {"resolved": dataclasses.asdict(args)})
     runkit.log_backend(SCRIPT)
-    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
-    env_steps = 0 if checkpoint is None else checkpoint["env_steps"]
-    start_time = time.time() - (0.0 if checkpoint is None else checkpoint["wall_time"])
+    resumed = checkpoint or {"epoch": -1, "env_steps": 0, "wall_time": 0.0}  # where the run goes on from
+    start_epoch, env_steps, start_time = resumed["epoch"] + 1, resumed["env_steps"], time.time() - resumed["wall_time"]
 
     # ---- setup: the mode's data (a prefilled replay buffer, or the dataset), networks, the compiled epoch ----
     if online:
-        carry, epoch_fn, evaluate, compile_seconds = setup_online(args, checkpoint)
+        carry, epoch_fn, evaluate, compile_s = setup_online(args, checkpoint)
         if checkpoint is None:  # a resume refills the buffer without counting its steps again
             env_steps += runkit.prefill_unrolls(args) * args.unroll_length * args.num_envs
-        num_epochs, bar_steps = args.num_epochs, runkit.train_steps_per_epoch(args)
+        num_epochs, bar_steps, train_state = args.num_epochs, runkit.train_steps_per_epoch(args), carry["train_state"]
         steps_per_epoch, k_eval_base = bar_steps * args.num_envs * args.unroll_length, jax.random.PRNGKey(args.seed + 1)
-        train_state = carry["train_state"]
     else:
-        train_state, key, data, val_data, epoch_fn, validation, evaluate, compile_seconds = setup_offline(
-            args, checkpoint, *offline_inputs
-        )
+        offline = setup_offline(args, checkpoint, *inputs)
+        train_state, key, data, val_data, epoch_fn, validate, evaluate, compile_s = offline
         steps_per_epoch, num_epochs, bar_steps = args.eval_every, args.train_steps // args.eval_every, 1
     critic_size, actor_size = runkit.tree_size(train_state["critic"]), runkit.tree_size(train_state["actor"])
     print(f"{SCRIPT} ({args.mode}): params critic {critic_size}, actor {actor_size}", flush=True)
 
     # ---- the loop: one jitted epoch, then evaluate, log, checkpoint ----
-    log = runkit.RunLog(args, SCRIPT, run_path, start_epoch, num_epochs, bar_steps, start_time, compile_seconds)
+    log = runkit.RunLog(args, SCRIPT, run_path, start_epoch, num_epochs, bar_steps, start_time, compile_s)
     for epoch in log.epochs:
         epoch_start = time.time()
         if online:
@@ -852,7 +792,7 @@ if __name__ == "__main__":
         eval_metrics = evaluate(train_state["actor"], k_eval)
         record = log.record(epoch, env_steps, epoch_seconds, steps_per_epoch, train_metrics, eval_metrics)
         if not online and val_data is not None:
-            val_metrics = jax.device_get(validation(train_state, val_data, k_val))
+            val_metrics = jax.device_get(validate(train_state, val_data, k_val))
             record.update({f"validation/{k}": float(v) for k, v in val_metrics.items()})
         log.log(record, env_steps, "eval/episode_success" if "eval/episode_success" in record else "eval/success")
         state = checkpoint_state(train_state, *((carry["key"], carry["env_state"]) if online else (key,)))

@@ -126,11 +126,21 @@ def evaluate(eval_envs, act, seed: int) -> dict:
     return metrics
 
 
-def load_inputs(path: str, env_name: str, episode_length: Optional[int]):
+def load_inputs(path: str, env_name: str, episode_length: Optional[int], fail=None):
     """(dataset, its `-val.npz` twin or None, the evaluation env, the goal indices) of an offline run, checked
     against each other before anything compiles. `env_name` is one of our envs/ ids (the env is its `_eval`
     variant; goals are its goal_indices) or an OGBench env (`make_env(env_name, episode_length)`; goals are
-    whole observations). Raises ValueError with one line, naming --dataset or --env, on a bad input."""
+    whole observations). Raises ValueError with one line, naming --dataset or --env, on a bad input; with
+    `fail` (a script passes runkit.fail) calls fail(that line) instead."""
+    try:
+        return _checked_inputs(path, env_name, episode_length)
+    except ValueError as e:
+        if fail is None:
+            raise
+        fail(str(e))
+
+
+def _checked_inputs(path: str, env_name: str, episode_length: Optional[int]):
     import envs
 
     if not os.path.isfile(path):
