@@ -792,10 +792,10 @@ def dry_run(args: Args) -> dict:
     env_step, dims, nets, optimizers, mesh, _, carry_shapes, shardings = build(args, k_init, k_reset, key)
     stacked = carry_shapes["train_state"]["params"]  # with --num-seeds: report one seed's slice
     params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[args.num_seeds > 1 :], x.dtype), stacked)
+    estimate = runkit.estimate_epoch(SCRIPT, epoch_flops(stacked, args), args.batch_size, args.width)
     compile_start = time.time()
     compiled = compile_epoch(carry_shapes, shardings, mesh, env_step, nets, optimizers, args, dims)
     compile_seconds = time.time() - compile_start
-    estimate = runkit.estimate_epoch(SCRIPT, epoch_flops(stacked, args), args.batch_size, args.width)
     sgd_steps = runkit.train_steps_per_epoch(args) * args.sgd_steps_per_train_step
     extra = {"sgd_steps_per_epoch": sgd_steps, "num_seeds": args.num_seeds, "epoch_seconds_estimate": estimate}
     flops, buffer_bytes = sgd_step_flops(params, args), runkit.tree_bytes(carry_shapes["buffer"])

@@ -113,9 +113,14 @@ def matmul_rate(batch: int, width: int, layers: int = 16) -> float:
     return 2 * batch * width * width * layers / best
 
 
+PROGRESS = {"in_epoch": True}  # runkit.progress traces its callback (estimate_epoch turns it off for short epochs)
+
+
 def estimate_epoch(script: str, flops_per_epoch: float, batch: int, width: int, limit_s: float = 600.0):
     """Seconds the first epoch's SGD steps should take: the dry-run FLOP count over a quick rate probe (None
-    for epochs under 1e12 FLOPs, not probed). Above `limit_s` it says so on stderr, in one line."""
+    for epochs under 1e12 FLOPs, not probed). Above `limit_s` it says so on stderr, in one line. Below 1e12 no
+    in-epoch progress is traced: a host callback keeps jax's persistent compilation cache from storing the epoch."""
+    PROGRESS["in_epoch"] = flops_per_epoch >= 1e12
     if flops_per_epoch < 1e12:
         return None
     rate = matmul_rate(batch, width)

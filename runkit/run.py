@@ -18,7 +18,7 @@ import numpy as np
 
 from runkit.checkpoint import CHECKPOINT_FILE, checkpoint_path, read_checkpoint, save_checkpoint
 from runkit.checks import fail, flag
-from runkit.devices import device_peak_memory
+from runkit.devices import PROGRESS, device_peak_memory
 from runkit.files import git_commit, versions, write_atomic
 
 
@@ -131,7 +131,8 @@ def _one_line_on_interrupt(kind, value, traceback):
 def progress(step):
     """Inside a jitted epoch: the run's progress bar shows `step` + 1 training steps of the current epoch
     done (a host callback; under vmap or on several devices each copy reports the same step)."""
-    jax.debug.callback(_advance, step)
+    if PROGRESS["in_epoch"]:
+        jax.debug.callback(_advance, step)
 
 
 def _advance(step):

@@ -267,7 +267,8 @@ def test_runlog_records_stops_on_a_nan_and_resumes_dropping_later_lines(tmp_path
     resumed.finish(0)
 
 
-def test_the_progress_bar_moves_inside_a_jitted_scan(tmp_path):
+def test_the_progress_bar_moves_inside_a_jitted_scan(tmp_path, monkeypatch):
+    monkeypatch.setitem(runkit.devices.PROGRESS, "in_epoch", True)  # as after estimate_epoch of a long epoch
     (tmp_path / "r").mkdir()
     log = runkit.RunLog(crl_deep.Args(env="reacher"), "crl_deep", str(tmp_path / "r"), 0, 2, steps_per_epoch=5)
     seen = []
@@ -320,9 +321,19 @@ def test_tools_run_as_python_tools_name_from_any_folder(tmp_path):
 def test_a_long_first_epoch_is_announced_in_one_line_with_how_it_was_estimated(monkeypatch, capsys):
     from runkit import devices
 
+    monkeypatch.setitem(runkit.devices.PROGRESS, "in_epoch", True)
     assert runkit.estimate_epoch("crl_deep", 5e11, 256, 256) is None  # not probed
+    # a short epoch traces no progress callback, so jax's persistent compilation cache can store it
+    assert runkit.devices.PROGRESS == {"in_epoch": False}
+    seen = []
+    monkeypatch.setattr(jax.debug, "callback", lambda *a: seen.append(a))
+    runkit.progress(jnp.zeros((), jnp.int32))
+    assert seen == []
     monkeypatch.setattr(devices, "matmul_rate", lambda batch, width: 1e11)
     assert runkit.estimate_epoch("crl_deep", 4.5e12, 256, 256) == pytest.approx(100.0)  # 4.5e12 / (0.45 * 1e11)
+    assert runkit.devices.PROGRESS == {"in_epoch": True}
+    runkit.progress(jnp.zeros((), jnp.int32))
+    assert len(seen) == 1
     assert capsys.readouterr().err == ""  # under 10 minutes: nothing said
     assert runkit.estimate_epoch("crl_deep", 3.24e16, 512, 1024) == pytest.approx(720_000.0)
     line = capsys.readouterr().err.strip()
