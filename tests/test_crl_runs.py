@@ -87,6 +87,7 @@ def reference_run(tmp_path_factory):
     return run_dir / "ref"
 
 
+@pytest.mark.slow  # CI time (17 s); --dry-run itself runs in CI in tests/test_dry_run.py
 def test_dry_run_of_a_resume_plans_the_run_and_writes_nothing(reference_run):
     before = {f: os.stat(reference_run / f).st_mtime_ns for f in os.listdir(reference_run)}
     proc = _run("--resume", str(reference_run), "--dry-run")
@@ -162,6 +163,7 @@ def test_same_seed_is_deterministic_and_resume_after_sigkill_continues_exactly(r
         pytest.skip("determinism checked, but the run finished before the SIGKILL landed")
 
 
+@pytest.mark.slow  # CI time (25 s); the seed axis on a device mesh runs in CI in tests/test_crl_seeds.py
 def test_two_devices_agree_with_one(reference_run, tmp_path):
     # the reference's first 2 epochs: same training steps per epoch, same eval keys
     two_epochs = [*TINY[:-4], "--num-epochs", "2", "--total-env-steps", str(80 + 2 * 2 * 40), *TINY[-2:]]

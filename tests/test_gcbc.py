@@ -531,6 +531,7 @@ def test_dry_run_on_an_ogbench_dataset_prints_the_costs_and_writes_nothing(tmp_p
     assert report["sgd_steps_per_epoch"] == 20 and report["args"]["no_goal"] is True
 
 
+@pytest.mark.slow  # CI time (21 s); gcbc resumes in CI in test_tiny_offline_run_writes_outputs_and_resumes
 def test_a_resumed_ogbench_run_repeats_the_uninterrupted_one(tmp_path):
     """Roll a 2-epoch run back to epoch 0 (the state of a 1-epoch run with the same steps per epoch): its
     resumed epoch 1 logs the same losses and evaluation bit for bit."""

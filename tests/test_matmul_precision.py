@@ -205,6 +205,7 @@ def test_resume_with_another_precision_is_refused(tmp_path):
     assert runkit.parse_args(C.Args, "crl_deep", ["--resume", str(run)]).matmul_precision == "bfloat16"
 
 
+@pytest.mark.slow  # CI time (29 s); crl_deep's bfloat16 epoch compiles in CI (its bfloat16 dry run)
 def test_short_bfloat16_run_finishes_with_finite_losses(tmp_path):
     """crl_deep on reacher, 2 epochs with --matmul-precision bfloat16: config, finite losses, metrics."""
     from test_crl_runs import TINY, _run
