@@ -54,7 +54,12 @@ ONLINE = [
 OFFLINE = ["--env", "reacher", "--batch-size", "8", "--train-steps", "2", "--eval-every", "1"]
 DATASET = "{dataset}"  # replaced by the fixture's dataset path
 CASES = {
-    "crl_deep": ("crl_deep.py", [*ONLINE, "--depth", "8", "--width", "8", "--repr-dim", "4"]),
+    # crl_deep's case also compiles its bfloat16 epoch, once in CI (tests/test_matmul_precision.py's dry runs of
+    # every script at bfloat16 run with the slow tests); precision changes no count or FLOP checked here
+    "crl_deep": (
+        "crl_deep.py",
+        [*ONLINE, "--depth", "8", "--width", "8", "--repr-dim", "4", "--matmul-precision", "bfloat16"],
+    ),
     "sac_her": ("sac_her.py", [*ONLINE, "--depth", "4", "--width", "8"]),
     "td3_her": ("td3_her.py", [*ONLINE, "--depth", "4", "--width", "8"]),
     "gcbc": ("gcbc.py", [*ONLINE, "--depth", "4", "--width", "8"]),
@@ -140,6 +145,9 @@ def test_dry_run_exits_0_prints_one_json_line_and_writes_nothing(dry_runs, name)
     assert out["flops_per_sgd_step"] > 0 and out["compile_seconds"] > 0
     assert out["params_total"] == sum(out["params"].values())
     assert out["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # the XLA settings it planned under, recorded
+    argv = CASES[name][1]
+    precision = argv[argv.index("--matmul-precision") + 1] if "--matmul-precision" in argv else "default"
+    assert out["args"]["matmul_precision"] == precision
 
 
 def tower_kernels(n_in, width, depth):

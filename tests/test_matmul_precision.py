@@ -138,9 +138,9 @@ def test_default_and_bfloat16_leave_jax_precision_alone():
 
 # --- every script accepts the flag: --dry-run --matmul-precision bfloat16 with test_dry_run's tiny args ---
 SCRIPT_CASES = ["crl_deep", "sac_her", "td3_her", "gcbc", "offline_crl", "qrl_online"]
-# crl_deep's in CI; the others' compiles (qrl's IQE epoch: 20-40 s) with the slow tests: in CI the flag's wiring
-# in every script is checked by test_every_script_has_the_flag_and_applies_it below, without compiling
-NAMES = [n if n == "crl_deep" else pytest.param(n, marks=pytest.mark.slow) for n in SCRIPT_CASES]
+# With the slow tests (their compiles; qrl's IQE epoch: 20-40 s). In CI crl_deep's bfloat16 dry run is
+# tests/test_dry_run.py's crl_deep case, and the flag's wiring in every script is checked below, without compiling.
+NAMES = [pytest.param(n, marks=pytest.mark.slow) for n in SCRIPT_CASES]
 
 
 @pytest.mark.parametrize("script", ["crl_deep", "sac_her", "td3_her", "gcbc", "offline_crl", "qrl"])
@@ -205,7 +205,7 @@ def test_resume_with_another_precision_is_refused(tmp_path):
     assert runkit.parse_args(C.Args, "crl_deep", ["--resume", str(run)]).matmul_precision == "bfloat16"
 
 
-@pytest.mark.slow  # CI time (29 s); crl_deep's bfloat16 epoch compiles in CI (its bfloat16 dry run)
+@pytest.mark.slow  # CI time (29 s); crl_deep's bfloat16 epoch compiles in CI (test_dry_run's crl_deep case)
 def test_short_bfloat16_run_finishes_with_finite_losses(tmp_path):
     """crl_deep on reacher, 2 epochs with --matmul-precision bfloat16: config, finite losses, metrics."""
     from test_crl_runs import TINY, _run

@@ -262,7 +262,7 @@ def two_seed_run(tmp_path_factory):
     """A `crl_deep.py --num-seeds 2 --seed 3` run folder (seeds 3 and 4) as its main loop checkpoints it:
     every array stacked on a leading seed axis, from the script's own seed_keys, vmapped init_train_state
     and save_checkpoint. Small fresh networks on ant_u_maze (a maze, for the Q map), in-process: a trained
-    run (tests/test_crl_seeds.py) costs 15-40 s more and the tools read its checkpoint the same way."""
+    run (tests/test_crl_runs.py) costs 15-40 s more and the tools read its checkpoint the same way."""
     import jax
 
     import crl_deep
