@@ -8,10 +8,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Almost every test runs tiny programs whose time is compilation, not execution: XLA's backend
-# optimisation level 0 compiles them faster (a cold tiny sac_her run: 59 s instead of 76 s), and so does
-# XLA:CPU's previous runtime (a cold tiny crl_deep run: 26 s instead of 29 s). Neither changes semantics.
-# Subprocess runs inherit them; the compute-bound learning tests drop the optimisation level.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_thunk_runtime=false")
+# optimisation level 0 compiles them faster (a cold tiny sac_her run: 59 s instead of 76 s) and
+# changes no semantics. Subprocess runs inherit it; the compute-bound learning tests drop it.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPISODE = 100
-# The smallest config found that learns clearly in ~2 minutes on 2 cores: 16 envs, short episodes,
-# update-to-data 1:10 (16 SGD steps per 160 env steps), depth 4 x width 64.
+# The smallest config found that learns clearly in about a minute on 2 cores: 16 envs, short episodes,
+# update-to-data 1:10 (16 SGD steps per 160 env steps), depth 4 x width 64, 4 epochs of 20k env steps
+# (eval/episode_success 5.9, 18.0, 31.8, 42.5 here; a uniformly random policy: 4.9).
 CONFIG = [
     "--env",
     "reacher",
@@ -38,9 +39,9 @@ CONFIG = [
     "--min-replay-size",
     "100",
     "--num-epochs",
-    "5",
+    "4",
     "--total-env-steps",
-    str(1600 + 5 * 20_000),
+    str(1600 + 4 * 20_000),
     "--seed",
     "0",
 ]

@@ -492,7 +492,9 @@ OGBENCH_TINY = [
 ]
 
 
-@pytest.mark.parametrize("no_goal", [False, True], ids=["gcbc", "bc"])
+# the --no-goal OGBench run with the slow tests (CI time): in CI tests/test_evaluate.py trains and evaluates one,
+# and test_no_goal_policy_has_no_goal_weights_and_ignores_the_goal checks its policy
+@pytest.mark.parametrize("no_goal", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["gcbc", "bc"])
 def test_tiny_offline_run_on_an_ogbench_dataset_evaluates_ogbenchs_tasks(tmp_path, no_goal):
     dataset = make_ogbench_dataset(tmp_path)
     flags = [*OGBENCH_TINY, "--dataset", dataset, "--run-dir", str(tmp_path), "--run-name", "run"]

@@ -118,8 +118,11 @@ def assert_as_close_as_float32_allows(actual, ref32, ref64, rtol=2e-4):
         )
 
 
+# (8, False, 1), the plain scan over 2 blocks, is in (8, True, 1) and (12, False, 2): with the slow tests (CI time)
 @pytest.mark.parametrize(
-    "depth, remat, scan_unroll", [(4, False, 1), (8, False, 1), (8, True, 1), (12, False, 2)], ids=str
+    "depth, remat, scan_unroll",
+    [(4, False, 1), pytest.param(8, False, 1, marks=pytest.mark.slow), (8, True, 1), (12, False, 2)],
+    ids=str,
 )
 def test_sgd_step_losses_and_gradients_match_reference(depth, remat, scan_unroll):
     args = C.Args(depth=depth, width=32, repr_dim=16, batch_size=16, remat=remat, scan_unroll=scan_unroll)
