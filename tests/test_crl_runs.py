@@ -315,10 +315,10 @@ def test_evaluate_picks_one_seed_and_repeats_its_logged_evaluation(seed_runs):
 def test_checkpoint_and_buffers_hold_every_seed(seed_runs):
 
     runs, _ = seed_runs
-    stacked = runkit.load_checkpoint(str(runs["two"]), "crl_deep")
+    stacked = _load(runs["two"])
     assert stacked["epoch"] == 2 and stacked["args"]["num_seeds"] == 2 and stacked["args"]["seed"] == SEED
     for i, seed in enumerate((SEED, SEED + 1)):
-        alone = runkit.load_checkpoint(str(runs[seed]), "crl_deep")
+        alone = _load(runs[seed])
         flat_stacked = dict(_flat(stacked["state"]))
         for path, leaf in _flat(alone["state"]):
             assert flat_stacked[path].shape == (2, *np.shape(leaf)), path
