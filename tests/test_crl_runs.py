@@ -78,12 +78,28 @@ def _lines(run_path):
 
 
 def _load(run_path):
-
     return runkit.load_checkpoint(str(run_path), "crl_deep")
 
 
 def _stable(line):
     return {k: v for k, v in line.items() if k not in VOLATILE}
+
+
+def _sigkill_after_first_checkpoint(cmd, cwd, env, run_path):
+    """Starts `cmd` and SIGKILLs it as soon as `run_path` holds a checkpoint. Returns that checkpoint's epoch
+    (a whole checkpoint, never a torn one), or None when the run finished first (only if this process was
+    starved)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while proc.poll() is None and not (run_path / "checkpoint.msgpack").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    stderr = proc.communicate()[1].decode()
+    assert (run_path / "checkpoint.msgpack").exists(), stderr[-3000:]
+    if (run_path / "summary.json").exists():
+        return None
+    epoch = _load(run_path)["epoch"]
+    assert epoch in (0, 1, 2)  # epoch 2 when this process was starved past the last checkpoint
+    return epoch
 
 
 @pytest.fixture(scope="module")
@@ -222,16 +238,8 @@ def test_a_fork_trains_and_resumes_after_sigkill_exactly_as_the_reference(refere
         shutil.copytree(os.path.join(ROOT, package), fork / package, ignore=shutil.ignore_patterns("__pycache__"))
     run_path = fork / "runs" / "fork"
     cmd = [sys.executable, "my_crl_idea.py", *TINY, "--run-dir", "runs", "--run-name", "fork", "--save-buffer"]
-    proc = subprocess.Popen(cmd, cwd=fork, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while proc.poll() is None and not (run_path / "checkpoint.msgpack").exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    stderr = proc.communicate()[1].decode()
-    assert (run_path / "checkpoint.msgpack").exists(), stderr[-3000:]
-    killed = not (run_path / "summary.json").exists()  # False only if this process was starved
+    killed = _sigkill_after_first_checkpoint(cmd, fork, _env(), run_path) is not None
     if killed:
-        # a whole checkpoint, never a torn one (epoch 2 when this process was starved past the last one)
-        assert _load(run_path)["epoch"] in (0, 1, 2)
         resume = [sys.executable, "my_crl_idea.py", "--resume", str(run_path)]
         resumed = subprocess.run(resume, cwd=fork, env=_env(), capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -254,18 +262,8 @@ def seed_runs(reference_run, tmp_path_factory):
     wandb_dir.mkdir()
     wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     two = [*TINY, "--save-buffer", "--num-seeds", "2", "--run-dir", str(run_dir), "--run-name", "two", "--track"]
-    proc = subprocess.Popen(
-        _cmd(*two), cwd=ROOT, env=_env(**wandb_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    while proc.poll() is None and not (run_dir / "two" / "checkpoint.msgpack").exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    stderr = proc.communicate()[1]
-    assert (run_dir / "two" / "checkpoint.msgpack").exists(), stderr.decode()[-3000:]
-    resumed_after = None
-    if not (run_dir / "two" / "summary.json").exists():  # it exists only if this process was starved
-        resumed_after = _load(run_dir / "two")["epoch"]  # never a torn one
-        assert resumed_after in (0, 1, 2)
+    resumed_after = _sigkill_after_first_checkpoint(_cmd(*two), ROOT, _env(**wandb_env), run_dir / "two")
+    if resumed_after is not None:
         proc = _run("--resume", str(run_dir / "two"), **wandb_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     alone = [*TINY, "--save-buffer", "--run-dir", str(run_dir), "--run-name", f"alone{SEED + 1}"]
@@ -313,7 +311,6 @@ def test_evaluate_picks_one_seed_and_repeats_its_logged_evaluation(seed_runs):
 
 
 def test_checkpoint_and_buffers_hold_every_seed(seed_runs):
-
     runs, _ = seed_runs
     stacked = _load(runs["two"])
     assert stacked["epoch"] == 2 and stacked["args"]["num_seeds"] == 2 and stacked["args"]["seed"] == SEED
